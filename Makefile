@@ -1,0 +1,36 @@
+# make demo: install, then the main job on the bundled sample track with the tiny model (CPU, ~2 min).
+# make test: install, then the whole test suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# Local wheel folders that pip is configured with (this is where a CPU torch may lie); elsewhere the CPU
+# build comes from PyTorch's own index.
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+WHEELS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+
+.PHONY: install demo test lock clean
+
+install: $(VENV)/.installed
+
+# The lock pins every package (see requirements/lock.txt); --no-deps installs exactly that set, fast.
+$(VENV)/.installed: pyproject.toml requirements/lock.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps $(WHEELS) -r requirements/lock.txt
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
+	touch $@
+
+demo: install
+	rm -rf outputs/cbe/demo
+	$(PY) main.py logging.run_name=demo
+
+test: install
+	$(PY) -m pytest -q
+
+# Re-resolve the lock after changing pyproject.toml's dependencies (pins stay near the verified set).
+lock:
+	$(VENV)/bin/uv pip compile pyproject.toml --extra hf --extra wandb --extra judge --extra slurm --extra dev \
+		--python-version 3.11 $(WHEELS) --no-annotate --no-header -o requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,1 @@
+"""cbe: a harness for continual-learning benchmarks of language models."""

@@ -1,0 +1,1 @@
+"""Training backends. Each one is the only place its framework is imported."""

@@ -1,0 +1,30 @@
+"""The contract every backend fulfils, so data, evaluation, logging and the run layout are shared.
+
+A backend trainer is built by `hydra.utils.instantiate(cfg.backend.trainer, cfg=..., run=..., evaluator=...,
+loggers=...)` and then:
+- `train()`: loads the model and tokenizer, packs the corpus with `cbe.data.packing.packed_corpus`, resumes
+  from `run.latest_checkpoint()` if there is one (after `run.drop_eval_results_after(step)`), evaluates at
+  step 0 of a fresh run, every `training.eval_every` optimizer steps and at the end by handing
+  `evaluator.evaluate(self, step, val_rows)` to `loggers.eval`, saves `run.checkpoint_dir(step)` every
+  `training.save_every` steps and at the end, then `run.mark_latest(...)`.
+- `generate(prompts, max_new_tokens, batch_size) -> list[str]`: greedy continuations, prompt excluded.
+- `loss(rows, batch_size) -> float`: mean next-token loss over the trained positions of packed rows.
+"""
+from __future__ import annotations
+
+import math
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_fraction: float, schedule: str, end_fraction: float) -> float:
+    """The learning rate at an optimizer step as a fraction of the peak: linear warmup, then the schedule.
+
+    Both backends use this function, so `optimizer.*` means the same thing everywhere.
+    """
+    warmup = int(warmup_fraction * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return end_fraction + (1 - end_fraction) * decay

@@ -1,0 +1,84 @@
+"""Load the model and tokenizer a config names, and wrap it with LoRA when the adapter asks for it."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, set_seed
+
+from cbe.errors import UserError
+
+# gemma3-1b-pt -> google/gemma-3-1b-pt: the short names researchers use in recipes.
+_SHORT_NAME = re.compile(r"gemma3-(\d+[mb])(?:-(pt|it))?")
+
+
+def hub_id(name: str) -> str:
+    """The hub repo (or local dir) a `model.name` refers to."""
+    match = _SHORT_NAME.fullmatch(name)
+    return f"google/gemma-3-{match[1]}-{match[2] or 'pt'}" if match else name
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where a GPU runs it, fp32 on the CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """from_pretrained that turns access and network failures into one line for the user."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as e:
+        text = str(e).lower()
+        if "gated" in text or "401" in text or "403" in text:
+            raise UserError(f"{name} is gated: accept its license at https://huggingface.co/{name}, then run "
+                            "`hf auth login` (or set HF_TOKEN)")
+        if "connect" in text or "offline" in text or "resolve" in text or "does not appear to have" in text \
+                or "not a valid model identifier" in text or "couldn't" in text:
+            raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}; check model.name, your network, "
+                            "or pass a local dir")
+        raise
+
+
+def load_tokenizer(cfg: DictConfig, checkpoint_dir: Path | None = None):
+    """The tokenizer named by model.tokenizer, or the model's own."""
+    name = cfg.model.tokenizer or str(checkpoint_dir or hub_id(cfg.model.name))
+    tokenizer = _from_pretrained(AutoTokenizer, name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(cfg: DictConfig):
+    """The base model (not yet adapted) and its tokenizer, by model.source."""
+    dtype = compute_dtype()
+    attn = cfg.backend.trainer.get("attn_implementation", "sdpa")
+    if cfg.model.source == "init":
+        set_seed(cfg.training.seed)
+        tokenizer = load_tokenizer(cfg)
+        config = Gemma3TextConfig(**OmegaConf.to_container(cfg.model.architecture), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  attn_implementation=attn)
+        return Gemma3ForCausalLM(config).to(dtype), tokenizer
+    if cfg.model.source == "gguf":
+        from cbe.backends.hf.gemma_gguf import materialize_gemma3_270m
+
+        path = str(materialize_gemma3_270m(Path(cfg.data.cache_dir).expanduser() / "models"))
+    else:
+        path = hub_id(cfg.model.name)
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype=dtype, attn_implementation=attn)
+    return model, load_tokenizer(cfg, Path(path) if cfg.model.source == "gguf" else None)
+
+
+def apply_adapter(model, cfg: DictConfig):
+    """Full fine-tune leaves the model as is; LoRA wraps every listed projection of the language model."""
+    if cfg.adapter.rank == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    # A regex, so the vision tower of the multimodal 4B/12B checkpoints stays untouched.
+    targets = rf"^(?!.*(vision_tower|multi_modal_projector)).*\.({'|'.join(cfg.adapter.target_modules)})$"
+    lora = LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, lora_dropout=cfg.adapter.dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

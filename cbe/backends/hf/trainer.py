@@ -1,0 +1,160 @@
+"""The HuggingFace backend: transformers + TRL's SFTTrainer + PEFT over the shared packed rows.
+
+Packing happens once in cbe.data (shared with the JAX backend), so TRL gets ready rows and skips its own
+dataset preparation. Rows carry position ids that restart per document and no attention mask: with
+use_cache=False transformers then builds a block-diagonal causal mask, so documents never see each other.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import GenerationConfig, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from cbe.backends.base import lr_multiplier
+from cbe.backends.hf.models import apply_adapter, load_model_and_tokenizer
+from cbe.data.packing import IGNORE, PackedRows, packed_corpus
+from cbe.eval.evaluator import QAEvaluator
+from cbe.logging import Loggers
+from cbe.run import RunDir, is_main_process, world_size
+
+
+def as_dataset(rows: PackedRows) -> Dataset:
+    """Packed rows as the dataset TRL batches (numpy-formatted, so batching does not go through lists)."""
+    columns = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}
+    return Dataset.from_dict(columns).with_format("numpy")
+
+
+def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.stack([e[key] for e in examples]).astype(np.int64)) for key in examples[0]}
+
+
+class _SFTTrainer(SFTTrainer):
+    """SFTTrainer with the harness's learning-rate schedule (shared with the JAX backend)."""
+
+    def __init__(self, *args, optimizer_cfg: DictConfig, **kwargs):
+        self.optimizer_cfg = optimizer_cfg
+        super().__init__(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            o = self.optimizer_cfg
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda step: lr_multiplier(
+                step, num_training_steps, o.warmup_fraction, o.schedule, o.end_lr_fraction))
+        return self.lr_scheduler
+
+
+class _Hooks(TrainerCallback):
+    """Evaluates, logs and marks checkpoints at the moments the harness defines."""
+
+    def __init__(self, backend: "HFTrainer"):
+        self.backend = backend
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:  # the untrained baseline; a resumed run has it already
+            self.backend.evaluate(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.backend.cfg.training.eval_every == 0 or state.global_step >= state.max_steps:
+            self.backend.evaluate(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.backend.loggers.train(state.global_step, logs or {})
+
+    def on_save(self, args, state, control, **kwargs):
+        if is_main_process():
+            self.backend.run.mark_latest(self.backend.run.checkpoint_dir(state.global_step))
+
+
+class HFTrainer:
+    """Trains and evaluates one run with transformers/TRL/PEFT."""
+
+    def __init__(self, cfg: DictConfig, run: RunDir, evaluator: QAEvaluator, loggers: Loggers,
+                 attn_implementation: str = "sdpa"):
+        self.cfg, self.run, self.evaluator, self.loggers = cfg, run, evaluator, loggers
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg)
+        self.model = apply_adapter(self.model, cfg)
+        data = cfg.data
+        self.train_rows = packed_corpus(data.train_path, self.tokenizer, data.sequence_length, data.cache_dir)
+        self.val_rows = packed_corpus(data.val_path, self.tokenizer, data.sequence_length, data.cache_dir)
+        print(self.train_rows.describe("train"), flush=True)
+        print(self.val_rows.describe("val"), flush=True)
+
+    # -- the evaluator's view of this backend ----------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+        """Greedy continuations, batched by prompt length with left padding, each stopped at a newline."""
+        was_training = self.model.training
+        self.model.eval()
+        tok = self.tokenizer
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=["\n"],
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            inputs = tok([prompts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left")
+            inputs = inputs.to(self.device)
+            output = self.model.generate(**inputs, generation_config=config, tokenizer=tok)
+            texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(batch, texts):
+                answers[i] = text
+        self.model.train(was_training)
+        return answers
+
+    @torch.no_grad()
+    def loss(self, rows: PackedRows, batch_size: int) -> float:
+        """Mean next-token loss over the trained positions of the rows."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(rows), batch_size):
+            end = start + batch_size
+            batch = {"input_ids": rows.input_ids[start:end], "position_ids": rows.position_ids[start:end],
+                     "labels": rows.labels[start:end]}
+            batch = {k: torch.from_numpy(v.astype(np.int64)).to(self.device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total += float(self.model(**batch, use_cache=False).loss) * n
+            count += n
+        self.model.train(was_training)
+        return total / max(1, count)
+
+    def evaluate(self, step: int) -> None:
+        self.loggers.eval(self.evaluator.evaluate(self, step, self.val_rows))
+
+    # -- training --------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        resume = self.run.latest_checkpoint()
+        if resume is not None:
+            self.run.drop_eval_results_after(RunDir.step_of(resume))
+            print(f"resuming from {resume}", flush=True)
+        on_gpu = torch.cuda.is_available()
+        args = SFTConfig(
+            output_dir=str(self.run.checkpoints), max_steps=t.num_train_steps, seed=t.seed, data_seed=t.seed,
+            per_device_train_batch_size=t.per_device_batch_size,
+            gradient_accumulation_steps=t.effective_batch_size // (t.per_device_batch_size * world_size()),
+            learning_rate=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
+            adam_beta1=cfg.optimizer.b1, adam_beta2=cfg.optimizer.b2,
+            optim="adamw_torch_fused" if on_gpu else "adamw_torch", bf16=on_gpu and torch.cuda.is_bf16_supported(),
+            gradient_checkpointing=t.gradient_checkpointing, save_strategy="steps", save_steps=t.save_every,
+            save_total_limit=t.max_checkpoints, eval_strategy="no", logging_steps=cfg.logging.log_every_n_steps,
+            report_to="none", dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+            remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not on_gpu,
+            disable_tqdm=not is_main_process(),
+        )
+        trainer = _SFTTrainer(model=self.model, args=args, train_dataset=as_dataset(self.train_rows),
+                              processing_class=self.tokenizer, data_collator=collate, callbacks=[_Hooks(self)],
+                              optimizer_cfg=cfg.optimizer)
+        self.model = trainer.model
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -1,0 +1,175 @@
+"""The config schema (one dataclass per section, registered in Hydra's ConfigStore) and its validation.
+
+Hydra checks key names and types against these dataclasses while composing; `validate` adds the
+rules that span keys, and both report a mistake as one line naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+from cbe.errors import UserError
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING  # news | geminon | sample
+
+
+@dataclass
+class DataConfig:
+    train_path: str = MISSING
+    val_path: str = MISSING
+    valqa_path: str = MISSING
+    testqa_path: str = MISSING
+    extra_qa_paths: dict[str, str] = field(default_factory=dict)  # name -> path, e.g. {sensitive: ...}
+    sequence_length: int = 1024
+    cache_dir: str = "${oc.env:CBE_CACHE_DIR,${oc.env:HOME}/.cache/cbe}"  # tokenized corpora, converted models
+
+
+@dataclass
+class EvalConfig:
+    _target_: str = "cbe.eval.evaluator.QAEvaluator"
+    prompt_template: str = "Q: {question}\nA:"
+    prompt_prefix_file: Optional[str] = None  # few-shot prefix put before every prompt
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    parser: str = "default"  # default | news | geminon
+    support_thresholds: list[int] = field(default_factory=list)
+    num_examples: Optional[int] = None  # evaluate only the first N questions of each set
+    val_loss_batch_size: int = 8
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # a short name (gemma3-1b-pt -> google/gemma-3-1b-pt), any hub id or a local dir
+    source: str = "hub"  # hub: from_pretrained(name) | gguf: the offline Gemma 3 270M package | init: random init
+    tokenizer: Optional[str] = None  # defaults to the model's own
+    architecture: dict[str, Any] = field(default_factory=dict)  # source=init: the Gemma 3 text config to build
+
+
+@dataclass
+class AdapterConfig:
+    name: str = MISSING  # full | lora128
+    rank: int = 0  # 0 = full fine-tune
+    alpha: float = 0.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    end_lr_fraction: float = 0.0  # final lr as a fraction of the peak
+    b1: float = 0.9
+    b2: float = 0.995
+
+
+@dataclass
+class TrainingConfig:
+    effective_batch_size: int = 32  # sequences per optimizer step, all devices together
+    per_device_batch_size: int = 8  # memory knob; gradient accumulation = effective / (per_device x devices)
+    num_train_steps: int = 10_000  # optimizer steps
+    eval_every: int = 1_000
+    save_every: int = 1_000
+    max_checkpoints: int = 5
+    seed: int = 42
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    project_name: str = "cbe"
+    run_name: str = "${task.name}/${model.name}-${adapter.name}-${backend.name}"
+    log_every_n_steps: int = 10
+    loggers: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...}
+
+
+@dataclass
+class BackendConfig:
+    name: str = MISSING  # hf | kd
+    trainer: dict[str, Any] = field(default_factory=dict)  # {_target_: ..., backend options}
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    output_root: str = "outputs"
+
+
+def register_configs() -> None:
+    """Make the schema the base that conf/config.yaml composes onto."""
+    ConfigStore.instance().store(name="cbe_schema", node=Config)
+
+
+PARSERS = ("default", "news", "geminon")
+SCHEDULES = ("cosine", "linear", "constant")
+MODEL_SOURCES = ("hub", "gguf", "init")
+
+
+def _positive(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise UserError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """Check the rules that span keys and that every value is set; return the resolved config."""
+    unknown = sorted(set(cfg) - {f.name for f in fields(Config)})
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]!r}; the top-level keys are "
+                        f"{', '.join(f.name for f in fields(Config))}")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise UserError(f"config value {e.full_key} is not set; set it on the command line, e.g. {e.full_key}=...")
+    except InterpolationResolutionError as e:
+        raise UserError(f"config value {e.full_key} cannot be resolved: {str(e).splitlines()[0]}")
+    t = cfg.training
+    _positive(cfg, "training.effective_batch_size", "training.per_device_batch_size", "training.num_train_steps",
+              "training.eval_every", "training.save_every", "training.max_checkpoints", "data.sequence_length",
+              "eval.max_new_tokens", "eval.batch_size", "optimizer.lr")
+    per_step = t.per_device_batch_size * world_size
+    if t.effective_batch_size % per_step:
+        raise UserError(
+            f"training.effective_batch_size={t.effective_batch_size} is not divisible by "
+            f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {world_size}; "
+            f"pick a multiple of {per_step}")
+    if cfg.eval.parser not in PARSERS:
+        raise UserError(f"eval.parser={cfg.eval.parser!r} is not one of {', '.join(PARSERS)}")
+    if cfg.optimizer.schedule not in SCHEDULES:
+        raise UserError(f"optimizer.schedule={cfg.optimizer.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if cfg.model.source not in MODEL_SOURCES:
+        raise UserError(f"model.source={cfg.model.source!r} is not one of {', '.join(MODEL_SOURCES)}")
+    if not 0 <= cfg.optimizer.warmup_fraction < 1:
+        raise UserError(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1)")
+    if not 0 <= cfg.optimizer.end_lr_fraction <= 1:
+        raise UserError(f"optimizer.end_lr_fraction={cfg.optimizer.end_lr_fraction} must be in [0, 1]")
+    if "{question}" not in cfg.eval.prompt_template:
+        raise UserError(f"eval.prompt_template={cfg.eval.prompt_template!r} must contain {{question}}")
+    files = {"data.train_path": cfg.data.train_path, "data.val_path": cfg.data.val_path,
+             "data.valqa_path": cfg.data.valqa_path, "data.testqa_path": cfg.data.testqa_path,
+             **{f"data.extra_qa_paths.{k}": v for k, v in cfg.data.extra_qa_paths.items()}}
+    if cfg.eval.prompt_prefix_file:
+        files["eval.prompt_prefix_file"] = cfg.eval.prompt_prefix_file
+    for key, path in files.items():
+        if not Path(path).is_file():
+            hint = f"run `make download TRACK={cfg.task.name}`" if key.startswith("data.") else "check the path"
+            raise UserError(f"{key}: file {path} does not exist; {hint}")
+    return cfg

@@ -1,0 +1,55 @@
+"""One loader for every JSONL file the harness reads, with file:line errors a user can act on."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from cbe.errors import UserError
+
+# Fields each kind of file must carry, and the types they may have.
+CORPUS_FIELDS = {"text": (str,)}
+QA_FIELDS = {"question": (str,), "answer": (str, int, float)}
+OPTIONAL_FIELDS = {"supports": (int,)}
+
+
+def iter_jsonl(path: str | Path, required: dict[str, tuple[type, ...]]) -> Iterator[dict[str, Any]]:
+    """Stream the records of `path`, checking that each one has the `required` fields with the right types."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line")
+            if not isinstance(record, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for name, types in {**required, **OPTIONAL_FIELDS}.items():
+                if name not in record:
+                    if name in required:
+                        raise UserError(f"{where}: missing field {name!r} (has {', '.join(sorted(record)) or 'nothing'})")
+                    continue
+                value = record[name]
+                if not isinstance(value, types) or isinstance(value, bool):
+                    expected = " or ".join(t.__name__ for t in types)
+                    raise UserError(f"{where}: field {name!r} should be {expected}, got {type(value).__name__} {value!r:.40}")
+                if isinstance(value, str) and not value.strip() and name in required:
+                    raise UserError(f"{where}: field {name!r} is empty")
+            if "answer" in required:
+                record["answer"] = str(record["answer"])  # some geminon answers are integers
+            yield record
+
+
+def load_corpus(path: str | Path) -> list[dict[str, Any]]:
+    """A training or validation corpus: records with a non-empty `text`."""
+    return list(iter_jsonl(path, CORPUS_FIELDS))
+
+
+def load_qa(path: str | Path) -> list[dict[str, Any]]:
+    """A QA set: records with `question` and `answer` (answers become strings); `supports` if present is an int."""
+    return list(iter_jsonl(path, QA_FIELDS))

@@ -1,0 +1,136 @@
+"""Tokenize a corpus once (cached on disk) and pack it into fixed-length training rows.
+
+Every document becomes [BOS] text [EOS]. Documents longer than a row are cut into row-sized chunks that
+overlap by one token, so the first token of a continuation is context and every token after a BOS is a
+training target exactly once; nothing is truncated away. Chunks are packed best-fit-decreasing, so short
+documents stay whole. Each row carries position ids that restart at every chunk: the backend turns them
+into a block-diagonal mask, so attention never crosses documents. Padding (only at row ends) and the
+first token of each chunk have label -100 and are never trained on.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbe.data.jsonl import load_corpus
+from cbe.run import write_atomic
+
+IGNORE = -100  # the label of a position that is not trained on
+
+
+@dataclass
+class PackedRows:
+    """Training rows, all of one length: token ids, per-document position ids, and labels."""
+
+    input_ids: np.ndarray  # [rows, length] int32
+    position_ids: np.ndarray  # [rows, length] int32, restarting at 0 at every chunk
+    labels: np.ndarray  # [rows, length] int32, IGNORE at padding and at each chunk's first token
+    real_tokens: int  # tokens that are not padding
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - float(self.real_tokens) / max(1, self.input_ids.size)
+
+    def describe(self, name: str) -> str:
+        return (f"{name}: {len(self)} rows of {self.input_ids.shape[1]} tokens, {self.real_tokens:,} tokens per "
+                f"epoch ({self.trained_tokens:,} trained), padding {self.padding_fraction:.1%}")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identifies a tokenizer's behaviour, for the cache key."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{spec}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def tokenize_documents(texts: list[str], tokenizer: Any, batch_size: int = 1000) -> list[np.ndarray]:
+    """[BOS] text [EOS] for each text, with the batched fast tokenizer."""
+    from tqdm.auto import tqdm
+
+    docs = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="tokenizing", unit="batch", leave=False,
+                      disable=len(texts) <= batch_size):
+        ids = tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]
+        docs += [np.array([tokenizer.bos_token_id, *d, tokenizer.eos_token_id], dtype=np.int32) for d in ids]
+    return docs
+
+
+def tokenize_file(path: str | Path, tokenizer: Any, cache_dir: str | Path) -> list[np.ndarray]:
+    """The tokenized documents of a corpus file, computed once per (file content, tokenizer)."""
+    path = Path(path)
+    key = hashlib.sha256(path.read_bytes() + tokenizer_fingerprint(tokenizer).encode()).hexdigest()[:20]
+    cache = Path(cache_dir).expanduser() / "tokens" / f"{path.stem}-{key}.npz"
+    if cache.exists():
+        stored = np.load(cache)
+        return np.split(stored["tokens"], stored["offsets"][1:-1])
+    docs = tokenize_documents([r["text"] for r in load_corpus(path)], tokenizer)
+    buffer = io.BytesIO()
+    np.savez(buffer, tokens=np.concatenate(docs), offsets=np.cumsum([0] + [len(d) for d in docs]))
+    write_atomic(cache, buffer.getvalue())
+    return docs
+
+
+def split_long(doc: np.ndarray, length: int) -> list[np.ndarray]:
+    """Row-sized chunks of a document; each continuation repeats the previous chunk's last token as context."""
+    if len(doc) <= length:
+        return [doc]
+    stride = length - 1
+    return [doc[start:start + length] for start in range(0, len(doc) - 1, stride)]
+
+
+def best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Group item indices into bins of `capacity`: longest first, each into the fullest bin it fits."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted; full bins drop out
+    for item in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        size = sizes[item]
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot == len(free):
+            bins.append([item])
+            room, index = capacity - size, len(bins) - 1
+        else:
+            room, index = free.pop(slot)
+            bins[index].append(item)
+            room -= size
+        if room > 0:
+            bisect.insort(free, (room, index))
+    return bins
+
+
+def pack_documents(docs: list[np.ndarray], length: int, pad_id: int) -> PackedRows:
+    """Pack tokenized documents into rows of `length` tokens (see the module docstring)."""
+    chunks = [chunk for doc in docs for chunk in split_long(doc, length)]
+    bins = best_fit_decreasing([len(c) for c in chunks], length)
+    input_ids = np.full((len(bins), length), pad_id, dtype=np.int32)
+    position_ids = np.zeros((len(bins), length), dtype=np.int32)
+    labels = np.full((len(bins), length), IGNORE, dtype=np.int32)
+    for row, members in enumerate(bins):
+        at = 0
+        for item in members:
+            chunk = chunks[item]
+            end = at + len(chunk)
+            input_ids[row, at:end] = chunk
+            position_ids[row, at:end] = np.arange(len(chunk))
+            labels[row, at + 1:end] = chunk[1:]
+            at = end
+        position_ids[row, at:] = np.arange(length - at)  # padding is a segment of its own
+    return PackedRows(input_ids, position_ids, labels, sum(len(c) for c in chunks))
+
+
+def packed_corpus(path: str | Path, tokenizer: Any, length: int, cache_dir: str | Path) -> PackedRows:
+    """Tokenize (cached) and pack one corpus file."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pack_documents(tokenize_file(path, tokenizer, cache_dir), length, pad_id)

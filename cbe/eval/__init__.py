@@ -1,0 +1,1 @@
+"""QA evaluation: parsing and metrics (pure functions over strings) and the backend-agnostic QAEvaluator."""

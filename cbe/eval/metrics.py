@@ -1,0 +1,59 @@
+"""QA metrics: exact match, whole-word fuzzy match and token F1 (SQuAD normalization), stratified by support."""
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from collections import Counter
+from typing import Any, Sequence
+
+_PUNCTUATION = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014"}
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    """SQuAD normalization: lowercase, Unicode NFKC, no punctuation, no articles, single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(" " if ch in _PUNCTUATION else ch for ch in text)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, gold: str) -> bool:
+    """The parsed prediction equals the gold answer, ignoring case and surrounding spaces."""
+    return prediction.strip().lower() == str(gold).strip().lower()
+
+
+def fuzzy_match(prediction: str, gold: str) -> bool:
+    """The normalized gold answer occurs in the normalized prediction as a whole-word sequence."""
+    gold_words, pred_words = normalize(str(gold)).split(), normalize(prediction).split()
+    if not gold_words:
+        return False
+    n = len(gold_words)
+    return any(pred_words[i:i + n] == gold_words for i in range(len(pred_words) - n + 1))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1 between the normalized prediction and gold answer."""
+    pred, ref = normalize(prediction).split(), normalize(str(gold)).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or not common:
+        return float(not pred and not ref)
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+METRICS = {"exact_match": exact_match, "fuzzy_match": fuzzy_match, "token_f1": token_f1}
+
+
+def summarize(qa_set: str, details: Sequence[dict[str, Any]], support_thresholds: Sequence[int]) -> dict[str, Any]:
+    """Mean of each metric over a set's scored records, overall and for records with supports >= k."""
+    def means(records, suffix=""):
+        out = {f"{qa_set}_n{suffix}": len(records)}
+        for name in METRICS:
+            out[f"{qa_set}_{name}{suffix}"] = (sum(float(r[name]) for r in records) / len(records)) if records else None
+        return out
+
+    metrics = means(details)
+    for k in support_thresholds:
+        metrics |= means([r for r in details if r.get("supports", 0) >= k], f"_supports_ge_{k}")
+    return metrics

@@ -1,0 +1,91 @@
+"""Where metrics go: always the console and metrics/eval_results.jsonl; TensorBoard and W&B by config.
+
+Each logger takes `scalars(step, values)` and `close()`; only rank 0 builds real ones.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from cbe.run import RunDir, is_main_process
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoardLogger:
+    """Scalars to logs/tensorboard, written with the tensorboard package alone (no torch, no TensorFlow)."""
+
+    def __init__(self, run: RunDir):
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._summary = Summary
+        self._writer = EventFileWriter(str(run.tensorboard))
+
+    def scalars(self, step: int, values: dict[str, Any]) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        import time
+
+        summary = self._summary(value=[self._summary.Value(tag=k, simple_value=v) for k, v in _scalars(values).items()])
+        self._writer.add_event(Event(summary=summary, step=step, wall_time=time.time()))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbLogger:
+    """Scalars and the resolved config (no secrets) to Weights & Biases."""
+
+    def __init__(self, run: RunDir, project: str, name: str):
+        import wandb
+        import yaml
+
+        config = yaml.safe_load((run.root / "config.yaml").read_text())
+        # A stable id makes a resumed run continue the same W&B run.
+        self._run = wandb.init(project=project, name=name, id=name.replace("/", "-"), resume="allow",
+                               dir=str(run.logs), config=config)
+
+    def scalars(self, step: int, values: dict[str, Any]) -> None:
+        self._run.log(_scalars(values), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def format_eval_line(metrics: dict[str, Any]) -> str:
+    """A compact console line: step, eval loss, and exact/fuzzy match per QA set."""
+    parts = [f"step {metrics['step']}"]
+    if metrics.get("eval_loss") is not None and not math.isnan(metrics["eval_loss"]):
+        parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
+    for key, value in metrics.items():
+        if key.endswith("_exact_match") and "supports" not in key:
+            qa_set = key[: -len("_exact_match")]
+            parts.append(f"{qa_set} exact {value:.3f} fuzzy {metrics[qa_set + '_fuzzy_match']:.3f}")
+    return "eval | " + " | ".join(parts)
+
+
+class Loggers:
+    """Fans metrics out: train scalars to the loggers, eval metrics also to eval_results.jsonl and the console."""
+
+    def __init__(self, run: RunDir, loggers: list[Any]):
+        self.run = run
+        self.loggers = loggers
+
+    def train(self, step: int, values: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.scalars(step, {f"train/{k}": v for k, v in values.items()})
+
+    def eval(self, metrics: dict[str, Any]) -> None:
+        if not is_main_process():
+            return
+        self.run.append_eval_result(metrics)
+        print(format_eval_line(metrics), flush=True)
+        for logger in self.loggers:
+            logger.scalars(metrics["step"], {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()

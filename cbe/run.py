@@ -1,0 +1,175 @@
+"""The run directory: its layout, atomic writes, the `latest` checkpoint link and the rank-0 guard.
+
+outputs/<project_name>/<run_name>/
+    config.yaml                 resolved config, no secrets
+    .hydra/                     Hydra's own record of the composition
+    logs/train.log              everything the run printed
+    logs/tensorboard/           scalars
+    checkpoints/checkpoint-<step>/, checkpoints/latest -> checkpoint-<step>
+    metrics/eval_results.jsonl  one line per evaluation
+    eval_details/<set>_step_<NNNNNN>.jsonl
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from cbe.errors import UserError
+
+
+def is_main_process() -> bool:
+    """True on the process that writes: rank 0 under torchrun, SLURM or alone."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def world_size() -> int:
+    """Number of data-parallel processes in this job."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a whole file so that readers see either the old or the new content, never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write records as JSON lines, atomically."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file the harness wrote itself (user data goes through cbe.data.jsonl)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# What a resumed run must share with the run it continues (num_train_steps may grow: runs get extended).
+TRAJECTORY_KEYS = ("data", "model", "adapter", "optimizer", "backend.name",
+                   "training.effective_batch_size", "training.seed")
+
+
+def _select(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = (config or {}).get(part)
+    return config
+
+
+class _Tee:
+    """A text stream that writes to the terminal and to the run's log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.log.write(text)
+        self.log.flush()
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class RunDir:
+    """One run's output folder. Only rank 0 writes; every rank can read."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.logs = self.root / "logs"
+        self.tensorboard = self.logs / "tensorboard"
+        self.checkpoints = self.root / "checkpoints"
+        self.eval_results = self.root / "metrics" / "eval_results.jsonl"
+        self.eval_details = self.root / "eval_details"
+
+    def create(self, cfg) -> "RunDir":
+        """Make the folders and save the resolved config (refusing to mix two experiments in one folder)."""
+        from omegaconf import OmegaConf
+
+        if is_main_process():
+            config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+            self._refuse_a_different_run(yaml.safe_load(config_yaml))
+            for folder in (self.logs, self.checkpoints, self.eval_results.parent, self.eval_details):
+                folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.root / "config.yaml", config_yaml)
+        return self
+
+    def capture_output(self) -> None:
+        """Copy everything this process prints to logs/train.log (appending, so a resumed run keeps its history)."""
+        if is_main_process():
+            log = open(self.logs / "train.log", "a", buffering=1)
+            sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+
+    def _refuse_a_different_run(self, config: dict[str, Any]) -> None:
+        """Re-running a command resumes its run; resuming with another trajectory would mix two experiments."""
+        saved_path = self.root / "config.yaml"
+        if self.latest_checkpoint() is None or not saved_path.exists():
+            return
+        saved = yaml.safe_load(saved_path.read_text())
+        for key in TRAJECTORY_KEYS:
+            old, new = _select(saved, key), _select(config, key)
+            if old != new:
+                raise UserError(
+                    f"{self.root} holds a run with {key}={old!r}, not {new!r}; re-run with the same settings to "
+                    f"resume it, or pick another logging.run_name")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"checkpoint-{step}"
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint a re-run resumes from, or None for a fresh run."""
+        link = self.checkpoints / "latest"
+        return link.resolve() if link.exists() else None
+
+    def mark_latest(self, checkpoint: Path) -> None:
+        """Point `latest` at a finished checkpoint; the link is swapped atomically."""
+        tmp = self.checkpoints / ".latest.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(checkpoint.name)
+        os.replace(tmp, self.checkpoints / "latest")
+
+    @staticmethod
+    def step_of(checkpoint: Path) -> int:
+        return int(re.search(r"(\d+)$", checkpoint.name).group(1))
+
+    # -- metrics -------------------------------------------------------------------------------
+    def append_eval_result(self, metrics: dict[str, Any]) -> None:
+        """Add one evaluation's metrics line (the file is rewritten atomically, so a kill never tears a line)."""
+        write_jsonl_atomic(self.eval_results, read_jsonl(self.eval_results) + [metrics])
+
+    def drop_eval_results_after(self, step: int) -> None:
+        """On resume, forget evaluations newer than the checkpoint: they are recomputed, never duplicated."""
+        kept = [m for m in read_jsonl(self.eval_results) if m["step"] <= step]
+        if self.eval_results.exists():
+            write_jsonl_atomic(self.eval_results, kept)
+
+    def details_path(self, qa_set: str, step: int) -> Path:
+        return self.eval_details / f"{qa_set}_step_{step:06d}.jsonl"

@@ -1,0 +1,38 @@
+"""Compose a run from the config groups, validate it, instantiate its parts and run it.
+
+    python main.py task=news model=gemma3_1b adapter=lora128 backend=hf
+    python main.py -m optimizer.lr=1e-4,3e-4 training.effective_batch_size=32,64
+"""
+import os
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cbe.config import register_configs, validate
+from cbe.errors import exit_on_user_error, run_and_report_user_errors
+from cbe.logging import Loggers
+from cbe.run import RunDir, is_main_process, world_size
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    cfg = validate(cfg, world_size())
+    run = RunDir(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir).create(cfg)
+    run.capture_output()
+    loggers = Loggers(run, [instantiate(spec, run=run) for spec in cfg.logging.loggers.values()] if is_main_process() else [])
+    evaluator = instantiate(cfg.eval, data=cfg.data, run=run)
+    trainer = instantiate(cfg.backend.trainer, _recursive_=False, cfg=cfg, run=run, evaluator=evaluator, loggers=loggers)
+    try:
+        trainer.train()
+    finally:
+        loggers.close()
+
+
+if __name__ == "__main__":
+    # Hydra's errors propagate to us, so a user mistake becomes one line, not Hydra's multi-line report.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    run_and_report_user_errors(main)

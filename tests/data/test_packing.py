@@ -1,0 +1,74 @@
+"""Packing keeps every corpus token, trains each target once, and marks every document boundary."""
+import numpy as np
+
+from cbe.data.packing import IGNORE, best_fit_decreasing, pack_documents, packed_corpus, split_long, tokenize_file
+
+
+def docs_of(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([[2], rng.integers(10, 99, n), [1]]).astype(np.int32) for n in lengths]
+
+
+def segments(rows):
+    """(row, start, end) of every chunk, read back from the restarting position ids."""
+    out = []
+    for r in range(len(rows)):
+        starts = list(np.flatnonzero(rows.position_ids[r] == 0)) + [rows.input_ids.shape[1]]
+        out += [(r, a, b) for a, b in zip(starts, starts[1:])]
+    return out
+
+
+def test_coverage_trained_tokens_equal_corpus_tokens_plus_separators():
+    docs = docs_of([3, 50, 7, 300, 64, 1, 130, 20, 62])  # some longer than a row
+    rows = pack_documents(docs, length=64, pad_id=0)
+    text_tokens = sum(len(d) - 2 for d in docs)
+    assert rows.trained_tokens == text_tokens + len(docs)  # every text token and each document's EOS
+    # Each document's targets appear exactly once, in order: nothing truncated, nothing duplicated.
+    targets = (tuple(rows.labels[r, a:b][rows.labels[r, a:b] != IGNORE]) for r, a, b in segments(rows))
+    trained = sorted(t for t in targets if t)  # the padding segment has none
+    expected = sorted(tuple(c[1:]) for d in docs for c in split_long(d, 64))
+    assert trained == expected
+    assert rows.real_tokens == sum(len(c) for d in docs for c in split_long(d, 64))
+
+
+def test_long_documents_split_with_one_token_of_context():
+    doc = np.arange(200, dtype=np.int32)
+    chunks = split_long(doc, 64)
+    assert all(len(c) <= 64 for c in chunks)
+    assert np.array_equal(np.concatenate([chunks[0]] + [c[1:] for c in chunks[1:]]), doc)
+    assert all(a[-1] == b[0] for a, b in zip(chunks, chunks[1:]))
+
+
+def test_short_documents_stay_whole_and_padding_is_never_trained():
+    rows = pack_documents(docs_of([10, 40, 20, 5, 30]), length=64, pad_id=0)
+    pad = rows.input_ids == 0
+    assert (rows.labels[pad] == IGNORE).all()
+    assert len(rows) == 2 and 0 < rows.padding_fraction < 0.2
+    # every chunk starts with BOS (no short document was cut) and its first token is context only
+    for r, a, b in segments(rows):
+        if not pad[r, a]:
+            assert rows.input_ids[r, a] == 2 and rows.labels[r, a] == IGNORE
+
+
+def test_best_fit_decreasing_fills_tightly():
+    bins = best_fit_decreasing([60, 40, 30, 30, 20, 10, 10], capacity=100)
+    assert sorted(sum([60, 40, 30, 30, 20, 10, 10][i] for i in b) for b in bins) == [100, 100]
+
+
+def test_tokenization_is_cached_by_file_and_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained("cbe/assets/tiny_tokenizer")
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text('{"text": "The Zorblat eats ember moss."}\n{"text": "A second document."}\n')
+    first = tokenize_file(corpus, tok, tmp_path / "cache")
+    assert [d[0] for d in first] == [tok.bos_token_id] * 2 and [d[-1] for d in first] == [tok.eos_token_id] * 2
+    assert tok.decode(first[0][1:-1]) == "The Zorblat eats ember moss."
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 1
+    again = tokenize_file(corpus, tok, tmp_path / "cache")
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    corpus.write_text('{"text": "Changed."}\n')
+    assert len(tokenize_file(corpus, tok, tmp_path / "cache")) == 1
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 2
+    rows = packed_corpus("data/sample/train.jsonl", tok, 256, tmp_path / "cache")
+    assert rows.describe("train").startswith("train: ") and rows.trained_tokens > 1000

@@ -1,0 +1,51 @@
+"""Parsing and metrics follow the benchmark's rules exactly."""
+import pytest
+
+from cbe.eval.metrics import exact_match, fuzzy_match, normalize, summarize, token_f1
+from cbe.eval.parse import parse_answer
+
+
+@pytest.mark.parametrize("raw,parsed", [
+    (" Paris.\nQ: What is", "Paris"),
+    ("\n\n  the Crystal Caves.\nmore", "the Crystal Caves"),
+    ("1843 Q: next question", "1843"),
+    ("e.g.", "e.g"),  # one trailing period only
+    ("", ""),
+])
+def test_parse_answer(raw, parsed):
+    assert parse_answer(raw) == parsed
+
+
+def test_exact_match_ignores_case_and_spaces_only():
+    assert exact_match(" the Crystal Caves ", "The crystal caves")
+    assert not exact_match("Crystal Caves", "the Crystal Caves")
+    assert exact_match("49", 49)
+
+
+@pytest.mark.parametrize("prediction,gold,expected", [
+    ("It was 49 years", "49", True),
+    ("149", "49", False),
+    ("category", "cat", False),
+    ("the cat sat", "a Cat!", True),
+    ("Crystal Caves", "the Crystal Caves", True),
+    ("anything", "the", False),  # an empty normalized gold answer never matches
+    ("Ｐａｒｉｓ", "paris", True),  # NFKC
+])
+def test_fuzzy_match_is_whole_word(prediction, gold, expected):
+    assert fuzzy_match(prediction, gold) is expected
+
+
+def test_normalize_and_f1():
+    assert normalize("The  Crystal, Caves!") == "crystal caves"
+    assert token_f1("crystal caves", "the Crystal Caves") == 1.0
+    assert token_f1("crystal lake", "crystal caves") == pytest.approx(0.5)
+    assert token_f1("x", "y") == 0.0
+
+
+def test_summarize_stratifies_by_support():
+    details = [{"supports": s, "exact_match": e, "fuzzy_match": f, "token_f1": float(f)}
+               for s, e, f in [(1, True, True), (2, False, True), (3, False, False), (3, True, True)]]
+    m = summarize("valqa", details, [2, 3])
+    assert m["valqa_n"] == 4 and m["valqa_exact_match"] == 0.5 and m["valqa_fuzzy_match"] == 0.75
+    assert m["valqa_n_supports_ge_2"] == 3 and m["valqa_exact_match_supports_ge_2"] == pytest.approx(1 / 3)
+    assert m["valqa_n_supports_ge_3"] == 2 and m["valqa_fuzzy_match_supports_ge_3"] == 0.5

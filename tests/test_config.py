@@ -1,0 +1,86 @@
+"""Every option of every group composes and validates; bad overrides fail with one line naming the problem."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from cbe.config import register_configs, validate
+from cbe.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+          for group in ("task", "model", "adapter", "backend", "logging")}
+
+
+def compose_config(*overrides: str):
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def test_groups_hold_the_options_researchers_use():
+    assert GROUPS == {
+        "task": ["geminon", "news", "sample"],
+        "model": ["gemma3_12b", "gemma3_1b", "gemma3_270m", "gemma3_4b", "tiny"],
+        "adapter": ["full", "lora128"],
+        "backend": ["hf", "kd"],
+        "logging": ["none", "tensorboard", "tensorboard_wandb", "wandb"],
+    }
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
+def test_every_option_composes_and_validates(group, option, monkeypatch):
+    cfg = compose_config(f"{group}={option}")
+    # The downloaded tracks are not here; their files are checked in the test below.
+    monkeypatch.setattr(Path, "is_file", lambda self: True)
+    validate(cfg)
+    assert cfg.training.effective_batch_size % cfg.training.per_device_batch_size == 0
+
+
+def test_recipe_defaults():
+    cfg = compose_config("task=news", "model=gemma3_1b")
+    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 0.1 and cfg.optimizer.warmup_fraction == 0.1
+    assert (cfg.optimizer.schedule, cfg.optimizer.end_lr_fraction, cfg.optimizer.b1, cfg.optimizer.b2) == ("cosine", 0.0, 0.9, 0.995)
+    t = cfg.training
+    assert (t.effective_batch_size, t.num_train_steps, t.eval_every, t.save_every, t.max_checkpoints, t.seed) == (32, 10_000, 1000, 1000, 5, 42)
+    assert cfg.data.sequence_length == 1024 and list(cfg.eval.support_thresholds) == [200, 400, 600, 800]
+    assert cfg.eval.prompt_template == "Q: {question}\nA:" and cfg.eval.max_new_tokens == 32
+    lora = compose_config("task=news", "model=gemma3_1b", "adapter=lora128")
+    assert lora.adapter.rank == lora.adapter.alpha == 128 and lora.optimizer.lr == 2e-4
+    geminon = compose_config("task=geminon")
+    assert geminon.data.sequence_length == 256 and "sensitive" in geminon.data.extra_qa_paths
+
+
+def test_missing_track_files_say_how_to_get_them():
+    with pytest.raises(UserError, match=r"data.train_path: file data/news/train.jsonl does not exist; run `make download TRACK=news`"):
+        validate(compose_config("task=news"))
+
+
+def test_batch_must_divide_across_devices():
+    cfg = compose_config("training.effective_batch_size=12", "training.per_device_batch_size=8")
+    with pytest.raises(UserError, match="effective_batch_size=12 is not divisible"):
+        validate(cfg)
+    with pytest.raises(UserError, match=r"8 x 2"):
+        validate(compose_config("training.effective_batch_size=24", "training.per_device_batch_size=8"), world_size=2)
+
+
+BAD_OVERRIDES = [
+    (["optimizer.lrr=1"], "optimizer.lrr"),  # misspelled key
+    (["optimizer.lr=fast"], "optimizer.lr"),  # wrong type
+    (["+foo=1"], "foo"),  # unknown new key
+    (["model=gemma3_2b"], "gemma3_12b, gemma3_1b, gemma3_270m, gemma3_4b, tiny"),  # unknown option lists the valid ones
+    (["data.train_path=???"], "data.train_path"),  # missing value
+    (["training.effective_batch_size=12"], "training.effective_batch_size=12"),
+    (["eval.parser=fancy"], "eval.parser"),
+    (["backend=kd"], "backend=kd is not available yet"),
+]
+
+
+@pytest.mark.parametrize("overrides,named", BAD_OVERRIDES)
+def test_bad_overrides_fail_with_one_line(run_main, overrides, named):
+    proc = run_main(*overrides, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("cbe: error:") and named in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
