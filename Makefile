@@ -25,7 +25,7 @@ demo: install
 	$(PY) main.py logging.run_name=demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=5
 
 # Re-resolve the lock after changing pyproject.toml's dependencies (pins stay near the verified set).
 lock:

@@ -125,7 +125,11 @@ class RunDir:
         """Copy everything this process prints to logs/train.log (appending, so a resumed run keeps its history)."""
         if is_main_process():
             log = open(self.logs / "train.log", "a", buffering=1)
-            sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+            # In a multirun the previous job's tee is still in place: replace it, do not stack on it.
+            out, err = (s.stream if isinstance(s, _Tee) else s for s in (sys.stdout, sys.stderr))
+            if isinstance(sys.stdout, _Tee):
+                sys.stdout.log.close()
+            sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
 
     def _refuse_a_different_run(self, config: dict[str, Any]) -> None:
         """Re-running a command resumes its run; resuming with another trajectory would mix two experiments."""

@@ -26,7 +26,9 @@ def run_main(tmp_path, cache_dir):
     """Run `python main.py overrides...` from the repo root with outputs under tmp_path."""
     def run(*overrides: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir), "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(main_command(f"output_root={tmp_path / 'outputs'}", *overrides), cwd=ROOT, env=env,
+        flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m and friends before the overrides
+        overrides = [f"output_root={tmp_path / 'outputs'}", *(o for o in overrides if not o.startswith("-"))]
+        proc = subprocess.run(main_command(*flags, *overrides), cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -5,6 +5,8 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                     RepositoryNotFoundError)
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, set_seed
 
@@ -29,15 +31,14 @@ def _from_pretrained(loader, name: str, **kwargs):
     """from_pretrained that turns access and network failures into one line for the user."""
     try:
         return loader.from_pretrained(name, **kwargs)
-    except OSError as e:
-        text = str(e).lower()
-        if "gated" in text or "401" in text or "403" in text:
+    except (OSError, HFValidationError) as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, GatedRepoError):
             raise UserError(f"{name} is gated: accept its license at https://huggingface.co/{name}, then run "
                             "`hf auth login` (or set HF_TOKEN)")
-        if "connect" in text or "offline" in text or "resolve" in text or "does not appear to have" in text \
-                or "not a valid model identifier" in text or "couldn't" in text:
-            raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}; check model.name, your network, "
-                            "or pass a local dir")
+        if isinstance(cause, (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, HFValidationError)):
+            raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]} Check model.name (a short name "
+                            "like gemma3-1b-pt, a hub id or a local dir) and your network")
         raise
 
 

@@ -147,7 +147,7 @@ class HFTrainer:
             learning_rate=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
             adam_beta1=cfg.optimizer.b1, adam_beta2=cfg.optimizer.b2,
             optim="adamw_torch_fused" if on_gpu else "adamw_torch", bf16=on_gpu and torch.cuda.is_bf16_supported(),
-            gradient_checkpointing=t.gradient_checkpointing, save_strategy="steps", save_steps=t.save_every,
+            activation_checkpointing=t.gradient_checkpointing, save_strategy="steps", save_steps=t.save_every,
             save_total_limit=t.max_checkpoints, eval_strategy="no", logging_steps=cfg.logging.log_every_n_steps,
             report_to="none", dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
             remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not on_gpu,

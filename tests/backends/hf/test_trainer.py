@@ -101,6 +101,17 @@ def test_lora_trains_only_the_adapter(run_main, tmp_path):
     assert not list((tmp_path / "outputs" / "cbe" / "sample" / "tiny-lora128-hf" / "logs" / "tensorboard").glob("*"))
 
 
+def test_multirun_gives_each_job_its_own_run_dir_and_log(run_main, tmp_path):
+    run_main("-m", "optimizer.lr=1e-3,3e-3", "training.num_train_steps=2", "training.eval_every=2",
+             "training.save_every=2", "logging=none")
+    sweep = tmp_path / "outputs" / "cbe" / "sample" / "tiny-full-hf"
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / "metrics").exists())
+    assert [j.split(",")[1] for j in jobs] == ["optimizer.lr=0.001", "optimizer.lr=0.003"]
+    for job in jobs:
+        assert [m["step"] for m in eval_results(sweep / job)] == [0, 2]
+        assert (sweep / job / "logs" / "train.log").read_text().count("eval | step 2") == 1
+
+
 @pytest.mark.slow
 def test_the_demo_memorizes_the_sample_track(run_main, tmp_path):
     """`make demo` is the default config: eval loss falls and valqa exact match climbs from ~0 to >= 0.8."""
