@@ -5,6 +5,7 @@ Each logger takes `scalars(step, values)` and `close()`; only rank 0 builds real
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from cbe.run import RunDir, is_main_process
@@ -18,17 +19,15 @@ class TensorBoardLogger:
     """Scalars to logs/tensorboard, written with the tensorboard package alone (no torch, no TensorFlow)."""
 
     def __init__(self, run: RunDir):
-        from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self._summary = Summary
         self._writer = EventFileWriter(str(run.tensorboard))
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
-        import time
+        from tensorboard.compat.proto.summary_pb2 import Summary
 
-        summary = self._summary(value=[self._summary.Value(tag=k, simple_value=v) for k, v in _scalars(values).items()])
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in _scalars(values).items()])
         self._writer.add_event(Event(summary=summary, step=step, wall_time=time.time()))
         self._writer.flush()
 
@@ -61,7 +60,7 @@ def format_eval_line(metrics: dict[str, Any]) -> str:
     if metrics.get("eval_loss") is not None and not math.isnan(metrics["eval_loss"]):
         parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
     for key, value in metrics.items():
-        if key.endswith("_exact_match") and "supports" not in key:
+        if key.endswith("_exact_match") and value is not None:
             qa_set = key[: -len("_exact_match")]
             parts.append(f"{qa_set} exact {value:.3f} fuzzy {metrics[qa_set + '_fuzzy_match']:.3f}")
     return "eval | " + " | ".join(parts)
