@@ -8,7 +8,10 @@ PY := $(VENV)/bin/python
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 WHEELS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 
-.PHONY: install demo test lock clean
+TRACK ?=
+DATA_DIR ?= data
+
+.PHONY: install demo test download format lock clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +29,16 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q --durations=5
+
+# make download [TRACK=news|geminon]: every track in data/download.yaml when TRACK is not given.
+download: install
+	$(VENV)/bin/cbe download $(if $(TRACK),--track $(TRACK)) --data-dir $(DATA_DIR)
+
+# make format TRACK=news: render the raw news articles as Title/Date/Article text, in place.
+format: install
+	test "$(TRACK)" = news || { echo "make format: only TRACK=news needs formatting" >&2; exit 2; }
+	$(VENV)/bin/cbe format-news --input $(DATA_DIR)/news/train.jsonl --output $(DATA_DIR)/news/train.jsonl --overwrite
+	$(VENV)/bin/cbe format-news --input $(DATA_DIR)/news/val.jsonl --output $(DATA_DIR)/news/val.jsonl --overwrite
 
 # Re-resolve the lock after changing pyproject.toml's dependencies (pins stay near the verified set).
 lock:

@@ -11,13 +11,14 @@ outputs/<project_name>/<run_name>/
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 import yaml
 
@@ -38,21 +39,30 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write a whole file so that readers see either the old or the new content, never a half file."""
+@contextlib.contextmanager
+def open_atomic(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """A file to stream into that replaces `path` only if the block finishes: readers see the old or the new
+    content, never a half file, and an error or Ctrl-C leaves `path` untouched and no temp file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp file sits next to `path`: os.replace is atomic only within one file system.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a whole file so that readers see either the old or the new content, never a half file."""
+    with open_atomic(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> None:

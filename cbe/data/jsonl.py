@@ -7,42 +7,55 @@ from typing import Any, Iterator
 
 from cbe.errors import UserError
 
+Fields = dict[str, tuple[type, ...]]
+
 # Fields each kind of file must carry, and the types they may have.
-CORPUS_FIELDS = {"text": (str,)}
-QA_FIELDS = {"question": (str,), "answer": (str, int, float)}
-OPTIONAL_FIELDS = {"supports": (int,)}
+CORPUS_FIELDS: Fields = {"text": (str,)}
+QA_FIELDS: Fields = {"question": (str,), "answer": (str, int, float)}
+# Checked when present: news QA lists the supporting article ids, the sample track counts them.
+OPTIONAL_FIELDS: Fields = {"supports": (int, list)}
 
 
-def iter_jsonl(path: str | Path, required: dict[str, tuple[type, ...]]) -> Iterator[dict[str, Any]]:
-    """Stream the records of `path`, checking that each one has the `required` fields with the right types."""
+def parse_record(line: str, where: str, required: Fields) -> dict[str, Any]:
+    """One JSONL line as a record with the `required` fields; UserError naming `where` (file:line) if not."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line")
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for name, types in {**required, **OPTIONAL_FIELDS}.items():
+        if name not in record:
+            if name in required:
+                raise UserError(f"{where}: missing field {name!r} (has {', '.join(sorted(record)) or 'nothing'})")
+            continue
+        value = record[name]
+        if not isinstance(value, types) or isinstance(value, bool):
+            expected = " or ".join(t.__name__ for t in types)
+            raise UserError(f"{where}: field {name!r} should be {expected}, got {type(value).__name__} {value!r:.40}")
+        if isinstance(value, str) and not value.strip() and name in required:
+            raise UserError(f"{where}: field {name!r} is empty")
+    return record
+
+
+def iter_jsonl(path: str | Path, required: Fields, name: str | None = None) -> Iterator[dict[str, Any]]:
+    """Stream the records of `path`, checking that each one has the `required` fields with the right types.
+
+    Errors name the file as `name` (default: the path), e.g. where the file came from.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     with path.open(encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line")
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for name, types in {**required, **OPTIONAL_FIELDS}.items():
-                if name not in record:
-                    if name in required:
-                        raise UserError(f"{where}: missing field {name!r} (has {', '.join(sorted(record)) or 'nothing'})")
-                    continue
-                value = record[name]
-                if not isinstance(value, types) or isinstance(value, bool):
-                    expected = " or ".join(t.__name__ for t in types)
-                    raise UserError(f"{where}: field {name!r} should be {expected}, got {type(value).__name__} {value!r:.40}")
-                if isinstance(value, str) and not value.strip() and name in required:
-                    raise UserError(f"{where}: field {name!r} is empty")
-            if "answer" in required:
-                record["answer"] = str(record["answer"])  # some geminon answers are integers
-            yield record
+            if line.strip():
+                yield parse_record(line, f"{name or path}:{line_number}", required)
+
+
+def support_count(record: dict[str, Any]) -> int:
+    """How many corpus articles support a QA record (a count, or the length of a list of article ids)."""
+    supports = record.get("supports", 0)
+    return len(supports) if isinstance(supports, list) else supports
 
 
 def load_corpus(path: str | Path) -> list[dict[str, Any]]:
@@ -51,5 +64,5 @@ def load_corpus(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_qa(path: str | Path) -> list[dict[str, Any]]:
-    """A QA set: records with `question` and `answer` (answers become strings); `supports` if present is an int."""
-    return list(iter_jsonl(path, QA_FIELDS))
+    """A QA set: records with `question` and `answer` (answers become strings, as some geminon answers are ints)."""
+    return [{**r, "answer": str(r["answer"])} for r in iter_jsonl(path, QA_FIELDS)]

@@ -7,6 +7,8 @@ import unicodedata
 from collections import Counter
 from typing import Any, Sequence
 
+from cbe.data.jsonl import support_count
+
 _PUNCTUATION = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -55,5 +57,5 @@ def summarize(qa_set: str, details: Sequence[dict[str, Any]], support_thresholds
 
     metrics = means(details)
     for k in support_thresholds:
-        metrics |= means([r for r in details if r.get("supports", 0) >= k], f"_supports_ge_{k}")
+        metrics |= means([r for r in details if support_count(r) >= k], f"_supports_ge_{k}")
     return metrics

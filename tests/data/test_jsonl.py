@@ -26,7 +26,8 @@ def test_corpus_errors_name_file_and_line(tmp_path, bad, message):
 def test_qa_answers_become_strings_and_supports_must_be_int(tmp_path):
     rows = load_qa(write(tmp_path, '{"question": "q", "answer": 1843, "supports": 2}', "", '{"question": "r", "answer": "x"}'))
     assert [r["answer"] for r in rows] == ["1843", "x"] and rows[0]["supports"] == 2
-    with pytest.raises(UserError, match=r"f.jsonl:1: field 'supports' should be int, got str"):
+    assert load_qa(write(tmp_path, '{"question": "q", "answer": "a", "supports": [4, 9]}'))[0]["supports"] == [4, 9]
+    with pytest.raises(UserError, match=r"f.jsonl:1: field 'supports' should be int or list, got str"):
         load_qa(write(tmp_path, '{"question": "q", "answer": "a", "supports": "many"}'))
     with pytest.raises(UserError, match=r"no such file"):
         load_qa(tmp_path / "missing.jsonl")

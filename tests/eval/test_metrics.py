@@ -44,7 +44,7 @@ def test_normalize_and_f1():
 
 def test_summarize_stratifies_by_support():
     details = [{"supports": s, "exact_match": e, "fuzzy_match": f, "token_f1": float(f)}
-               for s, e, f in [(1, True, True), (2, False, True), (3, False, False), (3, True, True)]]
+               for s, e, f in [(1, True, True), ([7, 8], False, True), (3, False, False), ([1, 2, 3], True, True)]]
     m = summarize("valqa", details, [2, 3])
     assert m["valqa_n"] == 4 and m["valqa_exact_match"] == 0.5 and m["valqa_fuzzy_match"] == 0.75
     assert m["valqa_n_supports_ge_2"] == 3 and m["valqa_exact_match_supports_ge_2"] == pytest.approx(1 / 3)
