@@ -124,3 +124,25 @@ def test_bad_revision_path_or_file_is_one_line_and_keeps_final_names_clean(tmp_p
     assert proc.returncode == 2
     assert message in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "data" / "news" / "valqa.jsonl").exists()
+
+
+def test_make_download_then_make_format(tmp_path, hub):
+    """The README's data commands: `make download TRACK=news`, then `make format TRACK=news` (twice is a no-op)."""
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_TOKEN", None)
+    data = tmp_path / "data"
+    make = ["make", "--no-print-directory", "-C", str(ROOT), f"DATA_DIR={data}", "TRACK=news"]
+    proc = subprocess.run([*make, "download"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (data / "news" / "train.jsonl").read_bytes() == NEWS["corpus_small/train.jsonl"]
+
+    proc = subprocess.run([*make, "format"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((data / "news" / "train.jsonl").open().readline())
+    assert first == {"text": "Title: T\nDate: 2025-09-01\nArticle: " + ARTICLE["text"], "article_idx": 0}
+    formatted = (data / "news" / "val.jsonl").read_bytes()
+    proc = subprocess.run([*make, "format"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "already formatted" in proc.stdout
+    assert (data / "news" / "val.jsonl").read_bytes() == formatted
