@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     evaluator = instantiate(cfg.eval, data=cfg.data, run=run)
     trainer = instantiate(cfg.backend.trainer, _recursive_=False, cfg=cfg, run=run, evaluator=evaluator, loggers=loggers)
     try:
-        trainer.train()
+        trainer.train() if cfg.mode == "train" else trainer.evaluate_checkpoint()
     finally:
         loggers.close()
 

@@ -2,6 +2,7 @@
 
     cbe download --track news [--corpus small] [--qa small] [--list]
     cbe format-news --input IN --output OUT [--overwrite] [--normalize] [--skip-bad]
+    cbe rescore outputs/.../eval_details/valqa_step_001000.jsonl [--parser news]
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import sys
 
 from cbe.errors import UserError, exit_with
+from cbe.eval.parse import PARSERS
 
 SIZES = ("small", "medium", "large")
 
@@ -36,6 +38,21 @@ def format_news(args: argparse.Namespace) -> None:
               skip_bad=args.skip_bad).summary())
 
 
+def rescore(args: argparse.Namespace) -> None:
+    import json
+
+    from cbe.data.jsonl import iter_jsonl
+    from cbe.eval.metrics import score_answer, summarize
+    from cbe.eval.parse import PARSERS
+
+    fields = {"raw_prediction": (str,), "ground_truth": (str, int, float)}
+    details = [{**r, **score_answer(r["raw_prediction"], str(r["ground_truth"]), PARSERS[args.parser])}
+               for r in iter_jsonl(args.details, fields)]
+    if not details:
+        raise UserError(f"{args.details}: no records to rescore")
+    print(json.dumps(summarize(details, args.support_thresholds)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbe", description="Data and result tools for cbe runs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", action="store_true", help="clean scraped text: NFC, entities, control chars, spaces")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report them instead of stopping")
     p.set_defaults(run=format_news)
+
+    p = commands.add_parser("rescore", help="recompute every metric of a saved eval_details file")
+    p.add_argument("details", help="an eval_details/<set>_step_<N>.jsonl file")
+    p.add_argument("--parser", choices=sorted(PARSERS), default="default", help="how to parse raw_prediction")
+    p.add_argument("--support-thresholds", type=int, nargs="*", default=[], metavar="K",
+                   help="also report questions with supports >= K")
+    p.set_defaults(run=rescore)
     return parser
 
 

@@ -38,10 +38,12 @@ class EvalConfig:
     prompt_template: str = "Q: {question}\nA:"
     prompt_prefix_file: Optional[str] = None  # few-shot prefix put before every prompt
     max_new_tokens: int = 32
-    batch_size: int = 64
+    batch_size: int = 256  # questions per generate call; large batches keep a GPU busy
     parser: str = "default"  # default | news | geminon
     support_thresholds: list[int] = field(default_factory=list)
     num_examples: Optional[int] = None  # evaluate only the first N questions of each set
+    qa_data: Optional[str] = None  # evaluate this QA file instead of the task's sets (named after its stem)
+    save_details: Optional[str] = None  # also write every scored question (with its qa_set) to this file
     val_loss_batch_size: int = 8
 
 
@@ -111,16 +113,28 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     output_root: str = "outputs"
+    mode: str = "train"  # train | eval (set by the mode group: `mode=eval checkpoint=PATH`)
+    checkpoint: Optional[str] = None  # mode=eval: a checkpoint dir (full model or LoRA adapter) or `base`
+
+
+def checkpoint_label(checkpoint: str) -> str:
+    """A short folder name for an evaluated checkpoint: base, or <run>-checkpoint-<step>."""
+    if checkpoint == "base":
+        return "base"
+    path = Path(checkpoint).resolve()  # `latest` becomes the checkpoint it points at
+    return f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" else path.name
 
 
 def register_configs() -> None:
     """Make the schema the base that conf/config.yaml composes onto."""
     ConfigStore.instance().store(name="cbe_schema", node=Config)
+    OmegaConf.register_new_resolver("checkpoint_label", checkpoint_label, replace=True)
 
 
 PARSERS = ("default", "news", "geminon")
 SCHEDULES = ("cosine", "linear", "constant")
 MODEL_SOURCES = ("hub", "gguf", "init")
+MODES = ("train", "eval")
 
 
 def _positive(cfg: DictConfig, *keys: str) -> None:
@@ -161,13 +175,19 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         raise UserError(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1)")
     if not 0 <= cfg.optimizer.end_lr_fraction <= 1:
         raise UserError(f"optimizer.end_lr_fraction={cfg.optimizer.end_lr_fraction} must be in [0, 1]")
+    if cfg.mode not in MODES:
+        raise UserError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+    if cfg.mode == "eval" and cfg.checkpoint != "base" and not Path(cfg.checkpoint).is_dir():
+        raise UserError(f"checkpoint={cfg.checkpoint}: no such checkpoint dir; pass a checkpoints/checkpoint-<step> "
+                        "dir, a LoRA adapter dir, or checkpoint=base")
     if "{question}" not in cfg.eval.prompt_template:
         raise UserError(f"eval.prompt_template={cfg.eval.prompt_template!r} must contain {{question}}")
     files = {"data.train_path": cfg.data.train_path, "data.val_path": cfg.data.val_path,
              "data.valqa_path": cfg.data.valqa_path, "data.testqa_path": cfg.data.testqa_path,
              **{f"data.extra_qa_paths.{k}": v for k, v in cfg.data.extra_qa_paths.items()}}
-    if cfg.eval.prompt_prefix_file:
-        files["eval.prompt_prefix_file"] = cfg.eval.prompt_prefix_file
+    for key in ("prompt_prefix_file", "qa_data"):
+        if cfg.eval[key]:
+            files[f"eval.{key}"] = cfg.eval[key]
     for key, path in files.items():
         if not Path(path).is_file():
             hint = f"run `make download TRACK={cfg.task.name}`" if key.startswith("data.") else "check the path"

@@ -126,7 +126,7 @@ class RunDir:
         if is_main_process():
             config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
             self._refuse_a_different_run(yaml.safe_load(config_yaml))
-            for folder in (self.logs, self.checkpoints, self.eval_results.parent, self.eval_details):
+            for folder in (self.logs, self.eval_results.parent, self.eval_details):
                 folder.mkdir(parents=True, exist_ok=True)
             write_atomic(self.root / "config.yaml", config_yaml)
         return self
@@ -172,7 +172,9 @@ class RunDir:
 
     @staticmethod
     def step_of(checkpoint: Path) -> int:
-        return int(re.search(r"(\d+)$", checkpoint.name).group(1))
+        """The optimizer step of checkpoint-<step>; 0 for a dir named otherwise (an adapter saved by hand)."""
+        match = re.search(r"-(\d+)$", checkpoint.name)
+        return int(match.group(1)) if match else 0
 
     # -- metrics -------------------------------------------------------------------------------
     def append_eval_result(self, metrics: dict[str, Any]) -> None:

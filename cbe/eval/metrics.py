@@ -5,7 +5,9 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from cbe.data.jsonl import support_count
 
@@ -47,12 +49,32 @@ def token_f1(prediction: str, gold: str) -> float:
 METRICS = {"exact_match": exact_match, "fuzzy_match": fuzzy_match, "token_f1": token_f1}
 
 
-def summarize(qa_set: str, details: Sequence[dict[str, Any]], support_thresholds: Sequence[int]) -> dict[str, Any]:
-    """Mean of each metric over a set's scored records, overall and for records with supports >= k."""
+def score_answer(raw_prediction: str, gold: str, parse: Callable[[str], str]) -> dict[str, Any]:
+    """The parsed prediction and every metric for one question."""
+    parsed = parse(raw_prediction)
+    return {"parsed_prediction": parsed, **{name: metric(parsed, gold) for name, metric in METRICS.items()}}
+
+
+def bootstrap_ci95(values: Sequence[float], resamples: int = 1000, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of a mean (percentile method, fixed seed, so the same details give the same CI)."""
+    if not len(values):
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.asarray(values, dtype=float)[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def summarize(details: Sequence[dict[str, Any]], support_thresholds: Sequence[int] = (),
+              prefix: str = "") -> dict[str, Any]:
+    """Mean of each metric over scored records, with 95% CIs for exact and fuzzy match, overall and for
+    records with supports >= k. Keys are `<prefix><metric>`, e.g. prefix "valqa_" gives valqa_exact_match."""
     def means(records, suffix=""):
-        out = {f"{qa_set}_n{suffix}": len(records)}
+        out: dict[str, Any] = {f"{prefix}n{suffix}": len(records)}
         for name in METRICS:
-            out[f"{qa_set}_{name}{suffix}"] = (sum(float(r[name]) for r in records) / len(records)) if records else None
+            values = [float(r[name]) for r in records]
+            out[f"{prefix}{name}{suffix}"] = sum(values) / len(values) if values else None
+            if name in ("exact_match", "fuzzy_match"):
+                out[f"{prefix}{name}{suffix}_ci95"] = bootstrap_ci95(values)
         return out
 
     metrics = means(details)

@@ -45,7 +45,16 @@ def test_normalize_and_f1():
 def test_summarize_stratifies_by_support():
     details = [{"supports": s, "exact_match": e, "fuzzy_match": f, "token_f1": float(f)}
                for s, e, f in [(1, True, True), ([7, 8], False, True), (3, False, False), ([1, 2, 3], True, True)]]
-    m = summarize("valqa", details, [2, 3])
+    m = summarize(details, [2, 3], prefix="valqa_")
     assert m["valqa_n"] == 4 and m["valqa_exact_match"] == 0.5 and m["valqa_fuzzy_match"] == 0.75
     assert m["valqa_n_supports_ge_2"] == 3 and m["valqa_exact_match_supports_ge_2"] == pytest.approx(1 / 3)
     assert m["valqa_n_supports_ge_3"] == 2 and m["valqa_fuzzy_match_supports_ge_3"] == 0.5
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
+    details = [{"exact_match": i % 4 == 0, "fuzzy_match": i % 2 == 0, "token_f1": 0.0} for i in range(1000)]
+    m = summarize(details)
+    lo, hi = m["exact_match_ci95"]
+    assert lo < m["exact_match"] == 0.25 < hi and 0.04 < hi - lo < 0.07  # about +-3 points at n=1000
+    assert summarize(details)["fuzzy_match_ci95"] == m["fuzzy_match_ci95"]  # fixed seed
+    assert summarize([])["exact_match_ci95"] is None and summarize([])["n"] == 0

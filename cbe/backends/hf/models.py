@@ -51,10 +51,27 @@ def load_tokenizer(cfg: DictConfig, checkpoint_dir: Path | None = None):
     return tokenizer
 
 
-def load_model_and_tokenizer(cfg: DictConfig):
+def load_model_and_tokenizer(cfg: DictConfig, attn_implementation: str = "sdpa"):
+    """What the run works on: to train, the base model with the adapter; to evaluate, the checkpoint."""
+    if cfg.mode == "train":
+        model, tokenizer = load_base_model(cfg, attn_implementation)
+        return apply_adapter(model, cfg), tokenizer
+    checkpoint = Path(cfg.checkpoint)
+    if cfg.checkpoint == "base" or (checkpoint / "adapter_config.json").exists():
+        model, tokenizer = load_base_model(cfg, attn_implementation)
+        if cfg.checkpoint != "base":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, checkpoint)
+        return model, tokenizer
+    model = _from_pretrained(AutoModelForCausalLM, str(checkpoint), dtype=compute_dtype(),
+                             attn_implementation=attn_implementation)
+    return model, load_tokenizer(cfg, checkpoint)
+
+
+def load_base_model(cfg: DictConfig, attn: str = "sdpa"):
     """The base model (not yet adapted) and its tokenizer, by model.source."""
     dtype = compute_dtype()
-    attn = cfg.backend.trainer.get("attn_implementation", "sdpa")
     if cfg.model.source == "init":
         set_seed(cfg.training.seed)
         tokenizer = load_tokenizer(cfg)

@@ -6,7 +6,7 @@ use_cache=False transformers then builds a block-diagonal causal mask, so docume
 """
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,7 +18,7 @@ from transformers import GenerationConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from cbe.backends.base import lr_multiplier
-from cbe.backends.hf.models import apply_adapter, load_model_and_tokenizer
+from cbe.backends.hf.models import load_model_and_tokenizer
 from cbe.data.packing import IGNORE, PackedRows, packed_corpus
 from cbe.eval.evaluator import QAEvaluator
 from cbe.logging import Loggers
@@ -78,13 +78,13 @@ class HFTrainer:
     def __init__(self, cfg: DictConfig, run: RunDir, evaluator: QAEvaluator, loggers: Loggers,
                  attn_implementation: str = "sdpa"):
         self.cfg, self.run, self.evaluator, self.loggers = cfg, run, evaluator, loggers
-        self.model, self.tokenizer = load_model_and_tokenizer(cfg)
-        self.model = apply_adapter(self.model, cfg)
-        data = cfg.data
-        self.train_rows = packed_corpus(data.train_path, self.tokenizer, data.sequence_length, data.cache_dir)
-        self.val_rows = packed_corpus(data.val_path, self.tokenizer, data.sequence_length, data.cache_dir)
-        print(self.train_rows.describe("train"), flush=True)
-        print(self.val_rows.describe("val"), flush=True)
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg, attn_implementation)
+        self.val_rows = self.packed(cfg.data.val_path, "val")
+
+    def packed(self, path: str, name: str) -> PackedRows:
+        rows = packed_corpus(path, self.tokenizer, self.cfg.data.sequence_length, self.cfg.data.cache_dir)
+        print(rows.describe(name), flush=True)
+        return rows
 
     # -- the evaluator's view of this backend ----------------------------------------------------
     @property
@@ -93,11 +93,11 @@ class HFTrainer:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
-        """Greedy continuations, batched by prompt length with left padding, each stopped at a newline."""
+        """Greedy continuations, batched by prompt length with left padding, each stopped at a newline, EOS or Q:."""
         was_training = self.model.training
         self.model.eval()
         tok = self.tokenizer
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=["\n"],
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=["\n", "Q:"],
                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
@@ -129,8 +129,16 @@ class HFTrainer:
         self.model.train(was_training)
         return total / max(1, count)
 
-    def evaluate(self, step: int) -> None:
-        self.loggers.eval(self.evaluator.evaluate(self, step, self.val_rows))
+    def evaluate(self, step: int) -> dict[str, Any]:
+        metrics = self.evaluator.evaluate(self, step, self.val_rows)
+        self.loggers.eval(metrics)
+        return metrics
+
+    def evaluate_checkpoint(self) -> None:
+        """mode=eval: one evaluation of cfg.checkpoint, with training's prompt, parser and metrics."""
+        step = 0 if self.cfg.checkpoint == "base" else RunDir.step_of(Path(self.cfg.checkpoint).resolve())
+        self.run.drop_eval_results_after(step - 1)  # evaluating the same checkpoint again replaces its line
+        print(self.evaluator.report(self.evaluate(step)), flush=True)
 
     # -- training --------------------------------------------------------------------------------
     def train(self) -> None:
@@ -153,8 +161,8 @@ class HFTrainer:
             remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not on_gpu,
             disable_tqdm=not is_main_process(),
         )
-        trainer = _SFTTrainer(model=self.model, args=args, train_dataset=as_dataset(self.train_rows),
-                              processing_class=self.tokenizer, data_collator=collate, callbacks=[_Hooks(self)],
-                              optimizer_cfg=cfg.optimizer)
+        train_rows = self.packed(cfg.data.train_path, "train")
+        trainer = _SFTTrainer(model=self.model, args=args, train_dataset=as_dataset(train_rows), data_collator=collate,
+                              processing_class=self.tokenizer, callbacks=[_Hooks(self)], optimizer_cfg=cfg.optimizer)
         self.model = trainer.model
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)

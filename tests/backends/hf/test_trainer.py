@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,14 @@ SHORT = ["training.num_train_steps=6", "training.eval_every=3", "training.save_e
 
 def eval_results(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics" / "eval_results.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(a: dict, b: dict) -> None:
+    """Two evaluations agree on every metric (the timestamp aside, eval_loss up to float noise)."""
+    assert a.keys() == b.keys()
+    for key in a.keys() - {"timestamp", "eval_loss"}:
+        assert a[key] == b[key], key
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
 
 
 def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
@@ -52,6 +61,25 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
             "fuzzy_match", "supports"} <= set(details[0])
     assert sorted(p.name for p in (run / "eval_details").iterdir()) == [
         f"{s}_step_{n:06d}.jsonl" for s in ("testqa", "valqa") for n in (0, 3, 6)]
+
+    # mode=eval on the final checkpoint gives exactly training's evaluation at that step...
+    proc = run_main("mode=eval", f"checkpoint={run / 'checkpoints' / 'latest'}", "logging.project_name=proj")
+    evaluated = tmp_path / "outputs" / "proj" / "sample" / "tiny-full-hf" / "eval" / "layout-checkpoint-6"
+    assert_same_metrics(eval_results(evaluated)[0], results[-1])
+    assert "[exact]" in proc.stdout or "[fuzzy]" in proc.stdout or "[wrong]" in proc.stdout
+    assert "valqa" in proc.stdout and "95% CI" in proc.stdout
+
+    # ...and checkpoint=base the untrained baseline at step 0, here on one QA file with its details saved.
+    saved = tmp_path / "base_details.jsonl"
+    run_main("mode=eval", "checkpoint=base", "eval.qa_data=data/sample/valqa.jsonl", f"eval.save_details={saved}")
+    base = eval_results(tmp_path / "outputs" / "cbe" / "sample" / "tiny-full-hf" / "eval" / "base")[0]
+    assert_same_metrics(base, {k: v for k, v in results[0].items() if not k.startswith("testqa")})
+
+    # cbe rescore recomputes the same metrics from the saved raw predictions.
+    rescored = json.loads(subprocess.run([sys.executable, "-m", "cbe.cli", "rescore", str(saved), "--support-thresholds", "2"],
+                                         capture_output=True, text=True, check=True).stdout)
+    assert {k: rescored[k] for k in ("n", "exact_match", "fuzzy_match", "token_f1", "exact_match_ci95", "n_supports_ge_2")} == \
+        {k: base[f"valqa_{k}"] for k in ("n", "exact_match", "fuzzy_match", "token_f1", "exact_match_ci95", "n_supports_ge_2")}
 
 
 def test_killed_run_resumes_the_same_steps_without_duplicate_metrics(run_main, tmp_path, cache_dir):
@@ -99,6 +127,12 @@ def test_lora_trains_only_the_adapter(run_main, tmp_path):
     weights = load_file(checkpoint / "adapter_model.safetensors")
     assert weights and all("lora_" in name for name in weights)
     assert not list((tmp_path / "outputs" / "cbe" / "sample" / "tiny-lora128-hf" / "logs" / "tensorboard").glob("*"))
+
+    # The adapter dir evaluates on its own (base model + adapter) to training's numbers at that step.
+    run_main("adapter=lora128", "mode=eval", f"checkpoint={checkpoint}", "logging=none")
+    training = eval_results(checkpoint.parents[1])[-1]
+    evaluated = eval_results(checkpoint.parents[1] / "eval" / "tiny-lora128-hf-checkpoint-2")[0]
+    assert_same_metrics(evaluated, training)
 
 
 def test_multirun_gives_each_job_its_own_run_dir_and_log(run_main, tmp_path):
