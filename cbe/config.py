@@ -156,11 +156,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     except InterpolationResolutionError as e:
         raise UserError(f"config value {e.full_key} cannot be resolved: {str(e).splitlines()[0]}")
     t = cfg.training
-    _positive(cfg, "training.effective_batch_size", "training.per_device_batch_size", "training.num_train_steps",
-              "training.eval_every", "training.save_every", "training.max_checkpoints", "data.sequence_length",
+    if t.num_train_steps < 0:
+        raise UserError(f"training.num_train_steps must be 0 (evaluate the start only) or more, got {t.num_train_steps}")
+    _positive(cfg, "training.effective_batch_size", "training.per_device_batch_size", "training.eval_every", "training.save_every", "training.max_checkpoints", "data.sequence_length",
               "eval.max_new_tokens", "eval.batch_size", "optimizer.lr")
     per_step = t.per_device_batch_size * world_size
-    if t.effective_batch_size % per_step:
+    if cfg.mode == "train" and t.effective_batch_size % per_step:
         raise UserError(
             f"training.effective_batch_size={t.effective_batch_size} is not divisible by "
             f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {world_size}; "

@@ -183,6 +183,8 @@ class RunDir:
 
     def drop_eval_results_after(self, step: int) -> None:
         """On resume, forget evaluations newer than the checkpoint: they are recomputed, never duplicated."""
+        if not is_main_process():
+            return
         kept = [m for m in read_jsonl(self.eval_results) if m["step"] <= step]
         if self.eval_results.exists():
             write_jsonl_atomic(self.eval_results, kept)

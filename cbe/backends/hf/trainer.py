@@ -6,11 +6,13 @@ use_cache=False transformers then builds a block-diagonal causal mask, so docume
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from datasets import Dataset
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
@@ -78,7 +80,13 @@ class HFTrainer:
     def __init__(self, cfg: DictConfig, run: RunDir, evaluator: QAEvaluator, loggers: Loggers,
                  attn_implementation: str = "sdpa"):
         self.cfg, self.run, self.evaluator, self.loggers = cfg, run, evaluator, loggers
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if world_size() > 1 and not dist.is_initialized():  # torchrun: evaluation shards over the ranks
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.model, self.tokenizer = load_model_and_tokenizer(cfg, attn_implementation)
+        if torch.cuda.is_available():
+            self.model.to(torch.cuda.current_device())
         self.val_rows = self.packed(cfg.data.val_path, "val")
 
     def packed(self, path: str, name: str) -> PackedRows:
@@ -91,8 +99,26 @@ class HFTrainer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
+    @staticmethod
+    def _rank_and_world() -> tuple[int, int]:
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+        """Greedy answers to every prompt; under torchrun each rank answers every world-th one and all ranks
+        get all answers (rank-0-only generation would leave the others waiting at their next collective)."""
+        rank, world = self._rank_and_world()
+        mine = self._generate(prompts[rank::world], max_new_tokens, batch_size)
+        if world == 1:
+            return mine
+        parts: list[list[str]] = [[] for _ in range(world)]
+        dist.all_gather_object(parts, mine)
+        answers = [""] * len(prompts)
+        for r, part in enumerate(parts):
+            answers[r::world] = part
+        return answers
+
+    @torch.no_grad()
+    def _generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
         """Greedy continuations, batched by prompt length with left padding, each stopped at a newline, EOS or Q:."""
         was_training = self.model.training
         self.model.eval()
@@ -114,11 +140,12 @@ class HFTrainer:
 
     @torch.no_grad()
     def loss(self, rows: PackedRows, batch_size: int) -> float:
-        """Mean next-token loss over the trained positions of the rows."""
+        """Mean next-token loss over the trained positions of the rows (each rank takes every world-th row)."""
         was_training = self.model.training
         self.model.eval()
+        rank, world = self._rank_and_world()
         total, count = 0.0, 0
-        for start in range(0, len(rows), batch_size):
+        for start in range(rank * batch_size, len(rows), batch_size * world):
             end = start + batch_size
             batch = {"input_ids": rows.input_ids[start:end], "position_ids": rows.position_ids[start:end],
                      "labels": rows.labels[start:end]}
@@ -127,6 +154,10 @@ class HFTrainer:
             total += float(self.model(**batch, use_cache=False).loss) * n
             count += n
         self.model.train(was_training)
+        if world > 1:
+            sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+            dist.all_reduce(sums)
+            total, count = sums.tolist()
         return total / max(1, count)
 
     def evaluate(self, step: int) -> dict[str, Any]:
@@ -147,6 +178,10 @@ class HFTrainer:
         if resume is not None:
             self.run.drop_eval_results_after(RunDir.step_of(resume))
             print(f"resuming from {resume}", flush=True)
+        if t.num_train_steps == 0:  # only the starting point (HF would read max_steps=0 as "use epochs")
+            self.run.drop_eval_results_after(-1)
+            self.evaluate(0)
+            return
         on_gpu = torch.cuda.is_available()
         args = SFTConfig(
             output_dir=str(self.run.checkpoints), max_steps=t.num_train_steps, seed=t.seed, data_seed=t.seed,

@@ -146,6 +146,29 @@ def test_multirun_gives_each_job_its_own_run_dir_and_log(run_main, tmp_path):
         assert (sweep / job / "logs" / "train.log").read_text().count("eval | step 2") == 1
 
 
+def test_zero_steps_evaluates_the_start_only(run_main, tmp_path):
+    run_main("training.num_train_steps=0", "logging.run_name=zero")
+    run = tmp_path / "outputs" / "cbe" / "zero"
+    assert [m["step"] for m in eval_results(run)] == [0]
+    assert not (run / "checkpoints").exists()
+
+
+def test_torchrun_shards_evaluation_and_matches_one_process(run_main, tmp_path, cache_dir):
+    """Two ranks answer half the questions each; rank 0 writes one metrics line equal to a 1-process eval."""
+    run_main("mode=eval", "checkpoint=base", "logging.project_name=single")
+    env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "main.py"), f"output_root={tmp_path / 'outputs'}", "mode=eval", "checkpoint=base",
+                           "logging.project_name=ddp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    eval_dir = Path("sample") / "tiny-full-hf" / "eval" / "base"
+    single, ddp = (eval_results(tmp_path / "outputs" / p / eval_dir) for p in ("single", "ddp"))
+    assert len(ddp) == 1
+    assert_same_metrics(ddp[0], single[0])
+    details = tmp_path / "outputs" / "ddp" / eval_dir / "eval_details" / "valqa_step_000000.jsonl"
+    assert len(details.read_text().splitlines()) == 72
+
+
 @pytest.mark.slow
 def test_the_demo_memorizes_the_sample_track(run_main, tmp_path):
     """`make demo` is the default config: eval loss falls and valqa exact match climbs from ~0 to >= 0.8."""
