@@ -14,6 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from cbe.errors import UserError
+from cbe.eval.parse import PARSERS
 
 
 @dataclass
@@ -131,10 +132,9 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("checkpoint_label", checkpoint_label, replace=True)
 
 
-PARSERS = ("default", "news", "geminon")
-SCHEDULES = ("cosine", "linear", "constant")
-MODEL_SOURCES = ("hub", "gguf", "init")
-MODES = ("train", "eval")
+# Keys whose value must be one of a few names.
+CHOICES = {"mode": ("train", "eval"), "eval.parser": tuple(PARSERS), "optimizer.schedule": ("cosine", "linear", "constant"),
+           "model.source": ("hub", "gguf", "init")}
 
 
 def _positive(cfg: DictConfig, *keys: str) -> None:
@@ -158,26 +158,22 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     t = cfg.training
     if t.num_train_steps < 0:
         raise UserError(f"training.num_train_steps must be 0 (evaluate the start only) or more, got {t.num_train_steps}")
-    _positive(cfg, "training.effective_batch_size", "training.per_device_batch_size", "training.eval_every", "training.save_every", "training.max_checkpoints", "data.sequence_length",
-              "eval.max_new_tokens", "eval.batch_size", "optimizer.lr")
+    _positive(cfg, "training.effective_batch_size", "training.per_device_batch_size", "training.eval_every",
+              "training.save_every", "training.max_checkpoints", "data.sequence_length", "eval.max_new_tokens",
+              "eval.batch_size", "optimizer.lr")
+    for key, allowed in CHOICES.items():
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)!r} is not one of {', '.join(allowed)}")
     per_step = t.per_device_batch_size * world_size
     if cfg.mode == "train" and t.effective_batch_size % per_step:
         raise UserError(
             f"training.effective_batch_size={t.effective_batch_size} is not divisible by "
             f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {world_size}; "
             f"pick a multiple of {per_step}")
-    if cfg.eval.parser not in PARSERS:
-        raise UserError(f"eval.parser={cfg.eval.parser!r} is not one of {', '.join(PARSERS)}")
-    if cfg.optimizer.schedule not in SCHEDULES:
-        raise UserError(f"optimizer.schedule={cfg.optimizer.schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if cfg.model.source not in MODEL_SOURCES:
-        raise UserError(f"model.source={cfg.model.source!r} is not one of {', '.join(MODEL_SOURCES)}")
     if not 0 <= cfg.optimizer.warmup_fraction < 1:
         raise UserError(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1)")
     if not 0 <= cfg.optimizer.end_lr_fraction <= 1:
         raise UserError(f"optimizer.end_lr_fraction={cfg.optimizer.end_lr_fraction} must be in [0, 1]")
-    if cfg.mode not in MODES:
-        raise UserError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
     if cfg.mode == "eval" and cfg.checkpoint != "base" and not Path(cfg.checkpoint).is_dir():
         raise UserError(f"checkpoint={cfg.checkpoint}: no such checkpoint dir; pass a checkpoints/checkpoint-<step> "
                         "dir, a LoRA adapter dir, or checkpoint=base")

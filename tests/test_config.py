@@ -84,3 +84,15 @@ def test_bad_overrides_fail_with_one_line(run_main, overrides, named):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("cbe: error:") and named in lines[0], lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_composing_imports_no_framework():
+    """Frameworks load only inside the backend that needs them: config, data, eval and logging stay light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cbe.config, cbe.run, cbe.data.packing, cbe.data.download, cbe.data.format_news, "
+            "cbe.eval.evaluator, cbe.logging, cbe.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'jax', 'tensorflow', 'transformers', 'trl'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
