@@ -43,7 +43,6 @@ def rescore(args: argparse.Namespace) -> None:
 
     from cbe.data.jsonl import iter_jsonl
     from cbe.eval.metrics import score_answer, summarize
-    from cbe.eval.parse import PARSERS
 
     fields = {"raw_prediction": (str,), "ground_truth": (str, int, float)}
     details = [{**r, **score_answer(r["raw_prediction"], str(r["ground_truth"]), PARSERS[args.parser])}

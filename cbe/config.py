@@ -133,8 +133,8 @@ def register_configs() -> None:
 
 
 # Keys whose value must be one of a few names.
-CHOICES = {"mode": ("train", "eval"), "eval.parser": tuple(PARSERS), "optimizer.schedule": ("cosine", "linear", "constant"),
-           "model.source": ("hub", "gguf", "init")}
+CHOICES = {"mode": ("train", "eval"), "eval.parser": tuple(PARSERS),
+           "optimizer.schedule": ("cosine", "linear", "constant"), "model.source": ("hub", "gguf", "init")}
 
 
 def _positive(cfg: DictConfig, *keys: str) -> None:

@@ -70,6 +70,9 @@ class QAEvaluator:
 
     def report(self, metrics: dict[str, Any], examples: int = 3) -> str:
         """A table of every set's metrics with 95% CIs, then a few predictions marked exact, fuzzy or wrong."""
+        def ci(bounds):
+            return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
         lines = [f"step {metrics['step']}  eval_loss {metrics['eval_loss']:.4f}",
                  f"{'set':<12}{'n':>6}{'exact':>8}{'95% CI':>16}{'fuzzy':>8}{'95% CI':>16}{'f1':>8}"]
         for name in self.qa_sets:
@@ -78,7 +81,6 @@ class QAEvaluator:
             if not m["n"]:
                 lines.append(f"{name:<12}{0:>6}")
                 continue
-            ci = lambda bounds: f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
             lines.append(f"{name:<12}{m['n']:>6}{m['exact_match']:>8.3f}{ci(m['exact_match_ci95']):>16}"
                          f"{m['fuzzy_match']:>8.3f}{ci(m['fuzzy_match_ci95']):>16}{m['token_f1']:>8.3f}")
         for name, details in self.last_details.items():
