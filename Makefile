@@ -42,8 +42,9 @@ format: install
 
 # Re-resolve the lock after changing pyproject.toml's dependencies (pins stay near the verified set).
 lock:
-	$(VENV)/bin/uv pip compile pyproject.toml --extra hf --extra wandb --extra judge --extra slurm --extra dev \
-		--python-version 3.11 $(WHEELS) --no-annotate --no-header -o requirements/lock.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra hf --extra kd --extra wandb --extra judge --extra slurm --extra dev \
+		--overrides requirements/overrides.txt --python-version 3.11 $(WHEELS) --no-annotate --no-header \
+		-o requirements/lock.txt
 
 clean:
 	rm -rf $(VENV) outputs multirun

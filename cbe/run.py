@@ -172,8 +172,8 @@ class RunDir:
 
     @staticmethod
     def step_of(checkpoint: Path) -> int:
-        """The optimizer step of checkpoint-<step>; 0 for a dir named otherwise (an adapter saved by hand)."""
-        match = re.search(r"-(\d+)$", checkpoint.name)
+        """The optimizer step of checkpoint-<step> (HF) or ckpt_<step> (KD); 0 for a dir named otherwise (an adapter saved by hand)."""
+        match = re.search(r"[-_](\d+)$", checkpoint.name)
         return int(match.group(1)) if match else 0
 
     # -- metrics -------------------------------------------------------------------------------

@@ -134,3 +134,14 @@ def packed_corpus(path: str | Path, tokenizer: Any, length: int, cache_dir: str 
     """Tokenize (cached) and pack one corpus file."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pack_documents(tokenize_file(path, tokenizer, cache_dir), length, pad_id)
+
+
+def training_order(num_rows: int, num_examples: int, seed: int) -> np.ndarray:
+    """The row index of each training example: one seeded permutation per epoch, back to back.
+
+    Both backends read rows in this order, so a seed means the same batches everywhere; a longer run extends
+    a shorter one's order, so resuming with more steps continues where it stopped.
+    """
+    epochs = -(-num_examples // num_rows) if num_rows else 0
+    order = [np.random.default_rng([seed, epoch]).permutation(num_rows) for epoch in range(epochs)]
+    return np.concatenate(order)[:num_examples] if order else np.zeros(0, dtype=np.int64)

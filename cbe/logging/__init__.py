@@ -5,7 +5,9 @@ Each logger takes `scalars(step, values)` and `close()`; only rank 0 builds real
 from __future__ import annotations
 
 import math
+import sys
 import time
+import types
 from typing import Any
 
 from cbe.run import RunDir, is_main_process
@@ -19,6 +21,9 @@ class TensorBoardLogger:
     """Scalars to logs/tensorboard, written with the tensorboard package alone (no torch, no TensorFlow)."""
 
     def __init__(self, run: RunDir):
+        # tensorboard imports TensorFlow when it is installed (the kd extra brings it), which costs ~20 s per
+        # process; the `notf` marker module makes it use its own TF-free file writer.
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self._writer = EventFileWriter(str(run.tensorboard))

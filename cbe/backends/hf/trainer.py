@@ -21,7 +21,7 @@ from trl import SFTConfig, SFTTrainer
 
 from cbe.backends.base import lr_multiplier
 from cbe.backends.hf.models import load_model_and_tokenizer
-from cbe.data.packing import IGNORE, PackedRows, packed_corpus
+from cbe.data.packing import IGNORE, PackedRows, packed_corpus, training_order
 from cbe.eval.evaluator import QAEvaluator
 from cbe.logging import Loggers
 from cbe.run import RunDir, is_main_process, world_size
@@ -40,9 +40,12 @@ def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 class _SFTTrainer(SFTTrainer):
     """SFTTrainer with the harness's learning-rate schedule (shared with the JAX backend)."""
 
-    def __init__(self, *args, optimizer_cfg: DictConfig, **kwargs):
-        self.optimizer_cfg = optimizer_cfg
+    def __init__(self, *args, optimizer_cfg: DictConfig, order: np.ndarray, **kwargs):
+        self.optimizer_cfg, self.order = optimizer_cfg, order
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.order.tolist()  # cbe.data.packing.training_order: the same batches as the JAX backend
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -198,6 +201,7 @@ class HFTrainer:
         )
         train_rows = self.packed(cfg.data.train_path, "train")
         trainer = _SFTTrainer(model=self.model, args=args, train_dataset=as_dataset(train_rows), data_collator=collate,
-                              processing_class=self.tokenizer, callbacks=[_Hooks(self)], optimizer_cfg=cfg.optimizer)
+                              processing_class=self.tokenizer, callbacks=[_Hooks(self)], optimizer_cfg=cfg.optimizer,
+                              order=training_order(len(train_rows), t.num_train_steps * t.effective_batch_size, t.seed))
         self.model = trainer.model
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -1,0 +1,107 @@
+"""The gemma library's Gemma 3 transformer, configured from the HF config and loaded with the HF weights.
+
+The HF checkpoint (hub, the offline 270M GGUF, or the tiny model's seeded random init) is the one source of
+truth for both backends: its config becomes gemma's TransformerConfig and its weights are converted by
+cbe.backends.kd.convert. `backend.trainer.gemma_params` loads an official gemma checkpoint instead.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gemma import gm
+from omegaconf import DictConfig
+
+from cbe.backends.kd.convert import hf_to_gemma
+from cbe.errors import UserError
+
+_ATTENTION = {"sliding_attention": gm.nn.AttentionType.LOCAL_SLIDING, "full_attention": gm.nn.AttentionType.GLOBAL}
+_QUERY_SCALE = gm.nn.config.QueryPreAttentionNormalisation
+
+
+def param_dtype() -> jnp.dtype:
+    """bf16 on accelerators, fp32 on the CPU (as the HF backend)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def gemma_config(hf) -> gm.nn.config.TransformerConfig:
+    """gemma's config for a Gemma3TextConfig (the text part of a multimodal config)."""
+    hf = getattr(hf, "text_config", hf)
+    if hf.query_pre_attn_scalar == hf.head_dim:
+        query_scale = _QUERY_SCALE.BY_ONE_OVER_SQRT_HEAD_DIM
+    elif hf.query_pre_attn_scalar == hf.hidden_size // hf.num_attention_heads:
+        query_scale = _QUERY_SCALE.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS
+    else:
+        raise UserError(f"model: query_pre_attn_scalar={hf.query_pre_attn_scalar} has no gemma equivalent; set it "
+                        f"to head_dim ({hf.head_dim}) in model.architecture")
+    if hf.num_key_value_heads == hf.num_attention_heads:
+        # gemma then fuses q, k and v into one qkv_einsum, a layout the real models do not have.
+        raise UserError("model.architecture: num_key_value_heads must be fewer than num_attention_heads for backend=kd")
+    rope = hf.rope_parameters
+    return gm.nn.config.TransformerConfig(
+        num_embed=hf.vocab_size, embed_dim=hf.hidden_size, hidden_dim=hf.intermediate_size,
+        num_heads=hf.num_attention_heads, head_dim=hf.head_dim, num_kv_heads=hf.num_key_value_heads,
+        final_logit_softcap=hf.final_logit_softcapping, attn_logits_soft_cap=hf.attn_logit_softcapping,
+        use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True, query_pre_attn_norm=query_scale,
+        attention_types=tuple(_ATTENTION[t] for t in hf.layer_types), sliding_window_size=hf.sliding_window,
+        transpose_gating_einsum=True,
+        local_base_frequency=int(rope["sliding_attention"]["rope_theta"]),
+        global_base_frequency=int(rope["full_attention"]["rope_theta"]),
+        global_scale_factor=float(rope["full_attention"].get("factor", 1.0)),
+        vision_encoder=None,
+    )
+
+
+def block_causal_mask(positions: jax.Array) -> jax.Array:
+    """[B, L, L] bool: a token sees earlier tokens of its own document (documents start where positions reset)."""
+    document = jnp.cumsum(positions == 0, axis=-1)
+    same = document[:, :, None] == document[:, None, :]
+    length = positions.shape[-1]
+    return same & jnp.tril(jnp.ones((length, length), dtype=bool))
+
+
+class PackedGemma3(gm.nn.Transformer):
+    """gemma's Transformer over packed rows: the attention mask is built on device from the position ids.
+
+    (Without an explicit mask gemma would treat token id 0 as padding and let documents see each other.)
+    """
+
+    def __call__(self, tokens, *, positions=None, attention_mask=None, **kwargs):
+        if attention_mask is None and positions is not None:
+            attention_mask = block_causal_mask(positions)
+        return super().__call__(tokens, positions=positions, attention_mask=attention_mask, **kwargs)
+
+
+def build_model(config: gm.nn.config.TransformerConfig, lora_rank: int = 0, **keys: str):
+    """The model Kauldron trains: keys name the batch fields it reads (tokens=..., positions=...)."""
+    model = PackedGemma3(config=config, dtype=param_dtype(), **keys)
+    return gm.nn.LoRA(rank=lora_rank, model=model, dtype=param_dtype()) if lora_rank else model
+
+
+def load_hf_weights(cfg: DictConfig) -> tuple[Any, dict[str, Any], Any]:
+    """(HF config, gemma params as numpy, tokenizer) from the checkpoint cfg.model names.
+
+    The HF model is built or loaded with the HF backend's own loader, so both backends start from the same
+    weights (for the tiny model: the same seeded random init).
+    """
+    import torch
+
+    from cbe.backends.hf.models import load_base_model
+
+    model, tokenizer = load_base_model(cfg)
+    hf = getattr(model.config, "text_config", model.config)
+    state = {name: t.detach().to(torch.float32).numpy() for name, t in model.state_dict().items()}
+    del model
+    params = hf_to_gemma(state, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim)
+    return hf, params, tokenizer
+
+
+def load_gemma_params(path: str) -> dict[str, Any]:
+    """An official gemma checkpoint (orbax), e.g. from Kaggle, instead of the converted HF weights."""
+    if not Path(path).exists():
+        raise UserError(f"backend.trainer.gemma_params={path}: no such checkpoint")
+    params = gm.ckpts.load_params(path)
+    return jax.tree.map(np.asarray, params)
