@@ -72,7 +72,7 @@ BAD_OVERRIDES = [
     (["data.train_path=???"], "data.train_path"),  # missing value
     (["training.effective_batch_size=12"], "training.effective_batch_size=12"),
     (["eval.parser=fancy"], "eval.parser"),
-    (["backend=kd"], "backend=kd is not available yet"),
+    (["backend=kd", "model.architecture.num_key_value_heads=4"], "num_key_value_heads must be fewer"),
 ]
 
 

@@ -3,19 +3,19 @@
 Why it is built this way:
 
 * Prompts are left-padded. Every row's last prompt token then sits in the same
-  cache slot, so all rows write the same slot at every decode step, which is
-  what gemma's cache requires (one shared `end_index` for the whole batch).
-  Positions count from each row's first real token and pad slots are masked
-  out of every attention, so padding never changes a row's result.
+    cache slot, so all rows write the same slot at every decode step, which is
+    what gemma's cache requires (one shared `end_index` for the whole batch).
+    Positions count from each row's first real token and pad slots are masked
+    out of every attention, so padding never changes a row's result.
 * The prefill covers all prompt tokens but the last; the decode loop starts by
-  feeding that last token. Every model call in the loop then has the same
-  shape, and the prefill's logits go unused, so XLA drops the big
-  [batch, length, vocab] unembedding instead of us relying on gemma's
-  `return_last_only` (which finds the last token by looking for id 0).
+    feeding that last token. Every model call in the loop then has the same
+    shape, and the prefill's logits go unused, so XLA drops the big
+    [batch, length, vocab] unembedding instead of us relying on gemma's
+    `return_last_only` (which finds the last token by looking for id 0).
 * Prefill and the decode loop are one jitted function with a
-  `lax.while_loop` that stops once every row has emitted a stop id. Batches
-  are filled with dummy rows to a fixed size and prompt lengths are rounded up
-  to a few buckets, so a whole eval compiles only a couple of programs.
+    `lax.while_loop` that stops once every row has emitted a stop id. Batches
+    are filled with dummy rows to a fixed size and prompt lengths are rounded up
+    to a few buckets, so a whole eval compiles only a couple of programs.
 """
 
 from __future__ import annotations
@@ -30,80 +30,80 @@ import numpy as np
 
 def greedy_generate(model, params, prompts: list[list[int]], max_new_tokens: int,
                     stop_ids: Sequence[int], pad_id: int, batch_size: int) -> list[list[int]]:
-  """Greedy continuation token ids of every prompt (prompt excluded), each cut after its first stop id."""
-  stop_ids = tuple(int(t) for t in stop_ids)
-  # Similar lengths go together so that little of each batch is padding.
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  results: list[list[int]] = [[] for _ in prompts]
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
-    length = _bucket(max(len(prompts[i]) for i in rows))
-    tokens = np.full((batch_size, length), pad_id, np.int32)
-    lengths = np.zeros((batch_size,), np.int32)  # dummy rows keep length 0
-    for r, i in enumerate(rows):
-      if prompts[i]:
-        tokens[r, length - len(prompts[i]):] = prompts[i]
-      lengths[r] = len(prompts[i])
-    out = np.asarray(_generate_batch(model, params, tokens, lengths, max_new_tokens=max_new_tokens,
-                                     stop_ids=stop_ids, pad_id=pad_id))
-    for r, i in enumerate(rows):
-      results[i] = _cut(out[r].tolist(), stop_ids)
-  return results
+    """Greedy continuation token ids of every prompt (prompt excluded), each cut after its first stop id."""
+    stop_ids = tuple(int(t) for t in stop_ids)
+    # Similar lengths go together so that little of each batch is padding.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        length = _bucket(max(len(prompts[i]) for i in rows))
+        tokens = np.full((batch_size, length), pad_id, np.int32)
+        lengths = np.zeros((batch_size,), np.int32)  # dummy rows keep length 0
+        for r, i in enumerate(rows):
+            if prompts[i]:
+                tokens[r, length - len(prompts[i]):] = prompts[i]
+            lengths[r] = len(prompts[i])
+        out = np.asarray(_generate_batch(model, params, tokens, lengths, max_new_tokens=max_new_tokens,
+                                         stop_ids=stop_ids, pad_id=pad_id))
+        for r, i in enumerate(rows):
+            results[i] = _cut(out[r].tolist(), stop_ids)
+    return results
 
 
 def _bucket(length: int) -> int:
-  """Next power of two, at least 32: few distinct shapes, at most 2x padding."""
-  return max(32, 1 << (length - 1).bit_length())
+    """Next power of two, at least 32: few distinct shapes, at most 2x padding."""
+    return max(32, 1 << (length - 1).bit_length())
 
 
 def _cut(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
-  """Keep ids up to and including the first stop id."""
-  for n, t in enumerate(ids):
-    if t in stop_ids:
-      return ids[:n + 1]
-  return ids
+    """Keep ids up to and including the first stop id."""
+    for n, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[:n + 1]
+    return ids
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stop_ids", "pad_id"))
 def _generate_batch(model, params, tokens, lengths, *, max_new_tokens, stop_ids, pad_id):
-  """Greedy ids [B, max_new_tokens] for left-padded `tokens` [B, L]; rows of length 0 are dummies."""
-  batch, length = tokens.shape
-  prefill = length - 1  # the last prompt token is fed by the first loop step
-  cache_length = length + max_new_tokens  # room for every step: the cache never wraps around
-  slots = jnp.arange(cache_length)
+    """Greedy ids [B, max_new_tokens] for left-padded `tokens` [B, L]; rows of length 0 are dummies."""
+    batch, length = tokens.shape
+    prefill = length - 1  # the last prompt token is fed by the first loop step
+    cache_length = length + max_new_tokens  # room for every step: the cache never wraps around
+    slots = jnp.arange(cache_length)
 
-  # Slot j of row b holds a real token iff j >= first[b]; its position is j - first[b].
-  first = length - lengths
-  real = slots[None, :] >= first[:, None]  # [B, C]: pad slots are never attended
-  positions = jnp.maximum(slots[None, :] - first[:, None], 0)  # pads get 0, masked anyway
+    # Slot j of row b holds a real token iff j >= first[b]; its position is j - first[b].
+    first = length - lengths
+    real = slots[None, :] >= first[:, None]  # [B, C]: pad slots are never attended
+    positions = jnp.maximum(slots[None, :] - first[:, None], 0)  # pads get 0, masked anyway
 
-  # k/v take the activation dtype, which follows the embedding table (gemma's
-  # own sampler makes the same choice); the cache must match it exactly.
-  dtype = params["embedder"]["input_embedding"].dtype
-  cache = model.init_cache(batch_size=batch, dtype=dtype, cache_length=cache_length)
+    # k/v take the activation dtype, which follows the embedding table (gemma's
+    # own sampler makes the same choice); the cache must match it exactly.
+    dtype = params["embedder"]["input_embedding"].dtype
+    cache = model.init_cache(batch_size=batch, dtype=dtype, cache_length=cache_length)
 
-  # Prefill: each prompt slot sees real slots up to itself. Mask is [B, L-1, C].
-  causal = slots[:prefill, None] >= slots[None, :]
-  out = model.apply({"params": params}, tokens[:, :prefill], positions=positions[:, :prefill],
-                    cache=cache, attention_mask=real[:, None, :] & causal[None])
-  stops = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
+    # Prefill: each prompt slot sees real slots up to itself. Mask is [B, L-1, C].
+    causal = slots[:prefill, None] >= slots[None, :]
+    out = model.apply({"params": params}, tokens[:, :prefill], positions=positions[:, :prefill],
+                      cache=cache, attention_mask=real[:, None, :] & causal[None])
+    stops = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
 
-  def step(state):
-    t, token, cache, ids, done = state
-    slot = prefill + t
-    # Decode mask is [B, 1, C]: real slots written so far, this one included.
-    mask = (real & (slots[None, :] <= slot))[:, None, :]
-    out = model.apply({"params": params}, token[:, None], positions=(slot - first)[:, None],
-                      cache=cache, attention_mask=mask)
-    nxt = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
-    nxt = jnp.where(done, pad_id, nxt)  # finished rows just idle
-    ids = ids.at[:, t].set(nxt)
-    return t + 1, nxt, out.cache, ids, done | jnp.isin(nxt, stops)
+    def step(state):
+        t, token, cache, ids, done = state
+        slot = prefill + t
+        # Decode mask is [B, 1, C]: real slots written so far, this one included.
+        mask = (real & (slots[None, :] <= slot))[:, None, :]
+        out = model.apply({"params": params}, token[:, None], positions=(slot - first)[:, None],
+                          cache=cache, attention_mask=mask)
+        nxt = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, pad_id, nxt)  # finished rows just idle
+        ids = ids.at[:, t].set(nxt)
+        return t + 1, nxt, out.cache, ids, done | jnp.isin(nxt, stops)
 
-  def keep_going(state):
-    t, _, _, _, done = state
-    return (t < max_new_tokens) & ~jnp.all(done)
+    def keep_going(state):
+        t, _, _, _, done = state
+        return (t < max_new_tokens) & ~jnp.all(done)
 
-  ids = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-  state = (jnp.int32(0), tokens[:, -1], out.cache, ids, lengths == 0)
-  return jax.lax.while_loop(keep_going, step, state)[3]
+    ids = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    state = (jnp.int32(0), tokens[:, -1], out.cache, ids, lengths == 0)
+    return jax.lax.while_loop(keep_going, step, state)[3]

@@ -9,6 +9,7 @@ The rows, their order, the schedule, the evaluator and the run layout are the on
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,17 +34,29 @@ from cbe.run import RunDir
 
 
 class OrderedRows(grain.RandomAccessDataSource):
-    """The training rows in the harness's order (shared with HF), from a given position on, with next-token
-    targets: target[t] is the token after t, and loss_mask says whether it is trained on."""
+    """The training rows in the harness's order (shared with HF), from a given position on.
 
-    def __init__(self, rows: PackedRows, order: np.ndarray):
+    Each example carries next-token targets and a loss weight per token. The weights make a step's loss the
+    mean over every trained token of the optimizer step, as HF computes it under gradient accumulation
+    (not the mean of the micro-batch means): with Kauldron's loss normalized by the number of values,
+    a token weighs accumulation x micro-batch values / trained tokens in the whole step.
+    """
+
+    def __init__(self, rows: PackedRows, order: np.ndarray, rows_per_step: int):
         self.rows, self.order = rows, order
+        trained = (rows.labels[:, 1:] != IGNORE).sum(axis=1)
+        step_tokens = np.add.reduceat(trained[order], np.arange(0, len(order), rows_per_step))
+        values_per_step = rows_per_step * rows.input_ids.shape[1]  # micro-batches x values in each
+        self.weight = values_per_step / np.maximum(step_tokens, 1)
+        self.rows_per_step = rows_per_step
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return next_token_example(self.rows, int(self.order[index]))
+        example = next_token_example(self.rows, int(self.order[index]))
+        example["loss_mask"] = example["loss_mask"] * np.float32(self.weight[index // self.rows_per_step])
+        return example
 
 
 def next_token_example(rows: PackedRows, i: int) -> dict[str, np.ndarray]:
@@ -136,13 +149,13 @@ class KDTrainer:
         order = training_order(len(rows), max(1, t.num_train_steps) * t.effective_batch_size, t.seed)[start_row:]
         return kd.train.Trainer(
             seed=t.seed, workdir=str(workdir or self.run.root),
-            train_ds=kd.data.py.DataSource(data_source=OrderedRows(rows, order), shuffle=False,
+            train_ds=kd.data.py.DataSource(data_source=OrderedRows(rows, order, t.effective_batch_size), shuffle=False,
                                            batch_size=self.rows_per_micro_step, num_workers=0, num_epochs=1),
             model=self.model,
             sharding=kd.sharding.ShardingStrategy(params=self.fsdp),
             num_train_steps=t.num_train_steps * self.accumulation,
             train_losses={"xent": kd.losses.SoftmaxCrossEntropyWithIntLabels(
-                logits="preds.logits", labels="batch.target", mask="batch.loss_mask")},
+                logits="preds.logits", labels="batch.target", mask="batch.loss_mask", normalize_by="values")},
             optimizer=self._optimizer(),
             checkpointer=kd.ckpts.Checkpointer(save_interval_steps=1, max_to_keep=t.max_checkpoints),
             init_transform=_Weights(self.weights),
@@ -161,13 +174,12 @@ class KDTrainer:
                                   batch_size)
         return [self._cut(out) for out in outputs]
 
-    @property
+    @functools.cached_property
     def stop_ids(self) -> list[int]:
-        if not hasattr(self, "_stop_ids"):
-            vocab = range(len(self.tokenizer))
-            newline = [i for i, text in zip(vocab, self.tokenizer.batch_decode([[i] for i in vocab])) if "\n" in text]
-            self._stop_ids = [self.tokenizer.eos_token_id, *newline]
-        return self._stop_ids
+        """EOS and every token whose text holds a newline: a row is done once it emits one."""
+        vocab = range(len(self.tokenizer))
+        newline = [i for i, text in zip(vocab, self.tokenizer.batch_decode([[i] for i in vocab])) if "\n" in text]
+        return [self.tokenizer.eos_token_id, *newline]
 
     def _cut(self, ids: list[int]) -> str:
         for end in range(1, len(ids) + 1):
@@ -248,6 +260,9 @@ class KDTrainer:
             self.params = jax.tree.map(jnp.asarray, self.weights)
         else:
             checkpoint = Path(self.cfg.checkpoint).resolve()
+            if not checkpoint.name.startswith("ckpt_"):
+                raise UserError(f"checkpoint={self.cfg.checkpoint}: backend=kd evaluates its own checkpoints "
+                                "(checkpoints/ckpt_<step>); evaluate HF checkpoints with backend=hf")
             step = RunDir.step_of(checkpoint)
             trainer = self._kd_trainer(self.val_rows, workdir=checkpoint.parent.parent)
             self.params = trainer.checkpointer.restore(self._initial_state(trainer, False), step=step).params
