@@ -1,10 +1,8 @@
 """The HF backend end to end on the tiny model: the run layout, resume after a kill, LoRA, the demo itself."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -82,26 +80,14 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
         {k: base[f"valqa_{k}"] for k in ("n", "exact_match", "fuzzy_match", "token_f1", "exact_match_ci95", "n_supports_ge_2")}
 
 
-def test_killed_run_resumes_the_same_steps_without_duplicate_metrics(run_main, tmp_path, cache_dir):
+def test_killed_run_resumes_the_same_steps_without_duplicate_metrics(run_main, run_main_killed_after_eval, tmp_path):
     steps = ["training.num_train_steps=40", "training.eval_every=5", "training.save_every=10"]
     run_main(*steps, "logging.run_name=straight")
     straight = eval_results(tmp_path / "outputs" / "cbe" / "straight")
 
     # Kill the second run right after an evaluation that no checkpoint covers yet (step 15, latest = 10).
-    from tests.conftest import main_command
     run = tmp_path / "outputs" / "cbe" / "killed"
-    env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir)}
-    proc = subprocess.Popen(main_command(f"output_root={tmp_path / 'outputs'}", *steps, "logging.run_name=killed"),
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results_file = run / "metrics" / "eval_results.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if results_file.exists() and '"step": 15,' in results_file.read_text():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    run_main_killed_after_eval(run, 15, *steps, "logging.run_name=killed")
     assert os.readlink(run / "checkpoints" / "latest") == "checkpoint-10"
     assert [m["step"] for m in eval_results(run)][-1] == 15
 

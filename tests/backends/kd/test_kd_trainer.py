@@ -1,16 +1,12 @@
 """The Kauldron backend end to end, and its parity with the HF backend: same weights, same data, same metrics."""
 import json
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.backends.hf.test_trainer import assert_same_metrics, eval_results
-from tests.conftest import ROOT, main_command
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +77,7 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path):
     assert hf[-1] < 0.9 * hf[0] and kd[-1] < 0.9 * kd[0]
 
 
-def test_killed_kd_run_resumes_from_latest_without_duplicate_metrics(run_main, tmp_path, cache_dir):
+def test_killed_kd_run_resumes_from_latest_without_duplicate_metrics(run_main, run_main_killed_after_eval, tmp_path):
     steps = ["backend=kd", "training.num_train_steps=12", "training.eval_every=3", "training.save_every=6",
              "logging=none"]
     run_main(*steps, "logging.run_name=straight")
@@ -89,18 +85,7 @@ def test_killed_kd_run_resumes_from_latest_without_duplicate_metrics(run_main, t
 
     # Kill right after the step-9 evaluation, which no checkpoint covers (latest = ckpt_6).
     run = tmp_path / "outputs" / "cbe" / "killed"
-    env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir)}
-    proc = subprocess.Popen(main_command(f"output_root={tmp_path / 'outputs'}", *steps, "logging.run_name=killed"),
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results_file = run / "metrics" / "eval_results.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if results_file.exists() and '"step": 9,' in results_file.read_text():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    run_main_killed_after_eval(run, 9, *steps, "logging.run_name=killed")
     assert os.readlink(run / "checkpoints" / "latest") == "ckpt_6"
 
     resumed = run_main(*steps, "logging.run_name=killed")
