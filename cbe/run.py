@@ -5,7 +5,7 @@ outputs/<project_name>/<run_name>/
     .hydra/                     Hydra's own record of the composition
     logs/train.log              everything the run printed
     logs/tensorboard/           scalars
-    checkpoints/checkpoint-<step>/, checkpoints/latest -> checkpoint-<step>
+    checkpoints/checkpoint-<step>/ (HF) or ckpt_<step>/ (KD), checkpoints/latest -> the newest
     metrics/eval_results.jsonl  one line per evaluation
     eval_details/<set>_step_<NNNNNN>.jsonl
 """
@@ -172,7 +172,8 @@ class RunDir:
 
     @staticmethod
     def step_of(checkpoint: Path) -> int:
-        """The optimizer step of checkpoint-<step> (HF) or ckpt_<step> (KD); 0 for a dir named otherwise (an adapter saved by hand)."""
+        """The optimizer step of checkpoint-<step> (HF) or ckpt_<step> (KD); 0 for a dir named otherwise
+        (an adapter saved by hand)."""
         match = re.search(r"[-_](\d+)$", checkpoint.name)
         return int(match.group(1)) if match else 0
 
