@@ -13,6 +13,9 @@ loggers=...)` and then:
 from __future__ import annotations
 
 import math
+from typing import Any
+
+from cbe.data.packing import PackedRows, packed_corpus
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_fraction: float, schedule: str, end_fraction: float) -> float:
@@ -28,3 +31,23 @@ def lr_multiplier(step: int, total_steps: int, warmup_fraction: float, schedule:
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return end_fraction + (1 - end_fraction) * decay
+
+
+class Backend:
+    """What both trainers do the same way; each sets cfg, run, evaluator, loggers, tokenizer and val_rows."""
+
+    def packed(self, path: str, name: str) -> PackedRows:
+        """One corpus file, tokenized (cached) and packed, with its size printed to the run log."""
+        rows = packed_corpus(path, self.tokenizer, self.cfg.data.sequence_length, self.cfg.data.cache_dir)
+        print(rows.describe(name), flush=True)
+        return rows
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        metrics = self.evaluator.evaluate(self, step, self.val_rows)
+        self.loggers.eval(metrics)
+        return metrics
+
+    def report_checkpoint(self, step: int) -> None:
+        """mode=eval: evaluate the loaded checkpoint once and print the report table."""
+        self.run.drop_eval_results_after(step - 1)  # evaluating the same checkpoint again replaces its line
+        print(self.evaluator.report(self.evaluate(step)), flush=True)

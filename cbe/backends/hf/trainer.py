@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -19,9 +19,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import GenerationConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from cbe.backends.base import lr_multiplier
+from cbe.backends.base import Backend, lr_multiplier
 from cbe.backends.hf.models import load_model_and_tokenizer
-from cbe.data.packing import IGNORE, PackedRows, packed_corpus, training_order
+from cbe.data.packing import IGNORE, PackedRows, training_order
 from cbe.eval.evaluator import QAEvaluator
 from cbe.logging import Loggers
 from cbe.run import RunDir, is_main_process, world_size
@@ -77,7 +77,7 @@ class _Hooks(TrainerCallback):
             self.backend.run.mark_latest(self.backend.run.checkpoint_dir(state.global_step))
 
 
-class HFTrainer:
+class HFTrainer(Backend):
     """Trains and evaluates one run with transformers/TRL/PEFT."""
 
     def __init__(self, cfg: DictConfig, run: RunDir, evaluator: QAEvaluator, loggers: Loggers,
@@ -91,11 +91,6 @@ class HFTrainer:
         if torch.cuda.is_available():
             self.model.to(torch.cuda.current_device())
         self.val_rows = self.packed(cfg.data.val_path, "val")
-
-    def packed(self, path: str, name: str) -> PackedRows:
-        rows = packed_corpus(path, self.tokenizer, self.cfg.data.sequence_length, self.cfg.data.cache_dir)
-        print(rows.describe(name), flush=True)
-        return rows
 
     # -- the evaluator's view of this backend ----------------------------------------------------
     @property
@@ -163,16 +158,10 @@ class HFTrainer:
             total, count = sums.tolist()
         return total / max(1, count)
 
-    def evaluate(self, step: int) -> dict[str, Any]:
-        metrics = self.evaluator.evaluate(self, step, self.val_rows)
-        self.loggers.eval(metrics)
-        return metrics
-
     def evaluate_checkpoint(self) -> None:
         """mode=eval: one evaluation of cfg.checkpoint, with training's prompt, parser and metrics."""
         step = 0 if self.cfg.checkpoint == "base" else RunDir.step_of(Path(self.cfg.checkpoint).resolve())
-        self.run.drop_eval_results_after(step - 1)  # evaluating the same checkpoint again replaces its line
-        print(self.evaluator.report(self.evaluate(step)), flush=True)
+        self.report_checkpoint(step)
 
     # -- training --------------------------------------------------------------------------------
     def train(self) -> None:

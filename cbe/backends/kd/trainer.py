@@ -23,10 +23,10 @@ from kauldron import kd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from cbe.backends.base import lr_multiplier
+from cbe.backends.base import Backend, lr_multiplier
 from cbe.backends.kd.generate import greedy_generate
 from cbe.backends.kd.models import build_model, gemma_config, load_gemma_params, load_hf_weights
-from cbe.data.packing import IGNORE, PackedRows, packed_corpus, training_order
+from cbe.data.packing import IGNORE, PackedRows, training_order
 from cbe.errors import UserError
 from cbe.eval.evaluator import QAEvaluator
 from cbe.logging import Loggers
@@ -94,7 +94,7 @@ class _FSDP(kd.sharding.FSDPSharding):
     min_size_to_shard_mb: float = 4
 
 
-class KDTrainer:
+class KDTrainer(Backend):
     """Trains and evaluates one run with Kauldron and gemma."""
 
     def __init__(self, cfg: DictConfig, run: RunDir, evaluator: QAEvaluator, loggers: Loggers,
@@ -107,6 +107,10 @@ class KDTrainer:
             raise UserError(f"training.effective_batch_size={t.effective_batch_size} is not divisible by "
                             f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {self.devices}")
         self.accumulation = t.effective_batch_size // self.rows_per_micro_step
+        o, steps = cfg.optimizer, max(1, t.num_train_steps)
+        # The lr of each optimizer update: the shared schedule, once, for optax and for the log.
+        self.learning_rates = np.array([o.lr * lr_multiplier(s, steps, o.warmup_fraction, o.schedule,
+                                                             o.end_lr_fraction) for s in range(steps)])
         hf_config, params, self.tokenizer = load_hf_weights(cfg)
         self.weights = load_gemma_params(gemma_params) if gemma_params else params
         self.model_config = gemma_config(hf_config)
@@ -117,20 +121,13 @@ class KDTrainer:
         self.params = None  # set by train() or evaluate_checkpoint()
         self._loss_sums = jax.jit(self._loss_sums_of_batch)
 
-    def packed(self, path: str, name: str) -> PackedRows:
-        rows = packed_corpus(path, self.tokenizer, self.cfg.data.sequence_length, self.cfg.data.cache_dir)
-        print(rows.describe(name), flush=True)
-        return rows
-
     # -- the Kauldron trainer ------------------------------------------------------------------------
     def _optimizer(self) -> optax.GradientTransformation:
         """AdamW as HF runs it: the shared schedule, clipping at 1, no decay on norms, only LoRA when adapted."""
-        o, steps = self.cfg.optimizer, max(1, self.cfg.training.num_train_steps)
-        table = jnp.asarray([lr_multiplier(s, steps, o.warmup_fraction, o.schedule, o.end_lr_fraction)
-                             for s in range(steps)], dtype=jnp.float32)
+        o, table = self.cfg.optimizer, jnp.asarray(self.learning_rates, dtype=jnp.float32)
 
         def learning_rate(count):  # count = optimizer updates so far
-            return o.lr * table[jnp.minimum(count, steps - 1)]
+            return table[jnp.minimum(count, len(table) - 1)]
 
         def decays(params):
             return jax.tree_util.tree_map_with_path(lambda path, _: "scale" not in jax.tree_util.keystr(path), params)
@@ -206,11 +203,6 @@ class KDTrainer:
         token_loss = -jnp.take_along_axis(logp, batch["target"], axis=-1)
         return jnp.sum(token_loss * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
-    def evaluate(self, step: int) -> dict[str, Any]:
-        metrics = self.evaluator.evaluate(self, step, self.val_rows)
-        self.loggers.eval(metrics)
-        return metrics
-
     # -- training --------------------------------------------------------------------------------
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.training
@@ -244,7 +236,7 @@ class KDTrainer:
                 losses.append(aux.loss_states["xent"])
             if step % cfg.logging.log_every_n_steps == 0 or step == t.num_train_steps:
                 mean = float(np.mean([loss.compute() for loss in losses]))
-                self.loggers.train(step, {"loss": mean, "learning_rate": float(self._learning_rate(step - 1))})
+                self.loggers.train(step, {"loss": mean, "learning_rate": float(self.learning_rates[step - 1])})
                 losses = []
             if step % t.save_every == 0 or step == t.num_train_steps:
                 self.save(step)
@@ -266,13 +258,7 @@ class KDTrainer:
             step = RunDir.step_of(checkpoint)
             trainer = self._kd_trainer(self.val_rows, workdir=checkpoint.parent.parent)
             self.params = trainer.checkpointer.restore(self._initial_state(trainer, False), step=step).params
-        self.run.drop_eval_results_after(step - 1)  # evaluating the same checkpoint again replaces its line
-        print(self.evaluator.report(self.evaluate(step)), flush=True)
-
-    def _learning_rate(self, update: int) -> float:
-        o = self.cfg.optimizer
-        return o.lr * lr_multiplier(update, self.cfg.training.num_train_steps, o.warmup_fraction, o.schedule,
-                                    o.end_lr_fraction)
+        self.report_checkpoint(step)
 
     def save(self, step: int) -> None:
         """checkpoints/ckpt_<step> (orbax writes it under a temporary name), then `latest` points at it."""
