@@ -1,5 +1,5 @@
 # make demo: install, then the main job on the bundled sample track with the tiny model (CPU, ~2 min).
-# make test: install, then the whole test suite.
+# make test: install, then the whole test suite; make test-slurm: the SLURM tests on a single-node cluster it starts.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ WHEELS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https:
 TRACK ?=
 DATA_DIR ?= data
 
-.PHONY: install demo test download format lock clean
+.PHONY: install demo test test-slurm download format lock clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q --durations=5
+
+# Installs Debian's slurmctld/slurmd/munge if missing (needs root or sudo), starts them, runs the tests, stops them.
+test-slurm: install
+	tests/slurm/cluster.sh $(PY) -m pytest -q -m slurm tests/slurm
 
 # make download [TRACK=news|geminon]: every track in data/download.yaml when TRACK is not given.
 download: install

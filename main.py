@@ -2,8 +2,11 @@
 
     python main.py task=news model=gemma3_1b adapter=lora128 backend=hf
     python main.py -m optimizer.lr=1e-4,3e-4 training.effective_batch_size=32,64
+    python main.py -m experiment=lr_bs_sweep hydra/launcher=submitit_slurm hydra.launcher.partition=gpu
+    torchrun --nproc_per_node=4 main.py task=news model=gemma3_1b
 """
 import os
+import warnings
 
 import hydra
 from hydra.utils import instantiate
@@ -12,14 +15,17 @@ from omegaconf import DictConfig
 from cbe.config import register_configs, validate
 from cbe.errors import exit_on_user_error, run_and_report_user_errors
 from cbe.logging import Loggers
-from cbe.run import RunDir, is_main_process, world_size
+from cbe.run import RunDir, adopt_slurm_ranks, is_main_process, world_size
 
 register_configs()
+# conf/hydra/launcher/ ships our defaults under the plugin's own option names, checked against its schema.
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    adopt_slurm_ranks()
     cfg = validate(cfg, world_size())
     run = RunDir(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir).create(cfg)
     run.capture_output()

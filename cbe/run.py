@@ -30,6 +30,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
+def adopt_slurm_ranks() -> None:
+    """In a SLURM job of several tasks launched by submitit, set torch.distributed's RANK, WORLD_SIZE,
+    LOCAL_RANK and MASTER_ADDR/PORT from SLURM's variables, as torchrun would."""
+    if (os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+            and "RANK" not in os.environ):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # Every task sees all of the node's GPUs and picks its own by LOCAL_RANK.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def world_size() -> int:
     """Number of data-parallel processes in this job."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,88 @@
+"""What a multirun leaves behind: one summary line per job, and failed SLURM jobs that fail for SLURM too.
+
+Hydra calls these callbacks (conf/config.yaml `hydra.callbacks`); `cbe sweep-summary DIR` rebuilds the
+summary by hand, e.g. after the submitting shell was closed while SLURM jobs ran on.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+
+from cbe.errors import UserError
+from cbe.run import read_jsonl, write_jsonl_atomic
+
+SUMMARY_FILE = "sweep_summary.jsonl"
+
+
+def _is_qa_metric(key: str) -> bool:
+    return key.endswith(("_exact_match", "_fuzzy_match", "_token_f1")) and "_supports_ge_" not in key
+
+
+def summarize_job(job_dir: Path) -> dict[str, Any]:
+    """One job's overrides with its final and best QA metrics and eval loss (best = highest, lowest for loss)."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+    results = read_jsonl(job_dir / "metrics" / "eval_results.jsonl")
+    summary: dict[str, Any] = {"job": job_dir.name, "overrides": overrides,
+                               "last_step": results[-1]["step"] if results else None}
+    keys = [k for k in (results[-1] if results else {}) if k == "eval_loss" or _is_qa_metric(k)]
+    for key in keys:
+        values = [m[key] for m in results if isinstance(m.get(key), (int, float)) and not math.isnan(m[key])]
+        summary[f"final_{key}"] = results[-1][key]
+        summary[f"best_{key}"] = (min if key == "eval_loss" else max)(values) if values else None
+    return summary
+
+
+def summarize_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Summaries of every job under a sweep dir (a folder with .hydra/overrides.yaml), written to sweep_summary.jsonl."""
+    sweep_dir = Path(sweep_dir)
+    jobs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
+    if not jobs:
+        raise UserError(f"{sweep_dir}: no sweep jobs here (no */.hydra/overrides.yaml); pass a multirun's sweep dir")
+    summaries = [summarize_job(job) for job in jobs]
+    write_jsonl_atomic(sweep_dir / SUMMARY_FILE, summaries)
+    return summaries
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    """The sweep at a glance: each job's overrides, last step, eval loss and valqa/testqa match (final / best)."""
+    columns = [("eval_loss", "eval_loss"), ("valqa_exact_match", "valqa exact"), ("valqa_fuzzy_match", "valqa fuzzy"),
+               ("testqa_exact_match", "testqa exact"), ("testqa_fuzzy_match", "testqa fuzzy")]
+    columns = [(key, title) for key, title in columns if any(f"final_{key}" in s for s in summaries)]
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = [["job", "step", *(f"{title} final/best" for _, title in columns)]]
+    for s in summaries:
+        rows.append([" ".join(s["overrides"]) or s["job"], "-" if s["last_step"] is None else str(s["last_step"]),
+                     *(f"{cell(s.get(f'final_{key}'))} / {cell(s.get(f'best_{key}'))}" for key, _ in columns)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _in_submitit_job() -> bool:
+    return "SUBMITIT_EXECUTOR" in os.environ
+
+
+class SweepSummary(Callback):
+    """Writes sweep_summary.jsonl and prints its table when a multirun ends (on the submitting machine)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        summaries = summarize_sweep(config.hydra.sweep.dir)
+        print(f"\n{format_table(summaries)}\nsweep summary: {Path(config.hydra.sweep.dir) / SUMMARY_FILE}", flush=True)
+
+
+class FailJobOnError(Callback):
+    """Hydra keeps a job's exception in its result, so a crashed SLURM job would still end COMPLETED;
+    re-raising it makes the job exit non-zero, which SLURM records and submitit reports."""
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        if _in_submitit_job() and job_return.status == JobStatus.FAILED:
+            job_return.return_value  # raises the job's exception

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# A real single-node SLURM cluster on this machine, for `make test-slurm`:
+#   tests/slurm/cluster.sh COMMAND...   installs Debian's slurmctld, slurmd and munge if missing, starts
+#                                       munged, slurmctld and slurmd (no systemd) with their config and state
+#                                       in a temp dir, runs COMMAND with SLURM_CONF set, then stops them.
+set -euo pipefail
+
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
+    echo "installing slurmctld, slurmd and munge (Debian packages)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt_get() { if [ "$(id -u)" = 0 ]; then apt-get "$@"; else sudo apt-get "$@"; fi; }
+    apt_get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null ||
+        { apt_get update -q >/dev/null && apt_get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; }
+fi
+
+dir=$(mktemp -d /tmp/cbe-slurm.XXXXXX)
+host=$(hostname -s)
+pids=()
+stop() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    rm -rf "$dir"
+}
+trap stop EXIT
+
+mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
+# munged refuses a key or state folder that others can read
+chmod 700 "$dir/munge"
+dd if=/dev/urandom of="$dir/munge/munge.key" bs=1 count=1024 status=none
+chmod 400 "$dir/munge/munge.key"
+munged --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
+    --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
+for _ in $(seq 50); do [ -S "$dir/munge/munge.socket" ] && break; sleep 0.1; done
+pids+=("$(cat "$dir/munge/munged.pid")")
+
+memory_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 3 / 4))
+cat >"$dir/slurm.conf" <<EOF
+ClusterName=cbe-test
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=$(id -un)
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$dir/munge/munge.socket
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/slurmctld.log
+SlurmdLogFile=$dir/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$memory_mb State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+EOF
+export SLURM_CONF="$dir/slurm.conf"
+
+slurmctld -i -f "$SLURM_CONF"
+for _ in $(seq 50); do [ -s "$dir/slurmctld.pid" ] && break; sleep 0.1; done
+pids+=("$(cat "$dir/slurmctld.pid")")
+slurmd -f "$SLURM_CONF"
+for _ in $(seq 50); do [ -s "$dir/slurmd.pid" ] && break; sleep 0.1; done
+pids+=("$(cat "$dir/slurmd.pid")")
+
+for _ in $(seq 100); do sinfo -h -N -o %t 2>/dev/null | grep -qx idle && break; sleep 0.2; done
+if ! sinfo -h -N -o %t | grep -qx idle; then
+    echo "SLURM did not come up; its logs:" >&2
+    tail -n 20 "$dir"/*.log >&2
+    exit 1
+fi
+echo "SLURM cluster up: $(sinfo -h -o '%P %D nodes %c CPUs %t')" >&2
+
+"$@"

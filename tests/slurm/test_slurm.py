@@ -1,0 +1,107 @@
+"""Sweeps through hydra/launcher=submitit_slurm on a real single-node SLURM cluster (`make test-slurm`).
+
+tests/slurm/cluster.sh starts the cluster and sets SLURM_CONF; `make test` deselects these tests.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slurm
+
+# The test cluster has CPUs and no GPUs; one thread per job keeps two jobs from fighting over two cores.
+LAUNCHER = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=null",
+            "hydra.launcher.setup=['export OMP_NUM_THREADS=1']"]
+
+
+def eval_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics" / "eval_results.jsonl").read_text().splitlines()]
+
+
+def start_sweep(tmp_path: Path, cache_dir: Path, *overrides: str) -> subprocess.Popen:
+    """`python main.py -m` on the cluster in the background; its output goes to tmp_path/sweep.out."""
+    assert "SLURM_CONF" in os.environ, "run these tests through `make test-slurm` (tests/slurm/cluster.sh)"
+    env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir)}
+    with open(tmp_path / "sweep.out", "w") as out:
+        return subprocess.Popen([sys.executable, str(ROOT / "main.py"), "-m", f"output_root={tmp_path / 'outputs'}",
+                                 *LAUNCHER, "logging=none", "eval.num_examples=8", *overrides],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float) -> str:
+    proc.wait(timeout=timeout)
+    output = (tmp_path / "sweep.out").read_text()
+    assert proc.returncode == 0, output[-5000:]
+    return output
+
+
+def test_lr_by_batch_sweep_runs_as_a_slurm_array(tmp_path, cache_dir):
+    proc = start_sweep(tmp_path, cache_dir, "logging.run_name=grid", "optimizer.lr=1e-3,3e-3",
+                       "training.effective_batch_size=8,16", "training.num_train_steps=4", "training.eval_every=2",
+                       "training.save_every=4")
+    output = finish(proc, tmp_path, timeout=900)
+    sweep = tmp_path / "outputs" / "cbe" / "grid"
+    jobs = sorted(p.name for p in sweep.iterdir() if not p.name.startswith((".", "sweep_summary", "multirun")))
+    assert jobs == sorted(f"eval.num_examples=8,optimizer.lr={lr},training.effective_batch_size={bs},"
+                          "training.eval_every=2,training.num_train_steps=4,training.save_every=4"
+                          for lr in ("0.001", "0.003") for bs in (8, 16))
+    for job in jobs:
+        assert eval_steps(sweep / job) == [0, 2, 4]
+        assert (sweep / job / "checkpoints" / "latest").resolve().name == "checkpoint-4"
+    # One array: every job's SLURM log sits under .submitit/<array id>_<index>.
+    arrays = {re.sub(r"_\d+$", "", p.name) for p in (sweep / ".submitit").iterdir() if re.search(r"_\d+$", p.name)}
+    assert len(arrays) == 1
+    summary = [json.loads(line) for line in (sweep / "sweep_summary.jsonl").read_text().splitlines()]
+    assert [s["job"] for s in summary] == jobs and all(s["last_step"] == 4 for s in summary)
+    assert "sweep summary:" in output and "optimizer.lr=0.003 training.effective_batch_size=16" in output
+
+
+def submitit_logs(sweep: Path) -> str:
+    return "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out"))
+
+
+def job_state(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the sweep ended while waiting for {what}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.5)
+
+
+def test_a_job_killed_by_its_time_limit_is_requeued_and_resumes(tmp_path, cache_dir):
+    """Lowering a running job's time limit makes SLURM signal it; submitit requeues it and the run resumes
+    from `latest`, not from step 0, and ends with every evaluation exactly once."""
+    proc = start_sweep(tmp_path, cache_dir, "logging.run_name=requeue", "optimizer.lr=3e-3",
+                       "hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=3",
+                       "hydra.launcher.cpus_per_task=2", "hydra.launcher.setup=[]",  # one job: both cores
+                       "training.num_train_steps=200", "training.eval_every=50", "training.save_every=10")
+    sweep = tmp_path / "outputs" / "cbe" / "requeue"
+    wait_for(lambda: list(sweep.glob("*/checkpoints/latest")), "first checkpoint", proc)
+    run = next(sweep.glob("*/checkpoints/latest")).parents[1]
+    job_id = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()[0]
+    # A 1-minute limit: slurmctld finds it exhausted at its next check (every 30 s) and signals the job.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True)
+    wait_for(lambda: "Requeued job" in submitit_logs(sweep), "requeue", proc, timeout=120)
+    # SLURM holds a requeued job back for minutes (Reason=BeginTime); once it is pending, start it now, with
+    # time to finish.
+    wait_for(lambda: job_state(job_id) == "PENDING", "pending requeued job", proc, timeout=60)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=20"], check=True)
+    finish(proc, tmp_path, timeout=600)
+
+    log = (run / "logs" / "train.log").read_text()
+    resumed_from = int(re.search(r"resuming from \S*checkpoint-(\d+)", log).group(1))
+    assert 10 <= resumed_from < 200
+    assert eval_steps(run) == [0, 50, 100, 150, 200]  # every evaluation once: none lost, none repeated
+    assert (run / "checkpoints" / "latest").resolve().name == "checkpoint-200"
