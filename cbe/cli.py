@@ -83,6 +83,16 @@ def judge(args: argparse.Namespace) -> None:
                   f"rerun with --resume to retry them", code=1)
 
 
+def plot(args: argparse.Namespace) -> None:
+    from cbe.plot import plot_folder
+
+    path, runs = plot_folder(args.folder, args.metric, args.output)
+    for run in runs:
+        print(f"{run.name} ({run.backend}): {len(run.metric)} evaluations, {len(run.train_loss)} train-loss points "
+              f"from {run.train_loss_source}")
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbe", description="Data and result tools for cbe runs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-base-seconds", type=float, default=1.0,
                    help="first backoff; doubles per retry, with jitter (default: %(default)s)")
     p.set_defaults(run=judge)
+
+    p = commands.add_parser("plot", help="plot a metric, eval loss and train loss of every run under a folder")
+    p.add_argument("folder", help="a folder of runs, e.g. outputs/<project>/<task>")
+    p.add_argument("--metric", default="valqa_fuzzy_match", help="any eval_results.jsonl key (default: %(default)s)")
+    p.add_argument("--output", help="the PNG to write (default: <folder>/runs_plot.png)")
+    p.set_defaults(run=plot)
     return parser
 
 
