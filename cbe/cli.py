@@ -59,6 +59,9 @@ def judge(args: argparse.Namespace) -> None:
 
     from cbe.eval.judge import GeminiJudge, judge_file, load_keys
 
+    for option in ("concurrency", "max_attempts"):
+        if getattr(args, option) < 1:
+            raise UserError(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
     if not Path(args.input).is_file():
         raise UserError(f"{args.input}: no such file; pass an eval_details/<set>_step_<N>.jsonl file")
     keys = load_keys(args.keys_file)

@@ -213,13 +213,24 @@ def _stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _hashable(value: Any) -> Any:
+    """A field value usable as a group key (a list or dict of ids becomes its JSON text)."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def _value_order(value: Any) -> tuple:
+    """Numbers in numeric order, then text, then a missing value."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (value is None, not number, value if number else str(value))
+
+
 def summarize_judged(records: Sequence[dict[str, Any]], stratify: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One line overall, one per support count and one per value of each `stratify` field."""
     lines = [{"group": "overall", "value": None, **_stats(records)}]
     groups: list[tuple[str, Any]] = [("supports", support_count)] if any("supports" in r for r in records) else []
-    groups += [(name, lambda r, name=name: r.get(name)) for name in stratify]
+    groups += [(name, lambda r, name=name: _hashable(r.get(name))) for name in stratify]
     for name, value_of in groups:
-        values = sorted({value_of(r) for r in records}, key=lambda v: (v is None, str(v)))
+        values = sorted({value_of(r) for r in records}, key=_value_order)
         for value in values:
             lines.append({"group": name, "value": value, **_stats([r for r in records if value_of(r) == value])})
     return lines

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cbe import cli
-from cbe.eval.judge import JudgeError, load_keys, parse_verdict
+from cbe.eval.judge import JudgeError, load_keys, parse_verdict, summarize_judged
 from cbe.run import read_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +62,18 @@ def test_parse_verdict():
     for text in ("yes", "10", "1 or 0", "", None):
         with pytest.raises(JudgeError):
             parse_verdict(text)
+
+
+def test_summary_groups_numbers_in_order_and_list_fields_as_text():
+    records = [{"question": "q", "ground_truth": "Paris", "parsed_prediction": p, "supports": s, "ids": [s, 1],
+                "llm_match": j} for p, s, j in (("Paris", 10, True), ("paris, France", 2, True), ("Lyon", 2, None))]
+    lines = summarize_judged(records, ["ids"])
+    assert [(line["group"], line["value"], line["n"]) for line in lines] == [
+        ("overall", None, 3), ("supports", 2, 2), ("supports", 10, 1), ("ids", "[10, 1]", 1), ("ids", "[2, 1]", 2)]
+    # Files without exact/fuzzy fields get them computed; the error record counts in n, not in the rates.
+    assert {k: lines[0][k] for k in ("judged", "errors", "llm_match", "exact_match", "fuzzy_match")} == {
+        "judged": 2, "errors": 1, "llm_match": 1.0, "exact_match": 0.5, "fuzzy_match": 1.0}
+    assert (lines[0]["judge_yes_exact_no"], lines[0]["judge_no_fuzzy_yes"]) == (1, 0)
 
 
 def test_keys_come_from_the_file_round_robin_else_the_environment(tmp_path, monkeypatch):
@@ -163,6 +175,7 @@ def test_failures_are_errors_not_zeros_and_resume_retries_only_them(details, cap
     ("bad line", "testqa_step_000010.jsonl:7: malformed JSON"),
     ("unknown stratify field", "--stratify creature: no record of"),
     ("output exists", "_llm_judged.jsonl exists; pass --resume to continue it"),
+    ("no concurrency", "--concurrency must be 1 or more, got 0"),
 ])
 def test_user_mistakes_are_one_line(details, capfd, monkeypatch, case, message):
     args = ["--input", str(details), "--base-url", "http://127.0.0.1:9"]
@@ -176,6 +189,8 @@ def test_user_mistakes_are_one_line(details, capfd, monkeypatch, case, message):
         details.write_text(details.read_text() + '{"question": "cut off\n')
     if case == "unknown stratify field":
         args += ["--stratify", "creature"]
+    if case == "no concurrency":
+        args += ["--concurrency", "0"]
     if case == "output exists":
         (details.parent / "testqa_step_000010_llm_judged.jsonl").write_text("")
     with pytest.raises(SystemExit) as exit_info:
