@@ -262,6 +262,10 @@ def judge_file(input_path: str | Path, judge: GeminiJudge, output_dir: str | Pat
         if not resume:
             raise UserError(f"{judged_path} exists; pass --resume to continue it, or delete it to judge again")
         done = {i: r for i, r in read_judged(judged_path, records).items() if r.get("llm_match") is not None}
+        other_models = sorted({str(r.get("judge_model")) for r in done.values()} - {judge.model})
+        if other_models:
+            raise UserError(f"{judged_path} was judged with {', '.join(other_models)}, not {judge.model}; resume "
+                            f"with that --model, or delete the file to judge again")
     # Keep only the finished verdicts (drops old errors and a torn last line) before appending to the file.
     write_jsonl_atomic(judged_path, [done[i] for i in sorted(done)])
     resumed = len(done)

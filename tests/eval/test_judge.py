@@ -176,6 +176,7 @@ def test_failures_are_errors_not_zeros_and_resume_retries_only_them(details, cap
     ("unknown stratify field", "--stratify creature: no record of"),
     ("output exists", "_llm_judged.jsonl exists; pass --resume to continue it"),
     ("no concurrency", "--concurrency must be 1 or more, got 0"),
+    ("another judge model", "_llm_judged.jsonl was judged with gemini-old, not gemini-2.5-flash-lite; resume with"),
 ])
 def test_user_mistakes_are_one_line(details, capfd, monkeypatch, case, message):
     args = ["--input", str(details), "--base-url", "http://127.0.0.1:9"]
@@ -191,6 +192,11 @@ def test_user_mistakes_are_one_line(details, capfd, monkeypatch, case, message):
         args += ["--stratify", "creature"]
     if case == "no concurrency":
         args += ["--concurrency", "0"]
+    if case == "another judge model":
+        first = {"index": 0, "question": read_jsonl(details)[0]["question"], "judge_model": "gemini-old",
+                 "llm_match": True}
+        (details.parent / "testqa_step_000010_llm_judged.jsonl").write_text(json.dumps(first) + "\n")
+        args += ["--resume"]
     if case == "output exists":
         (details.parent / "testqa_step_000010_llm_judged.jsonl").write_text("")
     with pytest.raises(SystemExit) as exit_info:
