@@ -51,14 +51,13 @@ FAKE_SECRETS = {"WANDB_API_KEY": "0123456789abcdef-fake-wandb-key-42", "HF_TOKEN
 
 @pytest.fixture(scope="session")
 def tiny_wandb_run(tmp_path_factory, cache_dir) -> Path:
-    """One real tiny training run logged to TensorBoard and W&B (offline), then resumed and extended: 4 steps,
-    evaluated every 2, then re-run to 6 steps. Shared by the plot and W&B tests: the only real run they need."""
+    """One real tiny training run (4 steps, evaluated every 2) logged to TensorBoard and W&B (offline), with
+    secrets in its environment. Shared by the plot and W&B tests: the only real run they need."""
     output_root = tmp_path_factory.mktemp("wandb_run")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **FAKE_SECRETS}
-    overrides = ("logging=tensorboard_wandb", "logging.project_name=cbe-test", "logging.run_name=sample/tiny",
-                 "training.eval_every=2", "eval.num_examples=4", "logging.log_every_n_steps=1")
-    for steps in (4, 6):
-        run_main_under(output_root, cache_dir, *overrides, f"training.num_train_steps={steps}", env=env, timeout=300)
+    run_main_under(output_root, cache_dir, "logging=tensorboard_wandb", "logging.project_name=cbe-test",
+                   "logging.run_name=sample/tiny", "training.num_train_steps=4", "training.eval_every=2",
+                   "eval.num_examples=4", "logging.log_every_n_steps=1", env=env, timeout=300)
     return output_root / "cbe-test" / "sample" / "tiny"
 
 
