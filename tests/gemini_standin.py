@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import json
 import re
+import sys
 import threading
 import time
 from urllib.parse import urlparse
@@ -24,6 +25,14 @@ def field(prompt: str, name: str) -> str:
     return match.group(1) if match else ""
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a killed or timed-out client is expected here
+            super().handle_error(request, client_address)
+
+
 class GeminiStandIn:
     def __init__(self, keys: tuple[str, ...] = ("test-key",), delay: float = 0.0, hang_seconds: float = 2.0):
         self.keys = set(keys)
@@ -32,8 +41,7 @@ class GeminiStandIn:
         self.faults: dict[str, list] = {}  # question -> faults to answer with first, in order
         self.requests: list[dict] = []  # every request: model, key, question, prediction, temperature, answer
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> "GeminiStandIn":
