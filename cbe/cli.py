@@ -65,13 +65,13 @@ def judge(args: argparse.Namespace) -> None:
     if not Path(args.input).is_file():
         raise UserError(f"{args.input}: no such file; pass an eval_details/<set>_step_<N>.jsonl file")
     keys = load_keys(args.keys_file)
-    judge_model = GeminiJudge(keys, args.model, base_url=args.base_url, timeout_seconds=args.timeout_seconds,
-                              max_attempts=args.max_attempts, retry_base_seconds=args.retry_base_seconds)
+    gemini = GeminiJudge(keys, args.model, base_url=args.base_url, timeout_seconds=args.timeout_seconds,
+                         max_attempts=args.max_attempts, retry_base_seconds=args.retry_base_seconds)
     try:
-        report = judge_file(args.input, judge_model, args.output_dir, args.concurrency, args.resume, args.stratify)
+        report = judge_file(args.input, gemini, args.output_dir, args.concurrency, args.resume, args.stratify)
     finally:
-        judge_model.close()
-    o = report.overall
+        gemini.close()
+    o = report.overall  # the summary's first line: every record
 
     def rate(value):
         return "n/a" if value is None else f"{value:.3f}"
