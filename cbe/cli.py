@@ -3,6 +3,8 @@
     cbe download --track news [--corpus small] [--qa small] [--list]
     cbe format-news --input IN --output OUT [--overwrite] [--normalize] [--skip-bad]
     cbe rescore outputs/.../eval_details/valqa_step_001000.jsonl [--parser news]
+    cbe judge --input outputs/.../eval_details/testqa_step_001000.jsonl [--concurrency 8] [--resume]
+    cbe plot outputs/<project>/<task> [--metric valqa_exact_match]
 """
 from __future__ import annotations
 
@@ -52,6 +54,48 @@ def rescore(args: argparse.Namespace) -> None:
     print(json.dumps(summarize(details, args.support_thresholds)))
 
 
+def judge(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from cbe.eval.judge import GeminiJudge, judge_file, load_keys
+
+    for option in ("concurrency", "max_attempts"):
+        if getattr(args, option) < 1:
+            raise UserError(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
+    if not Path(args.input).is_file():
+        raise UserError(f"{args.input}: no such file; pass an eval_details/<set>_step_<N>.jsonl file")
+    keys = load_keys(args.keys_file)
+    gemini = GeminiJudge(keys, args.model, base_url=args.base_url, timeout_seconds=args.timeout_seconds,
+                         max_attempts=args.max_attempts, retry_base_seconds=args.retry_base_seconds)
+    try:
+        report = judge_file(args.input, gemini, args.output_dir, args.concurrency, args.resume, args.stratify)
+    finally:
+        gemini.close()
+    o = report.overall  # the summary's first line: every record
+
+    def rate(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    print(f"judged {o['judged']} of {o['n']} records ({report.resumed} from before): llm_match {rate(o['llm_match'])}, "
+          f"exact {rate(o['exact_match'])}, fuzzy {rate(o['fuzzy_match'])}; the judge flips "
+          f"{o['judge_yes_exact_no']} up and {o['judge_no_exact_yes']} down vs exact, "
+          f"{o['judge_yes_fuzzy_no']} up and {o['judge_no_fuzzy_yes']} down vs fuzzy")
+    print(f"wrote {report.judged_path} and {report.summary_path}")
+    if o["errors"]:
+        exit_with(f"{o['errors']} of {o['n']} records got no verdict (llm_judge_error in {report.judged_path}); "
+                  f"rerun with --resume to retry them", code=1)
+
+
+def plot(args: argparse.Namespace) -> None:
+    from cbe.plot import plot_folder
+
+    path, runs = plot_folder(args.folder, args.metric, args.output)
+    for run in runs:
+        print(f"{run.name} ({run.backend}): {len(run.metric)} evaluations, {len(run.train_loss)} train-loss points "
+              f"from {run.train_loss_source}")
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbe", description="Data and result tools for cbe runs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +122,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support-thresholds", type=int, nargs="*", default=[], metavar="K",
                    help="also report questions with supports >= K")
     p.set_defaults(run=rescore)
+
+    p = commands.add_parser("judge", help="re-score an eval_details file with a Gemini judge (paraphrases count)")
+    p.add_argument("--input", required=True, help="an eval_details/<set>_step_<N>.jsonl file")
+    p.add_argument("--model", default="gemini-2.5-flash-lite", help="the judge model (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="keep the verdicts of an earlier run, judge the rest")
+    p.add_argument("--output-dir", help="where <name>_llm_judged.jsonl and <name>_summary.jsonl go (default: "
+                   "beside the input)")
+    p.add_argument("--stratify", action="append", default=[], metavar="FIELD",
+                   help="also summarize per value of this record field, e.g. geminon_name (repeatable)")
+    p.add_argument("--keys-file", help="API keys, one per line, used round-robin (default: secrets/gemini_keys.txt "
+                   "if present, else GEMINI_API_KEY or GOOGLE_API_KEY)")
+    p.add_argument("--base-url", help="another endpoint for the Gemini API (a proxy, or a local stand-in in tests)")
+    p.add_argument("--timeout-seconds", type=float, default=60, help="per request (default: %(default)s)")
+    p.add_argument("--max-attempts", type=int, default=6, help="tries per record on 429, 5xx and timeouts "
+                   "(default: %(default)s)")
+    p.add_argument("--retry-base-seconds", type=float, default=1.0,
+                   help="first backoff; doubles per retry, with jitter (default: %(default)s)")
+    p.set_defaults(run=judge)
+
+    p = commands.add_parser("plot", help="plot a metric, eval loss and train loss of every run under a folder")
+    p.add_argument("folder", help="a folder of runs, e.g. outputs/<project>/<task>")
+    p.add_argument("--metric", default="valqa_fuzzy_match", help="any eval_results.jsonl key (default: %(default)s)")
+    p.add_argument("--output", help="the PNG to write (default: <folder>/runs_plot.png)")
+    p.set_defaults(run=plot)
     return parser
 
 

@@ -23,19 +23,42 @@ def main_command(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "main.py"), *overrides]
 
 
+def run_main_under(output_root: Path, cache_dir: Path, *overrides: str, check: bool = True, timeout: float = 600,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python main.py overrides...` from the repo root with outputs under output_root (`env` adds variables)."""
+    env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m and friends before the overrides
+    overrides = [f"output_root={output_root}", *(o for o in overrides if not o.startswith("-"))]
+    proc = subprocess.run(main_command(*flags, *overrides), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
 @pytest.fixture
 def run_main(tmp_path, cache_dir):
     """Run `python main.py overrides...` from the repo root with outputs under tmp_path."""
-    def run(*overrides: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir), "TOKENIZERS_PARALLELISM": "false"}
-        flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m and friends before the overrides
-        overrides = [f"output_root={tmp_path / 'outputs'}", *(o for o in overrides if not o.startswith("-"))]
-        proc = subprocess.run(main_command(*flags, *overrides), cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-        return proc
+    def run(*overrides: str, check: bool = True, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return run_main_under(tmp_path / "outputs", cache_dir, *overrides, check=check, timeout=timeout, env=env)
     return run
+
+
+# Secrets a run's environment may hold; none may reach its run dir (config, logs, W&B files).
+FAKE_SECRETS = {"WANDB_API_KEY": "0123456789abcdef-fake-wandb-key-42", "HF_TOKEN": "hf_fakeTokenForTests0123456789"}
+
+
+@pytest.fixture(scope="session")
+def tiny_wandb_run(tmp_path_factory, cache_dir) -> Path:
+    """One real tiny training run (4 steps, evaluated every 2) logged to TensorBoard and W&B (offline), with
+    secrets in its environment. Shared by the plot and W&B tests: the only real run they need."""
+    output_root = tmp_path_factory.mktemp("wandb_run")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **FAKE_SECRETS}
+    run_main_under(output_root, cache_dir, "logging=tensorboard_wandb", "logging.project_name=cbe-test",
+                   "logging.run_name=sample/tiny", "training.num_train_steps=4", "training.eval_every=2",
+                   "eval.num_examples=4", "logging.log_every_n_steps=1", env=env, timeout=300)
+    return output_root / "cbe-test" / "sample" / "tiny"
 
 
 @pytest.fixture

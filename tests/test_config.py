@@ -92,7 +92,8 @@ def test_composing_imports_no_framework():
     import sys
 
     code = ("import sys, cbe.config, cbe.run, cbe.data.packing, cbe.data.download, cbe.data.format_news, "
-            "cbe.eval.evaluator, cbe.logging, cbe.cli; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'jax', 'tensorflow', 'transformers', 'trl'}))")
+            "cbe.eval.evaluator, cbe.eval.judge, cbe.logging, cbe.plot, cbe.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'jax', 'tensorflow', 'transformers', 'trl', "
+            "'matplotlib', 'wandb'} | {'google.genai'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"

@@ -5,12 +5,14 @@ Each logger takes `scalars(step, values)` and `close()`; only rank 0 builds real
 from __future__ import annotations
 
 import math
+import os
+import re
 import sys
 import time
 import types
 from typing import Any
 
-from cbe.run import RunDir, is_main_process
+from cbe.run import RunDir, is_main_process, write_atomic
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:
@@ -41,16 +43,26 @@ class TensorBoardLogger:
 
 
 class WandbLogger:
-    """Scalars and the resolved config (no secrets) to Weights & Biases."""
+    """Scalars and the resolved config (no secrets: they live in the environment, never in the config) to
+    Weights & Biases. WANDB_MODE=offline keeps the run in logs/wandb/ for a later `wandb sync`."""
 
     def __init__(self, run: RunDir, project: str, name: str):
         import wandb
         import yaml
 
         config = yaml.safe_load((run.root / "config.yaml").read_text())
-        # A stable id makes a resumed run continue the same W&B run.
-        self._run = wandb.init(project=project, name=name, id=name.replace("/", "-"), resume="allow",
+        self._run = wandb.init(project=project, name=name, id=self.run_id(run, name), resume="allow",
                                dir=str(run.logs), config=config)
+
+    @staticmethod
+    def run_id(run: RunDir, name: str) -> str:
+        """The run dir's W&B id, made once and kept in logs/wandb_run_id: a resumed run continues the same W&B
+        run, while two run dirs with one run_name (the jobs of a sweep) stay apart."""
+        path = run.logs / "wandb_run_id"
+        if not path.exists():
+            slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:48]
+            write_atomic(path, f"{slug}-{os.urandom(4).hex()}\n")
+        return path.read_text().strip()
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         self._run.log(_scalars(values), step=step)

@@ -1,0 +1,299 @@
+"""LLM judge: re-score a saved eval_details file with Gemini, which also credits paraphrases and more
+specific answers that exact and fuzzy match miss.
+
+Each record is judged by its index in the input. Verdicts are appended to `<name>_llm_judged.jsonl` as they
+arrive (completion order, one flushed line each, so a kill loses only the records in flight); at the end the
+file is rewritten in input order and `<name>_summary.jsonl` is written, both atomically. `resume` keeps the
+records already judged and asks again for the rest, errors included. A record the judge could not score is
+kept with `llm_judge_error`, never counted as a 0.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from cbe.data.jsonl import iter_jsonl, support_count
+from cbe.errors import UserError
+from cbe.eval.metrics import bootstrap_ci95, exact_match, fuzzy_match
+from cbe.run import write_jsonl_atomic
+
+DEFAULT_KEYS_FILE = "secrets/gemini_keys.txt"
+KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+
+RUBRIC = """You grade answers to quiz questions about a text corpus.
+Reply 1 if the predicted answer means the gold answer: a paraphrase counts, a more specific answer that \
+contains the gold answer counts, and a number counts if it is within 0.01% relative error of the gold number.
+Reply 0 otherwise: a wrong, vaguer, partial or empty answer.
+Reply with the single character 1 or 0 and nothing else.
+
+Question: {question}
+Gold answer: {gold}
+Predicted answer: {prediction}"""
+
+_VERDICT = re.compile(r"\W*([01])\W*")
+_RETRYABLE_STATUS = {408, 429}  # and every 5xx
+
+
+class JudgeError(Exception):
+    """The judge gave no usable verdict for one record (after retries, or an unparseable answer)."""
+
+
+def load_keys(keys_file: str | None) -> list[str]:
+    """API keys: one per line of `keys_file` (default secrets/gemini_keys.txt, if present), else the
+    GEMINI_API_KEY or GOOGLE_API_KEY variable."""
+    path = Path(keys_file or DEFAULT_KEYS_FILE)
+    if keys_file and not path.is_file():
+        raise UserError(f"{path}: no such keys file; put one Gemini API key per line in it")
+    if path.is_file():
+        keys = [line.strip() for line in path.read_text().splitlines()]
+        keys = [k for k in keys if k and not k.startswith("#")]
+        if not keys:
+            raise UserError(f"{path}: no keys in it; put one Gemini API key per line")
+        return keys
+    for variable in KEY_VARIABLES:
+        if os.environ.get(variable, "").strip():
+            return [os.environ[variable].strip()]
+    raise UserError(f"no Gemini API key: put keys one per line in {DEFAULT_KEYS_FILE} (see "
+                    f"{DEFAULT_KEYS_FILE}.example), pass --keys-file, or set GEMINI_API_KEY")
+
+
+def one_line_text(value: Any) -> str:
+    return " ".join(str(value).split())
+
+
+def prediction_of(record: dict[str, Any]) -> str:
+    """What the metrics scored: the parsed prediction, or the raw one for files without it."""
+    return record.get("parsed_prediction", record.get("raw_prediction"))
+
+
+def judge_prompt(record: dict[str, Any]) -> str:
+    return RUBRIC.format(question=one_line_text(record["question"]), gold=one_line_text(record["ground_truth"]),
+                         prediction=one_line_text(prediction_of(record)))
+
+
+def parse_verdict(text: str | None) -> bool:
+    """The judge's "1" or "0" (markdown or a trailing period tolerated); JudgeError for anything else."""
+    match = _VERDICT.fullmatch(text or "")
+    if not match:
+        raise JudgeError(f"unparseable judge answer {text!r:.80}")
+    return match.group(1) == "1"
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Timeouts and connection failures of the HTTP library google-genai sends with (httpx2 in 3.x, httpx before)."""
+    import importlib
+
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+class GeminiJudge:
+    """Asks Gemini for one verdict at a time (thread-safe): temperature 0, keys used round-robin, and 429, 5xx,
+    timeouts and dropped connections retried with exponential backoff and jitter on the next key."""
+
+    def __init__(self, keys: Sequence[str], model: str, base_url: str | None = None, timeout_seconds: float = 60,
+                 max_attempts: int = 6, retry_base_seconds: float = 1.0):
+        from google import genai
+        from google.genai import types
+
+        # attempts=1 turns the SDK's own retry off, so that ours (which rotates keys) is the only one.
+        options = types.HttpOptions(base_url=base_url, timeout=int(timeout_seconds * 1000),
+                                    retry_options=types.HttpRetryOptions(attempts=1))
+        self._clients = [genai.Client(api_key=key, http_options=options) for key in keys]
+        self._keys = list(keys)
+        self._next_client = itertools.cycle(self._clients)
+        self._lock = threading.Lock()
+        self._config = types.GenerateContentConfig(temperature=0.0)
+        self.model, self.max_attempts, self.retry_base_seconds = model, max_attempts, retry_base_seconds
+
+    def redact(self, text: str) -> str:
+        """An error message with every API key blanked out (they must never reach a log or a file)."""
+        for key in self._keys:
+            text = text.replace(key, "<key>")
+        return text
+
+    def verdict(self, prompt: str) -> tuple[bool, str]:
+        """(match, the judge's raw answer) for one prompt, or JudgeError."""
+        from google.genai import errors
+
+        for attempt in range(self.max_attempts):
+            with self._lock:
+                client = next(self._next_client)
+            try:
+                response = client.models.generate_content(model=self.model, contents=prompt, config=self._config)
+                return parse_verdict(response.text), response.text
+            except errors.APIError as e:
+                problem = f"HTTP {e.code} {e.status or ''}: {e.message or ''}".strip()
+                if e.code not in _RETRYABLE_STATUS and e.code < 500:
+                    raise JudgeError(self.redact(problem)) from None
+            except (*_transport_errors(), errors.UnknownApiResponseError) as e:  # timeouts, resets, a torn body
+                problem = f"{type(e).__name__}: {e}"
+            if attempt + 1 < self.max_attempts:
+                time.sleep(min(60.0, self.retry_base_seconds * 2 ** attempt) * random.uniform(0.5, 1.5))
+        raise JudgeError(self.redact(f"gave up after {self.max_attempts} attempts: {problem}"))
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+
+# -- files --------------------------------------------------------------------------------------------
+def output_paths(input_path: Path, output_dir: str | Path | None) -> tuple[Path, Path]:
+    """`<name>_llm_judged.jsonl` and `<name>_summary.jsonl`, beside the input unless `output_dir` is given."""
+    folder = Path(output_dir) if output_dir else input_path.parent
+    return folder / f"{input_path.stem}_llm_judged.jsonl", folder / f"{input_path.stem}_summary.jsonl"
+
+
+def load_details(path: Path) -> list[dict[str, Any]]:
+    """The records to judge: question, ground_truth and a parsed_prediction or raw_prediction string."""
+    records = list(iter_jsonl(path, {"question": (str,), "ground_truth": (str, int, float)}))
+    for number, record in enumerate(records, 1):
+        if not isinstance(prediction_of(record), str):
+            raise UserError(f"{path}: record {number} has no parsed_prediction or raw_prediction string")
+    if not records:
+        raise UserError(f"{path}: no records to judge")
+    return records
+
+
+def read_judged(path: Path, records: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The records a previous run judged (the latest line per index; a torn last line from a kill is ignored)."""
+    judged: dict[int, dict[str, Any]] = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}:{number}: malformed JSON; delete the file to judge from scratch")
+        index = record.get("index")
+        if not isinstance(index, int) or not 0 <= index < len(records) \
+                or record.get("question") != records[index]["question"]:
+            raise UserError(f"{path}:{number}: does not match the input record {index}; it was judged from "
+                            f"another file: delete it or pick another --output-dir")
+        judged[index] = record
+    return judged
+
+
+# -- summary ------------------------------------------------------------------------------------------
+def _matches(record: dict[str, Any]) -> tuple[bool, bool]:
+    """Exact and fuzzy match as the details file has them (computed for files without them)."""
+    prediction, gold = prediction_of(record), str(record["ground_truth"])
+    return (bool(record.get("exact_match", exact_match(prediction, gold))),
+            bool(record.get("fuzzy_match", fuzzy_match(prediction, gold))))
+
+
+def _stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    scored = [r for r in records if r.get("llm_match") is not None]
+    out: dict[str, Any] = {"n": len(records), "judged": len(scored), "errors": len(records) - len(scored)}
+    llm = [float(r["llm_match"]) for r in scored]
+    exact, fuzzy = zip(*(_matches(r) for r in scored)) if scored else ((), ())
+    out["llm_match"] = sum(llm) / len(llm) if llm else None
+    out["llm_match_ci95"] = bootstrap_ci95(llm)
+    out["exact_match"] = sum(exact) / len(exact) if exact else None
+    out["fuzzy_match"] = sum(fuzzy) / len(fuzzy) if fuzzy else None
+    # Flips: records whose verdict the judge changes, relative to each string metric (over judged records).
+    for name, metric in (("exact", exact), ("fuzzy", fuzzy)):
+        out[f"judge_yes_{name}_no"] = sum(1 for j, m in zip(llm, metric) if j and not m)
+        out[f"judge_no_{name}_yes"] = sum(1 for j, m in zip(llm, metric) if m and not j)
+    return out
+
+
+def _hashable(value: Any) -> Any:
+    """A field value usable as a group key (a list or dict of ids becomes its JSON text)."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def _value_order(value: Any) -> tuple:
+    """Numbers in numeric order, then text, then a missing value."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (value is None, not number, value if number else str(value))
+
+
+def summarize_judged(records: Sequence[dict[str, Any]], stratify: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One line overall, one per support count and one per value of each `stratify` field."""
+    lines = [{"group": "overall", "value": None, **_stats(records)}]
+    groups: list[tuple[str, Any]] = [("supports", support_count)] if any("supports" in r for r in records) else []
+    groups += [(name, lambda r, name=name: _hashable(r.get(name))) for name in stratify]
+    for name, value_of in groups:
+        values = sorted({value_of(r) for r in records}, key=_value_order)
+        for value in values:
+            lines.append({"group": name, "value": value, **_stats([r for r in records if value_of(r) == value])})
+    return lines
+
+
+# -- the run ------------------------------------------------------------------------------------------
+@dataclass
+class JudgeReport:
+    judged_path: Path
+    summary_path: Path
+    overall: dict[str, Any]
+    resumed: int  # records kept from a previous run
+
+
+def judge_file(input_path: str | Path, judge: GeminiJudge, output_dir: str | Path | None = None,
+               concurrency: int = 8, resume: bool = False, stratify: Sequence[str] = ()) -> JudgeReport:
+    """Judge every record of an eval_details file and write the judged records and their summary."""
+    from tqdm import tqdm
+
+    input_path = Path(input_path)
+    records = load_details(input_path)
+    for name in stratify:
+        if not any(name in r for r in records):
+            raise UserError(f"--stratify {name}: no record of {input_path} has this field "
+                            f"(fields: {', '.join(sorted(records[0]))})")
+    judged_path, summary_path = output_paths(input_path, output_dir)
+    done: dict[int, dict[str, Any]] = {}
+    if judged_path.exists():
+        if not resume:
+            raise UserError(f"{judged_path} exists; pass --resume to continue it, or delete it to judge again")
+        done = {i: r for i, r in read_judged(judged_path, records).items() if r.get("llm_match") is not None}
+        other_models = sorted({str(r.get("judge_model")) for r in done.values()} - {judge.model})
+        if other_models:
+            raise UserError(f"{judged_path} was judged with {', '.join(other_models)}, not {judge.model}; resume "
+                            f"with that --model, or delete the file to judge again")
+    # Keep only the finished verdicts (drops old errors and a torn last line) before appending to the file.
+    write_jsonl_atomic(judged_path, [done[i] for i in sorted(done)])
+    resumed = len(done)
+    pending = [i for i in range(len(records)) if i not in done]
+
+    def judge_one(index: int) -> dict[str, Any]:
+        out = {**records[index], "index": index, "judge_model": judge.model}
+        try:
+            out["llm_match"], out["llm_judge_answer"] = judge.verdict(judge_prompt(records[index]))
+        except JudgeError as e:
+            out["llm_match"], out["llm_judge_answer"], out["llm_judge_error"] = None, None, str(e)
+        return out
+
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
+        with judged_path.open("a", encoding="utf-8") as f:
+            futures = [pool.submit(judge_one, i) for i in pending]
+            for future in tqdm(as_completed(futures), total=len(futures), desc="judging", unit="record"):
+                record = future.result()
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()  # on disk for a resume even if this process is killed next
+                done[record["index"]] = record
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, ask nothing more
+
+    final = [done[i] for i in range(len(records))]
+    write_jsonl_atomic(judged_path, final)
+    summary = summarize_judged(final, stratify)
+    summary[0] |= {"input": str(input_path), "judge_model": judge.model}
+    write_jsonl_atomic(summary_path, summary)
+    return JudgeReport(judged_path, summary_path, summary[0], resumed)

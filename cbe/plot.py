@@ -1,0 +1,165 @@
+"""`cbe plot`: every run under a folder on one figure: a QA metric, eval loss and train loss over optimizer steps.
+
+A run is a folder with metrics/eval_results.jsonl. The metric (default valqa_fuzzy_match, with its 95% band
+where eval_results has `<metric>_ci95`) and eval loss come from eval_results.jsonl, which a resumed run keeps
+free of duplicates; train loss comes from logs/tensorboard/ (`train/loss`, merged over the event files a
+resumed run leaves, the later file winning for a repeated step) or else the newest HF trainer_state.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cbe.errors import UserError
+from cbe.run import open_atomic, read_jsonl
+
+DEFAULT_METRIC = "valqa_fuzzy_match"
+
+Series = list[tuple[int, float]]
+
+
+@dataclass
+class RunCurves:
+    """What one run contributes to the figure."""
+    name: str  # the run dir relative to the plotted folder
+    backend: str  # hf, kd, or "?" when neither the config nor the checkpoints tell
+    metric: Series
+    metric_ci95: list[tuple[int, float, float]]
+    eval_loss: Series
+    train_loss: Series
+    train_loss_source: str = field(default="none")  # tensorboard, trainer_state or none
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Run dirs under `folder`, sorted; evaluation runs nested in a training run (<run>/eval/...) are left out."""
+    runs = sorted(p.parent.parent for p in folder.rglob("metrics/eval_results.jsonl"))
+    return [r for r in runs if not any(other in r.parents for other in runs)]
+
+
+def backend_of(run: Path) -> str:
+    """The backend named in config.yaml, else the one whose checkpoint names the run has."""
+    config_path = run / "config.yaml"
+    if config_path.is_file():
+        name = ((yaml.safe_load(config_path.read_text()) or {}).get("backend") or {}).get("name")
+        if name:
+            return str(name)
+    names = [p.name for p in (run / "checkpoints").glob("*")]
+    if any(n.startswith("checkpoint-") for n in names):
+        return "hf"
+    if any(n.startswith("ckpt_") for n in names):
+        return "kd"
+    return "?"
+
+
+def read_tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """tag -> step -> value over every event file in `folder`, oldest file first so a rewrite wins."""
+    import sys
+    import types
+
+    # As in cbe.logging: without this marker tensorboard imports TensorFlow when it is installed (~20 s).
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    files = []
+    for path in folder.glob("events.out.tfevents.*"):
+        events = list(LegacyEventFileLoader(str(path)).Load())
+        if events:
+            files.append((events[0].wall_time, path.name, events))
+    scalars: dict[str, dict[int, float]] = {}
+    for _, _, events in sorted(files, key=lambda f: f[:2]):
+        for event in events:
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def _trainer_state_loss(run: Path) -> Series:
+    """Train loss from the newest HF checkpoint's trainer_state.json log_history."""
+    states = sorted((run / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[-1]))
+    if not states:
+        return []
+    history = json.loads(states[-1].read_text()).get("log_history", [])
+    return sorted((h["step"], float(h["loss"])) for h in history if "loss" in h and "step" in h)
+
+
+def _finite(points: Series) -> Series:
+    return [(s, v) for s, v in points if v is not None and math.isfinite(v)]
+
+
+def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
+    """The curves of one run dir."""
+    results = sorted(read_jsonl(run / "metrics" / "eval_results.jsonl"), key=lambda r: r["step"])
+    scalars = read_tensorboard_scalars(run / "logs" / "tensorboard")
+    train_loss, source = sorted(scalars.get("train/loss", {}).items()), "tensorboard"
+    if not train_loss:
+        train_loss, source = _trainer_state_loss(run), "trainer_state"
+    return RunCurves(
+        name=str(run.relative_to(folder)) if run != folder else run.name,
+        backend=backend_of(run),
+        metric=_finite([(r["step"], r.get(metric)) for r in results]),
+        metric_ci95=[(r["step"], *r[f"{metric}_ci95"]) for r in results if r.get(f"{metric}_ci95")],
+        eval_loss=_finite([(r["step"], r.get("eval_loss")) for r in results]),
+        train_loss=_finite(train_loss),
+        train_loss_source=source if train_loss else "none")
+
+
+def gather_runs(folder: str | Path, metric: str = DEFAULT_METRIC) -> list[RunCurves]:
+    """The curves of every run under `folder`; UserError if there is none or none has `metric`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; pass outputs/<project> or a folder of runs under it")
+    runs = [gather_run(folder, run, metric) for run in find_runs(folder)]
+    if not runs:
+        raise UserError(f"{folder}: no run under it has metrics/eval_results.jsonl")
+    if not any(r.metric for r in runs):
+        keys = sorted({k for run in find_runs(folder) for line in read_jsonl(run / "metrics" / "eval_results.jsonl")
+                       for k, v in line.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "timestamp")})
+        raise UserError(f"no run under {folder} has {metric!r} in eval_results.jsonl; try --metric with one of "
+                        f"{', '.join(keys)}")
+    return runs
+
+
+def plot_runs(runs: list[RunCurves], metric: str, path: Path) -> None:
+    """Three panels (metric, eval loss, train loss), one colour per run, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for index, run in enumerate(runs):
+        color = f"C{index % 10}"
+        label = f"{run.name} ({run.backend})"
+        for ax, points in zip(axes, (run.metric, run.eval_loss, run.train_loss)):
+            if points:
+                ax.plot(*zip(*points), color=color, marker="." if len(points) < 30 else None, label=label)
+        if run.metric_ci95:
+            steps, low, high = zip(*run.metric_ci95)
+            axes[0].fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
+    for ax, title in zip(axes, (metric, "eval loss", "train loss")):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer steps")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3), 1, 1))
+    with open_atomic(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_folder(folder: str | Path, metric: str = DEFAULT_METRIC,
+                output: str | Path | None = None) -> tuple[Path, list[RunCurves]]:
+    """Gather every run under `folder` and write the figure (default <folder>/runs_plot.png)."""
+    runs = gather_runs(folder, metric)
+    path = Path(output) if output else Path(folder) / "runs_plot.png"
+    plot_runs(runs, metric, path)
+    return path, runs
+
