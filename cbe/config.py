@@ -85,7 +85,7 @@ class TrainingConfig:
     save_every: int = 1_000
     max_checkpoints: int = 5
     seed: int = 42
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower steps
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
     torch_compile: str = "auto"  # auto (= on a GPU) | true | false: compile each decoder layer (HF backend)
 
 
