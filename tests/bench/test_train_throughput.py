@@ -10,7 +10,7 @@ MODE_LINE = re.compile(r"(upstream-style|ours): [\d,]+ useful tok/s, padding \d+
 
 def test_train_throughput_prints_both_modes_and_a_positive_ratio():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--batch-size", "4",
-                           "--steps", "2", "--warmup", "1", "--seq", "256"],
+                           "--steps", "2", "--warmup", "1", "--seq", "512"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
