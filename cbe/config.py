@@ -85,7 +85,8 @@ class TrainingConfig:
     save_every: int = 1_000
     max_checkpoints: int = 5
     seed: int = 42
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
+    torch_compile: str = "auto"  # auto (= on a GPU) | true | false: compile each decoder layer (HF backend)
 
 
 @dataclass
@@ -134,7 +135,8 @@ def register_configs() -> None:
 
 # Keys whose value must be one of a few names.
 CHOICES = {"mode": ("train", "eval"), "eval.parser": tuple(PARSERS),
-           "optimizer.schedule": ("cosine", "linear", "constant"), "model.source": ("hub", "gguf", "init")}
+           "optimizer.schedule": ("cosine", "linear", "constant"), "model.source": ("hub", "gguf", "init"),
+           "training.torch_compile": ("auto", "True", "False")}  # a str key: `true` on the command line becomes "True"
 
 
 def _positive(cfg: DictConfig, *keys: str) -> None:

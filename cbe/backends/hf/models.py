@@ -78,7 +78,9 @@ def load_base_model(cfg: DictConfig, attn: str = "sdpa"):
         config = Gemma3TextConfig(**OmegaConf.to_container(cfg.model.architecture), pad_token_id=tokenizer.pad_token_id,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   attn_implementation=attn)
-        return Gemma3ForCausalLM(config).to(dtype), tokenizer
+        # Built where it will train: initializing billions of parameters on the CPU takes minutes.
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            return Gemma3ForCausalLM(config).to(dtype), tokenizer
     if cfg.model.source == "gguf":
         from cbe.backends.hf.gemma_gguf import materialize_gemma3_270m
 

@@ -33,6 +33,27 @@ def as_dataset(rows: PackedRows) -> Dataset:
     return Dataset.from_dict(columns).with_format("numpy")
 
 
+def compile_enabled(setting: str) -> bool:
+    """training.torch_compile: `auto` compiles on a GPU only (on a CPU, compiling the tiny model costs more than
+    it saves)."""
+    return torch.cuda.is_available() if setting == "auto" else setting == "True"
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """Compile every decoder layer in place and return how many. Layer by layer rather than the whole model:
+    the layers share one compiled program per attention type, so compiling takes seconds rather than minutes;
+    TRL's fused loss head (Triton) stays outside; parameter names, hence checkpoints, are unchanged."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def eager():
+    """Evaluation runs the compiled layers eagerly: its shapes vary, and compiling them would cost more than it saves."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.stack([e[key] for e in examples]).astype(np.int64)) for key in examples[0]}
 
@@ -88,6 +109,7 @@ class HFTrainer(Backend):
         if world_size() > 1 and not dist.is_initialized():  # torchrun: evaluation shards over the ranks
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.model, self.tokenizer = load_model_and_tokenizer(cfg, attn_implementation)
+        self.compiled = 0  # decoder layers compiled for training (training.torch_compile)
         if torch.cuda.is_available():
             self.model.to(torch.cuda.current_device())
         self.val_rows = self.packed(cfg.data.val_path, "val")
@@ -129,7 +151,8 @@ class HFTrainer(Backend):
             batch = order[start:start + batch_size]
             inputs = tok([prompts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left")
             inputs = inputs.to(self.device)
-            output = self.model.generate(**inputs, generation_config=config, tokenizer=tok)
+            with eager():  # compiled layers would recompile for every generated length
+                output = self.model.generate(**inputs, generation_config=config, tokenizer=tok)
             texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for i, text in zip(batch, texts):
                 answers[i] = text
@@ -149,7 +172,8 @@ class HFTrainer(Backend):
                      "labels": rows.labels[start:end]}
             batch = {k: torch.from_numpy(v.astype(np.int64)).to(self.device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            total += float(self.model(**batch, use_cache=False).loss) * n
+            with eager():
+                total += float(self.model(**batch, use_cache=False).loss) * n
             count += n
         self.model.train(was_training)
         if world > 1:
@@ -174,7 +198,18 @@ class HFTrainer(Backend):
             self.run.drop_eval_results_after(-1)
             self.evaluate(0)
             return
+        train_rows = self.packed(cfg.data.train_path, "train")
+        order = training_order(len(train_rows), t.num_train_steps * t.effective_batch_size, t.seed)
+        trainer = self.sft_trainer(as_dataset(train_rows), order, callbacks=[_Hooks(self)])
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    def sft_trainer(self, dataset: Dataset, order: np.ndarray, callbacks: list[TrainerCallback]) -> _SFTTrainer:
+        """The TRL trainer over `dataset` read in `order`, with the run's optimizer, schedule and speed settings
+        (also what bench/train_throughput.py times)."""
+        cfg, t = self.cfg, self.cfg.training
         on_gpu = torch.cuda.is_available()
+        if compile_enabled(t.torch_compile) and not self.compiled:
+            self.compiled = compile_decoder_layers(self.model)
         args = SFTConfig(
             output_dir=str(self.run.checkpoints), max_steps=t.num_train_steps, seed=t.seed, data_seed=t.seed,
             per_device_train_batch_size=t.per_device_batch_size,
@@ -188,9 +223,8 @@ class HFTrainer(Backend):
             remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not on_gpu,
             disable_tqdm=not is_main_process(),
         )
-        train_rows = self.packed(cfg.data.train_path, "train")
-        trainer = _SFTTrainer(model=self.model, args=args, train_dataset=as_dataset(train_rows), data_collator=collate,
-                              processing_class=self.tokenizer, callbacks=[_Hooks(self)], optimizer_cfg=cfg.optimizer,
-                              order=training_order(len(train_rows), t.num_train_steps * t.effective_batch_size, t.seed))
+        trainer = _SFTTrainer(model=self.model, args=args, train_dataset=dataset, data_collator=collate,
+                              processing_class=self.tokenizer, callbacks=callbacks, optimizer_cfg=cfg.optimizer,
+                              order=order)
         self.model = trainer.model
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        return trainer

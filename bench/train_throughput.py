@@ -1,0 +1,255 @@
+"""Training throughput: the harness's training path against the upstream-style setup, side by side in one run.
+
+Both modes run real optimizer steps through the backend's own trainer (HF: the TRL trainer HFTrainer builds;
+KD: the Kauldron train step KDTrainer builds) on the same synthetic news-like articles (lognormal lengths,
+median 500 tokens, random token ids; throughput does not depend on the weights or the text):
+- upstream style: one article per row, truncated and padded to the sequence length, gradient checkpointing,
+  no compilation (HF: sdpa with a padding mask; KD has no checkpointing switch, so its rows are only padded);
+- ours: the run's config (packed rows, documents kept apart by position ids, training.* as configured).
+Useful tokens are the non-padding ones; MFU counts 6 x base-model parameters per useful token plus attention
+(each token's attended span, causal and windowed as the layer is) against 989 TFLOP/s (H100/H200 bf16 dense).
+
+    .venv/bin/python bench/train_throughput.py [--model tiny] [--adapter full] [--backend hf] [--batch-size 16]
+        [--upstream-batch-size 16] [--steps 8] [--warmup 3] [--seq 1024] [--variant NAME=KEY=VALUE,KEY=VALUE ...]
+
+On a GPU, real architectures are built from conf/model/<model>.yaml's `architecture` with random weights.
+Each --variant is one more measured setup of ours (config overrides; the default is the plain config).
+One line per mode, then last `ratio_vs_upstream: <useful tok/s of the first variant / upstream style>`.
+"""
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cbe.data.packing import IGNORE, PackedRows, pack_documents, training_order  # noqa: E402
+
+PEAK_FLOPS = 989e12  # H100/H200 SXM, dense bf16
+
+
+def news_like_documents(count: int, vocab: int, specials: set[int], bos: int, eos: int, seed: int = 0) -> list:
+    """[BOS] tokens [EOS] with news-like lengths: lognormal, median 500 tokens, 15% longer than 1024."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(500), 0.7, count), 62, 8190).astype(int)
+    allowed = np.setdiff1d(np.arange(vocab), list(specials))
+    return [np.concatenate([[bos], rng.choice(allowed, n), [eos]]).astype(np.int32) for n in lengths]
+
+
+def padded_rows(docs: list, length: int, pad_id: int) -> tuple[PackedRows, np.ndarray]:
+    """Upstream style: one document per row, truncated to `length` and padded; also its attention mask."""
+    n = len(docs)
+    input_ids = np.full((n, length), pad_id, dtype=np.int32)
+    labels = np.full((n, length), IGNORE, dtype=np.int32)
+    mask = np.zeros((n, length), dtype=np.int32)
+    for row, doc in enumerate(docs):
+        doc = doc[:length]
+        input_ids[row, :len(doc)], labels[row, 1:len(doc)], mask[row, :len(doc)] = doc, doc[1:], 1
+    position_ids = np.tile(np.arange(length, dtype=np.int32), (n, 1))
+    return PackedRows(input_ids, position_ids, labels, int(mask.sum())), mask
+
+
+def useful_mask(rows: PackedRows) -> np.ndarray:
+    """Non-padding positions: every segment (positions restarting at 0) with a trained label is a document."""
+    segment = np.cumsum(rows.position_ids == 0, axis=1)
+    useful = np.zeros(rows.input_ids.shape, dtype=bool)
+    for r in range(len(rows)):
+        trained = np.unique(segment[r][rows.labels[r] != IGNORE])
+        useful[r] = np.isin(segment[r], trained)
+    return useful
+
+
+def attention_flops(positions: np.ndarray, useful: np.ndarray, hf_config) -> float:
+    """Training FLOPs of the attention scores and values: 3 x (2 matmuls x 2 x heads x head_dim x span) per token
+    and layer, where the span is what the token attends to in its document (capped by a sliding window)."""
+    span = (positions + 1)[useful].astype(np.float64)
+    per_span = 12.0 * hf_config.num_attention_heads * hf_config.head_dim
+    total = 0.0
+    for kind in hf_config.layer_types:
+        total += per_span * (np.minimum(span, hf_config.sliding_window) if kind == "sliding_attention" else span).sum()
+    return total
+
+
+def compose_config(args, overrides: list[str], batch_size: int, out: str):
+    from hydra import compose, initialize_config_dir
+
+    from cbe.config import register_configs
+
+    register_configs()
+    base = [f"model={args.model}", f"adapter={args.adapter}", f"backend={args.backend}", "logging=none",
+            f"data.sequence_length={args.seq}", f"training.per_device_batch_size={batch_size}",
+            f"training.effective_batch_size={batch_size}", f"training.num_train_steps={args.warmup + args.steps}",
+            "training.save_every=1000000", "training.eval_every=1000000", "logging.log_every_n_steps=1000000",
+            f"output_root={out}"]
+    if args.model != "tiny":  # random init of the real architecture, with the offline tokenizer
+        base += ["model.source=init", "model.tokenizer=cbe/assets/tiny_tokenizer"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        return compose("config", overrides=base + overrides)
+
+
+class Measurement:
+    """Wall time of the timed optimizer steps and what they trained on."""
+
+    def __init__(self, args, rows: PackedRows, useful: np.ndarray, order: np.ndarray, batch_size: int):
+        timed = order[args.warmup * batch_size:(args.warmup + args.steps) * batch_size]
+        self.useful_tokens = int(useful[timed].sum())
+        self.padding = 1 - self.useful_tokens / useful[timed].size
+        self.positions, self.useful = rows.position_ids[timed], useful[timed]
+        self.seconds = 0.0
+
+
+def run_hf(args, cfg, dataset_columns: dict, measurement: Measurement, order: np.ndarray) -> tuple[int, float | None]:
+    """Steps HFTrainer's TRL trainer; returns the base model's parameter count and the peak GPU memory in GB."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from cbe.backends.hf.trainer import HFTrainer
+    from cbe.eval.evaluator import QAEvaluator
+    from cbe.logging import Loggers
+    from cbe.run import RunDir
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kwargs):
+            control.should_save = False  # a checkpoint of the timed run would only cost time
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if state.global_step == args.warmup:
+                self.start = time.perf_counter()
+            if state.global_step == args.warmup + args.steps:
+                measurement.seconds = time.perf_counter() - self.start
+
+    run = RunDir(tempfile.mkdtemp())
+    evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
+    backend = HFTrainer(cfg, run, evaluator, Loggers(run, []), **{k: v for k, v in cfg.backend.trainer.items()
+                                                                     if k != "_target_"})
+    model = backend.model
+    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = backend.sft_trainer(Dataset.from_dict(dataset_columns).with_format("numpy"), order, [StepClock()])
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+    del trainer, backend, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return base_params, peak
+
+
+def run_kd(args, cfg, rows: PackedRows, measurement: Measurement) -> tuple[int, float | None]:
+    """Steps KDTrainer's Kauldron train step (jit, donated state, FSDP); returns as run_hf does."""
+    import jax
+    from kauldron import kd
+
+    from cbe.backends.kd.trainer import KDTrainer
+    from cbe.eval.evaluator import QAEvaluator
+    from cbe.logging import Loggers
+    from cbe.run import RunDir
+
+    run = RunDir(tempfile.mkdtemp())
+    evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
+    backend = KDTrainer(cfg, run, evaluator, Loggers(run, []), **{k: v for k, v in cfg.backend.trainer.items()
+                                                                   if k != "_target_"})
+    trainer = backend._kd_trainer(rows)
+    state = backend._initial_state(trainer)
+    batches = iter(trainer.train_ds)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            jax.block_until_ready(state)
+            start = time.perf_counter()
+        state, _ = trainer.trainstep.step(state, kd.sharding.device_put(next(batches), trainer.sharding.ds))
+    jax.block_until_ready(state)
+    measurement.seconds = time.perf_counter() - start
+    base_params = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+                      if "lora" not in jax.tree_util.keystr(path))
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() == "gpu" else None
+    return base_params, stats["peak_bytes_in_use"] / 1e9 if stats else None
+
+
+def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bool) -> float:
+    """Train warmup + steps optimizer steps in one mode and print its line; returns useful tokens/s."""
+    cfg = compose_config(args, overrides, batch_size, tempfile.mkdtemp())
+    from cbe.backends.hf.models import load_tokenizer
+
+    tok = load_tokenizer(cfg)
+    vocab = cfg.model.architecture.vocab_size
+    specials = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
+    needed = (args.warmup + args.steps) * batch_size
+    docs = news_like_documents(3 * needed, vocab, specials, tok.bos_token_id, tok.eos_token_id)
+    if upstream:
+        rows, mask = padded_rows(docs[:needed], args.seq, tok.pad_token_id)
+        columns = {"input_ids": rows.input_ids, "attention_mask": mask, "labels": rows.labels}
+    else:
+        rows = pack_documents(docs, args.seq, tok.pad_token_id)
+        columns = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}
+    order = training_order(len(rows), needed, cfg.training.seed)
+    m = Measurement(args, rows, mask.astype(bool) if upstream else useful_mask(rows), order, batch_size)
+    if args.backend == "hf":
+        params, peak = run_hf(args, cfg, columns, m, order)
+    else:
+        params, peak = run_kd(args, cfg, rows, m)
+    rate = m.useful_tokens / m.seconds
+    line = f"{name}: {rate:,.0f} useful tok/s, padding {m.padding:.1%}, batch {batch_size}"
+    if peak is not None:  # on a GPU
+        from omegaconf import OmegaConf
+        from transformers import Gemma3TextConfig
+
+        config = Gemma3TextConfig(**OmegaConf.to_container(cfg.model.architecture))
+        flops = 6.0 * params * m.useful_tokens + attention_flops(m.positions, m.useful, config)
+        line += f", MFU {flops / m.seconds / PEAK_FLOPS:.1%}, peak memory {peak:.1f} GB"
+    print(line, flush=True)
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="a conf/model option (non-tiny: random init)")
+    parser.add_argument("--adapter", default="full", help="a conf/adapter option")
+    parser.add_argument("--backend", default="hf", choices=["hf", "kd"])
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per optimizer step (no accumulation)")
+    parser.add_argument("--upstream-batch-size", type=int, help="the upstream style's batch (default: --batch-size)")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation)")
+    parser.add_argument("--seq", type=int, default=1024, help="sequence length")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=KEY=VALUE,KEY=VALUE: one more setup of ours, e.g. "
+                             "flex=backend.trainer.attn_implementation=flex_attention")
+    args = parser.parse_args()
+
+    if args.backend == "hf":
+        import torch
+        import transformers
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        print(f"device {device}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    else:
+        import jax
+
+        print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    print(f"model {args.model}, adapter {args.adapter}, backend {args.backend}, sequence {args.seq}, "
+          f"{args.warmup} warmup + {args.steps} timed steps", flush=True)
+    upstream_overrides = ["training.gradient_checkpointing=true", "training.torch_compile=false"]
+    if args.backend == "hf":
+        upstream_overrides.append("backend.trainer.attn_implementation=sdpa")
+    upstream = measure(args, "upstream-style", upstream_overrides, args.upstream_batch_size or args.batch_size,
+                       upstream=True)
+    variants = [spec.split("=", 1) for spec in args.variant] or [["ours", ""]]
+    rates = []
+    for name, overrides in variants:
+        try:
+            rates.append(measure(args, name, [o for o in overrides.split(",") if o], args.batch_size, upstream=False))
+        except Exception as e:  # one failing variant (an OOM, an unsupported kernel) keeps the others' numbers
+            print(f"{name}: failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", flush=True)
+            gc.collect()
+    print(f"ratio_vs_upstream: {rates[0] / upstream:.2f}" if rates else "ratio_vs_upstream: n/a (every variant failed)")
+
+
+if __name__ == "__main__":
+    main()
