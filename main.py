@@ -6,7 +6,6 @@
     torchrun --nproc_per_node=4 main.py task=news model=gemma3_1b
 """
 import os
-import warnings
 
 import hydra
 from hydra.utils import instantiate
@@ -18,8 +17,6 @@ from cbe.logging import Loggers
 from cbe.run import RunDir, adopt_slurm_ranks, is_main_process, world_size
 
 register_configs()
-# conf/hydra/launcher/ ships our defaults under the plugin's own option names, checked against its schema.
-warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")

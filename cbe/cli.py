@@ -5,6 +5,7 @@
     cbe rescore outputs/.../eval_details/valqa_step_001000.jsonl [--parser news]
     cbe judge --input outputs/.../eval_details/testqa_step_001000.jsonl [--concurrency 8] [--resume]
     cbe plot outputs/<project>/<task> [--metric valqa_exact_match]
+    cbe sweep-summary outputs/<project>/<run_name>
 """
 from __future__ import annotations
 
@@ -96,6 +97,13 @@ def plot(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def sweep_summary(args: argparse.Namespace) -> None:
+    from cbe.sweep import SUMMARY_FILE, format_table, summarize_sweep
+
+    print(format_table(summarize_sweep(args.sweep_dir)))
+    print(f"sweep summary: {args.sweep_dir.rstrip('/')}/{SUMMARY_FILE}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbe", description="Data and result tools for cbe runs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support-thresholds", type=int, nargs="*", default=[], metavar="K",
                    help="also report questions with supports >= K")
     p.set_defaults(run=rescore)
+
+    p = commands.add_parser("sweep-summary", help="(re)write a multirun's sweep_summary.jsonl and print its table")
+    p.add_argument("sweep_dir", help="the sweep's folder: outputs/<project>/<run_name>/ holding one folder per job")
+    p.set_defaults(run=sweep_summary)
 
     p = commands.add_parser("judge", help="re-score an eval_details file with a Gemini judge (paraphrases count)")
     p.add_argument("--input", required=True, help="an eval_details/<set>_step_<N>.jsonl file")

@@ -5,6 +5,7 @@ rules that span keys, and both report a mistake as one line naming the key.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -125,6 +126,12 @@ def checkpoint_label(checkpoint: str) -> str:
         return "base"
     path = Path(checkpoint).resolve()  # `latest` becomes the checkpoint it points at
     return f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" else path.name
+
+
+# conf/hydra/launcher/ ships our defaults under the plugin's own option names, checked against its schema;
+# Hydra warns about that pairing. Filtered here, at import, so that submitit's job processes (which import this
+# module before composing the job's config) stay quiet too.
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 
 def register_configs() -> None:

@@ -1,5 +1,6 @@
 """User mistakes end the run with one line that says what to do, never a traceback."""
 import functools
+import re
 import sys
 
 
@@ -53,8 +54,18 @@ def exit_on_user_error(job):
     return wrapped
 
 
+def describe_failed_job(error: Exception) -> str:
+    """One line for a submitit job that failed: its own error line and where its full log is."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("---")]
+    reason = next((line.removeprefix("cbe: error: ") for line in lines if line.startswith("cbe: error: ")), lines[-1])
+    log = re.search(r"with path (\S+)_result\.pkl", text)
+    return f"a sweep job failed: {reason}" + (f"; its log: {log.group(1)}_log.err" if log else "")
+
+
 def run_and_report_user_errors(app) -> None:
-    """Run a Hydra app; report composition mistakes (bad keys, types, options) as one line and exit 2."""
+    """Run a Hydra app; report composition mistakes (bad keys, types, options) as one line and exit 2, and a
+    failed SLURM/submitit job as one line pointing at its log, exit 1."""
     from hydra.errors import HydraException, InstantiationException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -64,3 +75,7 @@ def run_and_report_user_errors(app) -> None:
         raise  # a bug in a constructor, not a config mistake
     except (HydraException, OmegaConfBaseException) as e:
         exit_with(f"config error: {describe_config_error(e)}")
+    except Exception as e:
+        if not type(e).__module__.startswith("submitit."):
+            raise
+        exit_with(describe_failed_job(e), code=1)

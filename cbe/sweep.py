@@ -59,9 +59,10 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
     def cell(value: Any) -> str:
         return "-" if value is None else f"{value:.3f}"
 
+    shared = set.intersection(*(set(s["overrides"]) for s in summaries))  # name jobs by what differs
     rows = [["job", "step", *(f"{title} final/best" for _, title in columns)]]
     for s in summaries:
-        rows.append([" ".join(s["overrides"]) or s["job"], "-" if s["last_step"] is None else str(s["last_step"]),
+        rows.append([" ".join(o for o in s["overrides"] if o not in shared) or s["job"], "-" if s["last_step"] is None else str(s["last_step"]),
                      *(f"{cell(s.get(f'final_{key}'))} / {cell(s.get(f'best_{key}'))}" for key, _ in columns)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)

@@ -37,6 +37,25 @@ def test_every_option_composes_and_validates(group, option, monkeypatch):
     assert cfg.training.effective_batch_size % cfg.training.per_device_batch_size == 0
 
 
+def test_experiment_and_launcher_configs_compose():
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        sweep = compose("config", overrides=["experiment=lr_bs_sweep"], return_hydra_config=True)
+        slurm = compose("config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+                        return_hydra_config=True)
+        local = compose("config", overrides=["hydra/launcher=submitit_local"], return_hydra_config=True)
+    assert dict(sweep.hydra.sweeper.params) == {"optimizer.lr": "1e-4,3e-4,1e-3",
+                                                "training.effective_batch_size": "32,64"}
+    assert sweep.logging.run_name == "sample/tiny-full-hf-lr_bs_sweep"
+    launcher = slurm.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    for key in ("timeout_min", "gpus_per_node", "tasks_per_node", "nodes", "mem_gb", "cpus_per_task", "partition",
+                "account", "array_parallelism", "setup"):
+        assert key in launcher, key
+    assert launcher.max_num_timeout > 0  # timed-out jobs are requeued and resume
+    assert local.hydra.launcher._target_.endswith("LocalLauncher")
+
+
 def test_recipe_defaults():
     cfg = compose_config("task=news", "model=gemma3_1b")
     assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 0.1 and cfg.optimizer.warmup_fraction == 0.1

@@ -121,15 +121,26 @@ def test_lora_trains_only_the_adapter(run_main, tmp_path):
     assert_same_metrics(evaluated, training)
 
 
-def test_multirun_gives_each_job_its_own_run_dir_and_log(run_main, tmp_path):
-    run_main("-m", "optimizer.lr=1e-3,3e-3", "training.num_train_steps=2", "training.eval_every=2",
-             "training.save_every=2", "logging=none")
+def test_multirun_gives_each_job_its_own_run_dir_and_a_sweep_summary(run_main, tmp_path):
+    proc = run_main("-m", "optimizer.lr=1e-3,3e-3", "training.num_train_steps=2", "training.eval_every=2",
+                    "training.save_every=2", "logging=none")
     sweep = tmp_path / "outputs" / "cbe" / "sample" / "tiny-full-hf"
     jobs = sorted(p.name for p in sweep.iterdir() if (p / "metrics").exists())
-    assert [j.split(",")[1] for j in jobs] == ["optimizer.lr=0.001", "optimizer.lr=0.003"]
+    # Named from the job's overrides; logging and output_root are left out (they change no result).
+    assert jobs == [f"optimizer.lr={lr},training.eval_every=2,training.num_train_steps=2,training.save_every=2"
+                    for lr in ("0.001", "0.003")]
     for job in jobs:
         assert [m["step"] for m in eval_results(sweep / job)] == [0, 2]
         assert (sweep / job / "logs" / "train.log").read_text().count("eval | step 2") == 1
+    summary = [json.loads(line) for line in (sweep / "sweep_summary.jsonl").read_text().splitlines()]
+    assert [s["job"] for s in summary] == jobs
+    for s, job in zip(summary, jobs):
+        results = eval_results(sweep / job)
+        assert s["last_step"] == 2 and s["final_eval_loss"] == results[-1]["eval_loss"]
+        assert s["best_eval_loss"] == min(m["eval_loss"] for m in results)
+        assert s["best_valqa_fuzzy_match"] == max(m["valqa_fuzzy_match"] for m in results)
+    table = proc.stdout[proc.stdout.index("eval_loss final/best") - 200:]
+    assert "optimizer.lr=0.001" in table and "optimizer.lr=0.003" in table and "sweep_summary.jsonl" in table
 
 
 def test_zero_steps_evaluates_the_start_only(run_main, tmp_path):
@@ -139,20 +150,25 @@ def test_zero_steps_evaluates_the_start_only(run_main, tmp_path):
     assert not (run / "checkpoints").exists()
 
 
-def test_torchrun_shards_evaluation_and_matches_one_process(run_main, tmp_path, cache_dir):
-    """Two ranks answer half the questions each; rank 0 writes one metrics line equal to a 1-process eval."""
-    run_main("mode=eval", "checkpoint=base", "logging.project_name=single")
+def test_torchrun_trains_like_one_process_with_the_same_effective_batch(run_main, tmp_path, cache_dir):
+    """Two ranks (gloo) with 4 rows each per step against one process accumulating 2 x 4: the same metrics;
+    the ranks share one run dir, only rank 0 writes, and evaluation is sharded over both."""
+    run = ["training.num_train_steps=6", "training.eval_every=3", "training.save_every=3", "eval.num_examples=12",
+           "training.effective_batch_size=8", "training.per_device_batch_size=4", "logging=none"]
+    run_main(*run, "logging.project_name=single")
     env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "main.py"), f"output_root={tmp_path / 'outputs'}", "mode=eval", "checkpoint=base",
-                           "logging.project_name=ddp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           str(ROOT / "main.py"), f"output_root={tmp_path / 'outputs'}", *run, "logging.project_name=ddp"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    eval_dir = Path("sample") / "tiny-full-hf" / "eval" / "base"
-    single, ddp = (eval_results(tmp_path / "outputs" / p / eval_dir) for p in ("single", "ddp"))
-    assert len(ddp) == 1
-    assert_same_metrics(ddp[0], single[0])
-    details = tmp_path / "outputs" / "ddp" / eval_dir / "eval_details" / "valqa_step_000000.jsonl"
-    assert len(details.read_text().splitlines()) == 72
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["ddp", "single"]  # one run dir per run
+    single, ddp = (tmp_path / "outputs" / project / "sample" / "tiny-full-hf" for project in ("single", "ddp"))
+    assert [m["step"] for m in eval_results(ddp)] == [0, 3, 6]  # rank 0 alone appends
+    for a, b in zip(eval_results(ddp), eval_results(single), strict=True):
+        assert_same_metrics(a, b)
+    assert (ddp / "logs" / "train.log").read_text().count("eval | step 6") == 1
+    assert sorted(p.name for p in (ddp / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert len((ddp / "eval_details" / "valqa_step_000006.jsonl").read_text().splitlines()) == 12
 
 
 @pytest.mark.slow
