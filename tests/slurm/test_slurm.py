@@ -64,6 +64,27 @@ def test_lr_by_batch_sweep_runs_as_a_slurm_array(tmp_path, cache_dir):
     assert "sweep summary:" in output and "optimizer.lr=0.003 training.effective_batch_size=16" in output
 
 
+def test_a_job_of_two_tasks_trains_as_two_ranks_of_one_run(tmp_path, cache_dir):
+    """tasks_per_node=2: the two SLURM tasks become torch.distributed ranks (gloo here) of one run, rank 0 alone
+    writes, and the result equals one process with the same effective batch (the grid's lr=1e-3, batch 8 job)."""
+    common = ["optimizer.lr=1e-3", "training.effective_batch_size=8", "training.num_train_steps=4",
+              "training.eval_every=2", "training.save_every=4"]
+    proc = start_sweep(tmp_path, cache_dir, "logging.run_name=ranks", "hydra.launcher.tasks_per_node=2",
+                       "training.per_device_batch_size=4", *common)
+    finish(proc, tmp_path, timeout=600)
+    one = start_sweep(tmp_path, cache_dir, "logging.run_name=one", *common)
+    finish(one, tmp_path, timeout=600)
+    [ranks] = [p for p in (tmp_path / "outputs" / "cbe" / "ranks").iterdir() if (p / "metrics").exists()]
+    [single] = [p for p in (tmp_path / "outputs" / "cbe" / "one").iterdir() if (p / "metrics").exists()]
+    assert eval_steps(ranks) == [0, 2, 4]  # one writer: no line twice
+    assert (ranks / "logs" / "train.log").read_text().count("eval | step 4") == 1
+    two, one = ((json.loads(line) for line in (run / "metrics" / "eval_results.jsonl").read_text().splitlines())
+                for run in (ranks, single))
+    for a, b in zip(two, one, strict=True):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
+        assert a["valqa_exact_match"] == b["valqa_exact_match"]
+
+
 def submitit_logs(sweep: Path) -> str:
     return "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out"))
 
