@@ -14,7 +14,8 @@ Useful tokens are the non-padding ones; MFU counts 6 x base-model parameters per
 
 On a GPU, real architectures are built from conf/model/<model>.yaml's `architecture` with random weights.
 Each --variant is one more measured setup of ours (config overrides; the default is the plain config).
-One line per mode, then last `ratio_vs_upstream: <useful tok/s of the first variant / upstream style>`.
+One line per mode, then last `ratio_vs_upstream: <useful tok/s of the first variant / upstream style>` (none with
+--no-upstream, which measures only the variants).
 """
 import argparse
 import gc
@@ -117,7 +118,9 @@ def run_hf(args, cfg, dataset_columns: dict, measurement: Measurement, order: np
     class StepClock(TrainerCallback):
         def on_step_end(self, targs, state, control, **kwargs):
             control.should_save = False  # a checkpoint of the timed run would only cost time
-            if torch.cuda.is_available():
+            # Synchronize only at the two clock readings: a sync every step would stall the GPU queue in a way the
+            # real training loop does not.
+            if torch.cuda.is_available() and state.global_step in (args.warmup, args.warmup + args.steps):
                 torch.cuda.synchronize()
             if state.global_step == args.warmup:
                 self.start = time.perf_counter()
@@ -176,6 +179,7 @@ def run_kd(args, cfg, rows: PackedRows, measurement: Measurement) -> tuple[int, 
 def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bool) -> float:
     """Train warmup + steps optimizer steps in one mode and print its line; returns useful tokens/s."""
     cfg = compose_config(args, overrides, batch_size, tempfile.mkdtemp())
+    batch_size = cfg.training.effective_batch_size  # a variant may set its own (per-device = effective)
     from cbe.backends.hf.models import load_tokenizer
 
     tok = load_tokenizer(cfg)
@@ -220,7 +224,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024, help="sequence length")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=KEY=VALUE,KEY=VALUE: one more setup of ours, e.g. "
-                             "flex=backend.trainer.attn_implementation=flex_attention")
+                             "flex=backend.trainer.attn_implementation=flex_attention; a variant's own batch: "
+                             "training.per_device_batch_size=32,training.effective_batch_size=32")
+    parser.add_argument("--no-upstream", action="store_true", help="measure only the variants (no ratio)")
     args = parser.parse_args()
 
     if args.backend == "hf":
@@ -238,8 +244,8 @@ def main() -> None:
     upstream_overrides = ["training.gradient_checkpointing=true", "training.torch_compile=false"]
     if args.backend == "hf":
         upstream_overrides.append("backend.trainer.attn_implementation=sdpa")
-    upstream = measure(args, "upstream-style", upstream_overrides, args.upstream_batch_size or args.batch_size,
-                       upstream=True)
+    upstream = None if args.no_upstream else measure(args, "upstream-style", upstream_overrides,
+                                                     args.upstream_batch_size or args.batch_size, upstream=True)
     variants = [spec.split("=", 1) for spec in args.variant] or [["ours", ""]]
     rates = []
     for name, overrides in variants:
@@ -248,7 +254,9 @@ def main() -> None:
         except Exception as e:  # one failing variant (an OOM, an unsupported kernel) keeps the others' numbers
             print(f"{name}: failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", flush=True)
             gc.collect()
-    print(f"ratio_vs_upstream: {rates[0] / upstream:.2f}" if rates else "ratio_vs_upstream: n/a (every variant failed)")
+    if upstream is not None:
+        print(f"ratio_vs_upstream: {rates[0] / upstream:.2f}" if rates else
+              "ratio_vs_upstream: n/a (every variant failed)")
 
 
 if __name__ == "__main__":

@@ -43,12 +43,20 @@ def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float) -> str:
     return output
 
 
-def test_lr_by_batch_sweep_runs_as_a_slurm_array(tmp_path, cache_dir):
+STEPS = ["training.num_train_steps=4", "training.eval_every=2", "training.save_every=4"]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, cache_dir) -> tuple[Path, str]:
+    """The 2 x 2 lr x batch sweep through SLURM: its folder and what the submitting command printed."""
+    tmp_path = tmp_path_factory.mktemp("grid")
     proc = start_sweep(tmp_path, cache_dir, "logging.run_name=grid", "optimizer.lr=1e-3,3e-3",
-                       "training.effective_batch_size=8,16", "training.num_train_steps=4", "training.eval_every=2",
-                       "training.save_every=4")
-    output = finish(proc, tmp_path, timeout=900)
-    sweep = tmp_path / "outputs" / "cbe" / "grid"
+                       "training.effective_batch_size=8,16", *STEPS)
+    return tmp_path / "outputs" / "cbe" / "grid", finish(proc, tmp_path, timeout=900)
+
+
+def test_lr_by_batch_sweep_runs_as_a_slurm_array(grid):
+    sweep, output = grid
     jobs = sorted(p.name for p in sweep.iterdir() if not p.name.startswith((".", "sweep_summary", "multirun")))
     assert jobs == sorted(f"eval.num_examples=8,optimizer.lr={lr},training.effective_batch_size={bs},"
                           "training.eval_every=2,training.num_train_steps=4,training.save_every=4"
@@ -64,21 +72,20 @@ def test_lr_by_batch_sweep_runs_as_a_slurm_array(tmp_path, cache_dir):
     assert "sweep summary:" in output and "optimizer.lr=0.003 training.effective_batch_size=16" in output
 
 
-def test_a_job_of_two_tasks_trains_as_two_ranks_of_one_run(tmp_path, cache_dir):
+def test_a_job_of_two_tasks_trains_as_two_ranks_of_one_run(grid, tmp_path, cache_dir):
     """tasks_per_node=2: the two SLURM tasks become torch.distributed ranks (gloo here) of one run, rank 0 alone
-    writes, and the result equals one process with the same effective batch (the grid's lr=1e-3, batch 8 job)."""
-    common = ["optimizer.lr=1e-3", "training.effective_batch_size=8", "training.num_train_steps=4",
-              "training.eval_every=2", "training.save_every=4"]
+    writes, and the result equals the grid's one-process job with the same effective batch (lr 1e-3, batch 8)."""
     proc = start_sweep(tmp_path, cache_dir, "logging.run_name=ranks", "hydra.launcher.tasks_per_node=2",
-                       "training.per_device_batch_size=4", *common)
+                       "optimizer.lr=1e-3", "training.effective_batch_size=8", "training.per_device_batch_size=4",
+                       *STEPS)
     finish(proc, tmp_path, timeout=600)
-    one = start_sweep(tmp_path, cache_dir, "logging.run_name=one", *common)
-    finish(one, tmp_path, timeout=600)
     [ranks] = [p for p in (tmp_path / "outputs" / "cbe" / "ranks").iterdir() if (p / "metrics").exists()]
-    [single] = [p for p in (tmp_path / "outputs" / "cbe" / "one").iterdir() if (p / "metrics").exists()]
+    assert len(list((ranks.parent / ".submitit").glob("*/*_log.out"))) == 2  # two tasks ran
     assert eval_steps(ranks) == [0, 2, 4]  # one writer: no line twice
     assert (ranks / "logs" / "train.log").read_text().count("eval | step 4") == 1
-    two, one = ((json.loads(line) for line in (run / "metrics" / "eval_results.jsonl").read_text().splitlines())
+    single = grid[0] / ("eval.num_examples=8,optimizer.lr=0.001,training.effective_batch_size=8,training.eval_every=2,"
+                        "training.num_train_steps=4,training.save_every=4")
+    two, one = ([json.loads(line) for line in (run / "metrics" / "eval_results.jsonl").read_text().splitlines()]
                 for run in (ranks, single))
     for a, b in zip(two, one, strict=True):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
