@@ -26,14 +26,26 @@ def eval_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics" / "eval_results.jsonl").read_text().splitlines()]
 
 
+SWEEPS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def stop_sweeps_left_running():
+    """A failed test leaves its submitting command waiting on the cluster; stop it with the tests."""
+    yield
+    for proc in SWEEPS:
+        proc.kill()
+
+
 def start_sweep(tmp_path: Path, cache_dir: Path, *overrides: str) -> subprocess.Popen:
     """`python main.py -m` on the cluster in the background; its output goes to tmp_path/sweep.out."""
     assert "SLURM_CONF" in os.environ, "run these tests through `make test-slurm` (tests/slurm/cluster.sh)"
     env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir)}
     with open(tmp_path / "sweep.out", "w") as out:
-        return subprocess.Popen([sys.executable, str(ROOT / "main.py"), "-m", f"output_root={tmp_path / 'outputs'}",
-                                 *LAUNCHER, "logging=none", "eval.num_examples=8", *overrides],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        SWEEPS.append(subprocess.Popen([sys.executable, str(ROOT / "main.py"), "-m", f"output_root={tmp_path / 'outputs'}",
+                                        *LAUNCHER, "logging=none", "eval.num_examples=8", *overrides],
+                                       cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+    return SWEEPS[-1]
 
 
 def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float) -> str:
