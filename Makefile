@@ -34,11 +34,13 @@ test: install
 test-slurm: install
 	tests/slurm/cluster.sh $(PY) -m pytest -q -m slurm tests/slurm
 
-# make download [TRACK=news|geminon]: every track in data/download.yaml when TRACK is not given.
+# make download [TRACK=news|geminon] [REVISION=main]: every track in data/download.yaml when TRACK is not
+# given, at its pinned revision unless REVISION names another.
 download: install
-	$(VENV)/bin/cbe download $(if $(TRACK),--track $(TRACK)) --data-dir $(DATA_DIR)
+	$(VENV)/bin/cbe download $(if $(TRACK),--track $(TRACK)) $(if $(REVISION),--revision $(REVISION)) --data-dir $(DATA_DIR)
 
-# make format TRACK=news: render the raw news articles as Title/Date/Article text, in place.
+# make format TRACK=news: render the raw news articles as Title/Date/Article text as the benchmark does
+# (dates as "Sep 01 (2025-09-01 00:00:00 UTC)", untitled articles dropped), train and val in place.
 format: install
 	test "$(TRACK)" = news || { echo "make format: only TRACK=news needs formatting" >&2; exit 2; }
 	$(VENV)/bin/cbe format-news --input $(DATA_DIR)/news/train.jsonl --output $(DATA_DIR)/news/train.jsonl --overwrite

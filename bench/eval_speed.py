@@ -1,8 +1,10 @@
 """QA evaluation speed: the harness's batched generate against one-question-at-a-time HF generate.
 
-Both run in this process on the same questions and model; the parsed predictions must be identical.
+Both run in this process on the same questions and model, each question behind the task's few-shot prefix
+(news's by default, as evaluation runs it); the parsed predictions must be identical.
 
     .venv/bin/python bench/eval_speed.py [--model tiny] [--checkpoint DIR] [--questions 144] [--batch-size 64]
+                                         [--prefix conf/prompts/news_3shot.txt | --prefix none]
 
 The last line is `speedup: <naive seconds / harness seconds>`.
 """
@@ -23,6 +25,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=144)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--prefix", default="conf/prompts/news_3shot.txt", help="few-shot prefix file, or none")
     args = parser.parse_args()
 
     import torch
@@ -36,9 +39,11 @@ def main() -> None:
     from cbe.run import RunDir
 
     register_configs()
-    overrides = [f"model={args.model}"] + (["mode=eval", f"checkpoint={args.checkpoint}"] if args.checkpoint else [])
+    overrides = [f"model={args.model}", f"eval.prompt_prefix_file={ROOT / args.prefix if args.prefix != 'none' else 'null'}"]
+    overrides += ["mode=eval", f"checkpoint={args.checkpoint}"] if args.checkpoint else []
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
+    cfg.eval.prompt_template = "Q: {question}\nA:"  # the real tracks' template (the sample track's is bare)
     run = RunDir(tempfile.mkdtemp())
     evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
     backend = HFTrainer(cfg, run, evaluator, Loggers(run, []))
@@ -63,7 +68,9 @@ def main() -> None:
     differ = [i for i, (a, b) in enumerate(zip(ours, naive)) if a != b]
     assert not differ, f"predictions differ on {len(differ)} questions, e.g. {ours[differ[0]]!r} vs {naive[differ[0]]!r}"
     device = "GPU" if torch.cuda.is_available() else "CPU"
-    print(f"{len(prompts)} questions, model {args.model}, {device}, {args.max_new_tokens} new tokens at most")
+    prefix_tokens = len(tok(evaluator.prefix, add_special_tokens=False)["input_ids"])
+    print(f"{len(prompts)} questions, model {args.model}, {device}, {args.max_new_tokens} new tokens at most, "
+          f"{prefix_tokens} prefix tokens per question")
     print(f"harness (batch {args.batch_size}, stop at newline): {ours_s:.2f} s, {len(prompts) / ours_s:.1f} questions/s")
     print(f"naive (one at a time, no stop):      {naive_s:.2f} s, {len(prompts) / naive_s:.1f} questions/s")
     print(f"speedup: {naive_s / ours_s:.2f}")

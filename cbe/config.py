@@ -38,12 +38,13 @@ class DataConfig:
 class EvalConfig:
     _target_: str = "cbe.eval.evaluator.QAEvaluator"
     prompt_template: str = "Q: {question}\nA:"
-    prompt_prefix_file: Optional[str] = None  # few-shot prefix put before every prompt
+    prompt_prefix_file: Optional[str] = None  # few-shot examples put before every prompt; null = zero-shot
     max_new_tokens: int = 32
     batch_size: int = 256  # questions per generate call; large batches keep a GPU busy
-    parser: str = "default"  # default | news | geminon
+    parser: str = "default"  # default | news | geminon | finegrained_geminon
     support_thresholds: list[int] = field(default_factory=list)
-    num_examples: Optional[int] = None  # evaluate only the first N questions of each set
+    num_examples: int = 3  # sample predictions printed per QA set at each evaluation (as in the benchmark)
+    max_questions: Optional[int] = None  # evaluate only the first N questions of each set
     qa_data: Optional[str] = None  # evaluate this QA file instead of the task's sets (named after its stem)
     save_details: Optional[str] = None  # also write every scored question (with its qa_set) to this file
     val_loss_batch_size: int = 8
@@ -186,6 +187,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     if cfg.mode == "eval" and cfg.checkpoint != "base" and not Path(cfg.checkpoint).is_dir():
         raise UserError(f"checkpoint={cfg.checkpoint}: no such checkpoint dir; pass a checkpoints/checkpoint-<step> "
                         "dir, a LoRA adapter dir, or checkpoint=base")
+    if cfg.eval.num_examples < 0:
+        raise UserError(f"eval.num_examples={cfg.eval.num_examples} must be 0 or more (sample predictions printed)")
+    if cfg.eval.max_questions is not None:
+        _positive(cfg, "eval.max_questions")
     if "{question}" not in cfg.eval.prompt_template:
         raise UserError(f"eval.prompt_template={cfg.eval.prompt_template!r} must contain {{question}}")
     files = {"data.train_path": cfg.data.train_path, "data.val_path": cfg.data.val_path,

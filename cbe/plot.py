@@ -1,9 +1,13 @@
 """`cbe plot`: every run under a folder on one figure: a QA metric, eval loss and train loss over optimizer steps.
 
-A run is a folder with metrics/eval_results.jsonl. The metric (default valqa_fuzzy_match, with its 95% band
-where eval_results has `<metric>_ci95`) and eval loss come from eval_results.jsonl, which a resumed run keeps
-free of duplicates; train loss comes from logs/tensorboard/ (`train/loss`, merged over the event files a
-resumed run leaves, the later file winning for a repeated step) or else the newest HF trainer_state.json.
+A cbe run is a folder with metrics/eval_results.jsonl. The metric (any eval_results key: default
+valqa_fuzzy_match, or valqa_substring_match, testqa_exact_match, ...; with its 95% band where eval_results has
+`<metric>_ci95`) and eval loss come from eval_results.jsonl, which a resumed run keeps free of duplicates;
+train loss comes from logs/tensorboard/ (`train/loss`, merged over the event files a resumed run leaves, the
+later file winning for a repeated step) or else the newest HF trainer_state.json.
+
+A JAX run of the benchmark's own harness is a folder without eval_results.jsonl whose `train/` holds
+TensorBoard scalars `loss` and whose `eval_loss/` holds scalars `eval_loss`: it adds both losses and no metric.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from cbe.errors import UserError
 from cbe.run import open_atomic, read_jsonl
 
 DEFAULT_METRIC = "valqa_fuzzy_match"
+BENCHMARK_JAX = "benchmark-jax"  # the backend label of a JAX run of the benchmark's own harness
+# A benchmark JAX run's TensorBoard subfolders, and the tag of the loss each holds.
+BENCHMARK_LOSSES = {"train": "loss", "eval_loss": "eval_loss"}
 
 Series = list[tuple[int, float]]
 
@@ -26,7 +33,7 @@ Series = list[tuple[int, float]]
 class RunCurves:
     """What one run contributes to the figure."""
     name: str  # the run dir relative to the plotted folder
-    backend: str  # hf, kd, or "?" when neither the config nor the checkpoints tell
+    backend: str  # hf, kd, benchmark-jax, or "?" when neither the config nor the checkpoints tell
     metric: Series
     metric_ci95: list[tuple[int, float, float]]
     eval_loss: Series
@@ -35,9 +42,17 @@ class RunCurves:
 
 
 def find_runs(folder: Path) -> list[Path]:
-    """Run dirs under `folder`, sorted; evaluation runs nested in a training run (<run>/eval/...) are left out."""
-    runs = sorted(p.parent.parent for p in folder.rglob("metrics/eval_results.jsonl"))
+    """Run dirs under `folder`, sorted: cbe's and the benchmark's JAX runs; runs nested in a run (evaluation
+    runs in <run>/eval/...) are left out."""
+    ours = {p.parent.parent for p in folder.rglob("metrics/eval_results.jsonl")}
+    theirs = {p.parent.parent for p in folder.rglob("events.out.tfevents.*") if p.parent.name in BENCHMARK_LOSSES}
+    runs = sorted(ours | theirs)
     return [r for r in runs if not any(other in r.parents for other in runs)]
+
+
+def is_benchmark_jax_run(run: Path) -> bool:
+    """A run dir of the benchmark's JAX harness: TensorBoard losses, no eval_results.jsonl."""
+    return not (run / "metrics" / "eval_results.jsonl").is_file()
 
 
 def backend_of(run: Path) -> str:
@@ -64,6 +79,8 @@ def read_tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
+    from tensorboard.util.tensor_util import make_ndarray
+
     files = []
     for path in folder.glob("events.out.tfevents.*"):
         events = list(LegacyEventFileLoader(str(path)).Load())
@@ -73,8 +90,10 @@ def read_tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
     for _, _, events in sorted(files, key=lambda f: f[:2]):
         for event in events:
             for value in event.summary.value:
-                if value.HasField("simple_value"):
+                if value.HasField("simple_value"):  # our writer, and TF1-style summaries
                     scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+                elif value.metadata.plugin_data.plugin_name == "scalars":  # tf.summary / clu: a 0-d tensor
+                    scalars.setdefault(value.tag, {})[event.step] = float(make_ndarray(value.tensor))
     return scalars
 
 
@@ -92,15 +111,27 @@ def _finite(points: Series) -> Series:
     return [(s, v) for s, v in points if v is not None and math.isfinite(v)]
 
 
+def gather_benchmark_jax_run(name: str, run: Path) -> RunCurves:
+    """The losses of one JAX run of the benchmark's harness (it keeps no QA metric curve)."""
+    train, evaluation = (read_tensorboard_scalars(run / sub).get(tag, {}) for sub, tag in BENCHMARK_LOSSES.items())
+    train_loss = _finite(sorted(train.items()))
+    return RunCurves(name=name, backend=BENCHMARK_JAX, metric=[], metric_ci95=[],
+                     eval_loss=_finite(sorted(evaluation.items())), train_loss=train_loss,
+                     train_loss_source="tensorboard" if train_loss else "none")
+
+
 def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
     """The curves of one run dir."""
+    name = str(run.relative_to(folder)) if run != folder else run.name
+    if is_benchmark_jax_run(run):
+        return gather_benchmark_jax_run(name, run)
     results = sorted(read_jsonl(run / "metrics" / "eval_results.jsonl"), key=lambda r: r["step"])
     scalars = read_tensorboard_scalars(run / "logs" / "tensorboard")
     train_loss, source = sorted(scalars.get("train/loss", {}).items()), "tensorboard"
     if not train_loss:
         train_loss, source = _trainer_state_loss(run), "trainer_state"
     return RunCurves(
-        name=str(run.relative_to(folder)) if run != folder else run.name,
+        name=name,
         backend=backend_of(run),
         metric=_finite([(r["step"], r.get(metric)) for r in results]),
         metric_ci95=[(r["step"], *r[f"{metric}_ci95"]) for r in results if r.get(f"{metric}_ci95")],
@@ -110,15 +141,19 @@ def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
 
 
 def gather_runs(folder: str | Path, metric: str = DEFAULT_METRIC) -> list[RunCurves]:
-    """The curves of every run under `folder`; UserError if there is none or none has `metric`."""
+    """The curves of every run under `folder`; UserError if there is none, or there are cbe runs and none has
+    `metric` (the benchmark's JAX runs have no metric, only losses)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder; pass outputs/<project> or a folder of runs under it")
-    runs = [gather_run(folder, run, metric) for run in find_runs(folder)]
+    run_dirs = find_runs(folder)
+    runs = [gather_run(folder, run, metric) for run in run_dirs]
     if not runs:
-        raise UserError(f"{folder}: no run under it has metrics/eval_results.jsonl")
-    if not any(r.metric for r in runs):
-        keys = sorted({k for run in find_runs(folder) for line in read_jsonl(run / "metrics" / "eval_results.jsonl")
+        raise UserError(f"{folder}: no run under it (no metrics/eval_results.jsonl, nor a benchmark JAX run's "
+                        f"train/ or eval_loss/ TensorBoard files)")
+    ours = [run for run in run_dirs if not is_benchmark_jax_run(run)]
+    if ours and not any(r.metric for r in runs):
+        keys = sorted({k for run in ours for line in read_jsonl(run / "metrics" / "eval_results.jsonl")
                        for k, v in line.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "timestamp")})
         raise UserError(f"no run under {folder} has {metric!r} in eval_results.jsonl; try --metric with one of "
@@ -147,8 +182,12 @@ def plot_runs(runs: list[RunCurves], metric: str, path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("optimizer steps")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize="small", frameon=False)
+    legend = {}  # one entry per run, also for runs with no metric curve
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels, handles = list(legend), list(legend.values())
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, min(3, len(labels))), fontsize="small", frameon=False)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3), 1, 1))
     with open_atomic(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)

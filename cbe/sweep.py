@@ -21,7 +21,7 @@ SUMMARY_FILE = "sweep_summary.jsonl"
 
 
 def _is_qa_metric(key: str) -> bool:
-    return key.endswith(("_exact_match", "_fuzzy_match", "_token_f1")) and "_supports_ge_" not in key
+    return key.endswith(("_exact_match", "_substring_match", "_fuzzy_match", "_token_f1")) and "_supports_ge_" not in key
 
 
 def summarize_job(job_dir: Path) -> dict[str, Any]:
@@ -51,9 +51,10 @@ def summarize_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
-    """The sweep at a glance: each job's overrides, last step, eval loss and valqa/testqa match (final / best)."""
-    columns = [("eval_loss", "eval_loss"), ("valqa_exact_match", "valqa exact"), ("valqa_fuzzy_match", "valqa fuzzy"),
-               ("testqa_exact_match", "testqa exact"), ("testqa_fuzzy_match", "testqa fuzzy")]
+    """The sweep at a glance: each job's overrides, last step, eval loss and valqa/testqa exact, substring and fuzzy
+    match (final / best); a metric no job has gets no column."""
+    columns = [("eval_loss", "eval_loss"), *((f"{qa_set}_{name}_match", f"{qa_set} {name}")
+                                             for qa_set in ("valqa", "testqa") for name in ("exact", "substring", "fuzzy"))]
     columns = [(key, title) for key, title in columns if any(f"final_{key}" in s for s in summaries)]
 
     def cell(value: Any) -> str:

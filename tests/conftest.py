@@ -57,7 +57,7 @@ def tiny_wandb_run(tmp_path_factory, cache_dir) -> Path:
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **FAKE_SECRETS}
     run_main_under(output_root, cache_dir, "logging=tensorboard_wandb", "logging.project_name=cbe-test",
                    "logging.run_name=sample/tiny", "training.num_train_steps=4", "training.eval_every=2",
-                   "eval.num_examples=4", "logging.log_every_n_steps=1", env=env, timeout=300)
+                   "eval.max_questions=4", "logging.log_every_n_steps=1", env=env, timeout=300)
     return output_root / "cbe-test" / "sample" / "tiny"
 
 

@@ -1,9 +1,10 @@
 """A local stand-in for the HuggingFace hub on 127.0.0.1, answering the way huggingface.co does.
 
 It serves dataset files at named revisions (HEAD and GET on /datasets/<repo>/resolve/<rev>/<path>, with
-Range requests), lists a repo's tree (/api/datasets/<repo>/tree/<rev>), refuses with the hub's error codes
-(401 GatedRepo without the right token, 404 RepoNotFound / RevisionNotFound / EntryNotFound), and can drop
-a connection part way through a file or stall there, to interrupt a transfer.
+Range requests), lists a repo's files and folders (/api/datasets/<repo>/tree/<rev>, the top level or, with
+?recursive=true, all), refuses with the hub's error codes (401 GatedRepo without the right token, 404
+RepoNotFound / RevisionNotFound / EntryNotFound), and can drop a connection part way through a file or
+stall there, to interrupt a transfer. tests/published_hub.py holds the benchmark's two repos as published.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import http.server
 import json
 import threading
 import time
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 class HubStandIn:
@@ -27,7 +28,7 @@ class HubStandIn:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> "HubStandIn":
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()  # quick shutdown
         return self
 
     def __exit__(self, *exc) -> None:
@@ -71,23 +72,30 @@ class HubStandIn:
                 self.route()
 
             def route(self):
-                path = unquote(urlparse(self.path).path)
+                url = urlparse(self.path)
+                path = unquote(url.path)
                 hub.requests.append((self.command, path, self.headers.get("Range")))
                 parts = path.strip("/").split("/")
                 if parts[:2] == ["api", "datasets"] and "tree" in parts:
                     at = parts.index("tree")
-                    return self.tree("/".join(parts[2:at]), parts[at + 1])
+                    recursive = parse_qs(url.query).get("recursive") in (["True"], ["true"])
+                    return self.tree("/".join(parts[2:at]), parts[at + 1], recursive)
                 if parts[0] == "datasets" and "resolve" in parts:
                     at = parts.index("resolve")
                     return self.file("/".join(parts[1:at]), parts[at + 1], "/".join(parts[at + 2:]))
                 self.refuse(404, "NotFound", f"no route {path}")
 
-            def tree(self, repo, revision):
+            def tree(self, repo, revision, recursive):
                 files = self.lookup(repo, revision)
                 if files is None:
                     return
-                body = json.dumps([{"type": "file", "path": p, "size": len(c), "oid": hashlib.sha1(c).hexdigest()}
-                                   for p, c in sorted(files.items())]).encode()
+                # The hub lists folders as entries of their own; without recursive, only the top level.
+                folders = {"/".join(p.split("/")[:depth]) for p in files for depth in range(1, p.count("/") + 1)}
+                entries = [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()}
+                           for f in sorted(folders)]
+                entries += [{"type": "file", "path": p, "size": len(c), "oid": hashlib.sha1(c).hexdigest()}
+                            for p, c in sorted(files.items())]
+                body = json.dumps([e for e in entries if recursive or "/" not in e["path"]]).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

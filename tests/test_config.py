@@ -67,7 +67,12 @@ def test_recipe_defaults():
     lora = compose_config("task=news", "model=gemma3_1b", "adapter=lora128")
     assert lora.adapter.rank == lora.adapter.alpha == 128 and lora.optimizer.lr == 2e-4
     geminon = compose_config("task=geminon")
-    assert geminon.data.sequence_length == 256 and "sensitive" in geminon.data.extra_qa_paths
+    assert geminon.data.sequence_length == 256
+    assert set(geminon.data.extra_qa_paths) == {"sensitive_valqa", "sensitive_testqa"}
+    # The benchmark evaluates behind a few-shot prefix (3 examples for news, 7 for geminon), 32 new tokens.
+    assert cfg.eval.prompt_prefix_file == "conf/prompts/news_3shot.txt"
+    assert geminon.eval.prompt_prefix_file == "conf/prompts/geminon_7shot.txt" and geminon.eval.max_new_tokens == 32
+    assert compose_config("task=news", "eval.prompt_prefix_file=null").eval.prompt_prefix_file is None
 
 
 def test_missing_track_files_say_how_to_get_them():

@@ -1,16 +1,20 @@
-"""`cbe plot`: which runs it finds, the curves it reads (TensorBoard files merged across a resume, HF
-trainer_state, eval_results with CIs) and the PNG it writes."""
+"""`cbe plot`: which runs it finds (ours, and the benchmark harness's JAX run dirs), the curves it reads
+(TensorBoard files merged across a resume, HF trainer_state, eval_results with CIs, a JAX run's tf.summary
+losses) and the PNG it writes."""
 from __future__ import annotations
 
 import json
 import math
+import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
 
 from cbe import cli
 from cbe.logging import TensorBoardLogger
-from cbe.plot import gather_runs
+from cbe.plot import gather_runs, plot_folder
 from cbe.run import RunDir, read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,6 +38,26 @@ def make_run(root: Path, name: str, results: list[dict], tensorboard_files: list
         if trainer_state:
             (run.checkpoints / checkpoint / "trainer_state.json").write_text(json.dumps(trainer_state))
     return run
+
+
+def write_benchmark_jax_run(run: Path, train: list[dict[int, float]], eval_loss: dict[int, float]) -> None:
+    """A JAX run dir as the benchmark's harness leaves it: no eval_results.jsonl, no config.yaml, and scalars
+    written as tf.summary (and clu) write them, 0-d tensors: `loss` (and the learning rate) in train/, one event
+    file per (re)start, and `eval_loss` in eval_loss/."""
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    files = [("train", "loss", losses) for losses in train] + [("eval_loss", "eval_loss", eval_loss)]
+    for folder, tag, values in files:
+        (run / folder).mkdir(parents=True, exist_ok=True)
+        writer = EventFileWriter(str(run / folder))
+        for step, value in values.items():
+            for summary in (scalar_pb(tag, value), scalar_pb("learning_rate", 1e-4)):
+                writer.add_event(Event(summary=summary, step=step, wall_time=time.time()))
+        writer.close()
+        time.sleep(0.01)  # a restart writes its event file later
 
 
 def result(step: int, fuzzy: float, eval_loss: float, ci: list[float] | None = None) -> dict:
@@ -84,12 +108,13 @@ def test_plot_writes_one_png_in_the_folder(runs_folder, capsys):
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 20_000
     assert [p.name for p in runs_folder.iterdir() if p.name.startswith(".")] == []  # no temp file left
     out = capsys.readouterr().out
-    assert "tiny-full-kd (kd): 3 evaluations, 4 train-loss points from tensorboard" in out
+    assert "tiny-full-kd (kd): 3 evaluations, 3 eval-loss points, 4 train-loss points from tensorboard" in out
     assert f"wrote {png}" in out
 
 
 @pytest.mark.parametrize("case, message", [
-    ("empty", "no run under it has metrics/eval_results.jsonl"),
+    ("empty", "no run under it (no metrics/eval_results.jsonl, nor a benchmark JAX run's train/ or eval_loss/ "
+              "TensorBoard files)"),
     ("missing", "no such folder"),
     ("metric", "has 'valqa_bleu' in eval_results.jsonl; try --metric with one of eval_loss, valqa_exact_match, "
                "valqa_fuzzy_match, valqa_n"),
@@ -115,3 +140,35 @@ def test_plot_of_a_real_run(tiny_wandb_run, tmp_path):
     assert run.eval_loss == [(r["step"], r["eval_loss"]) for r in results] and [s for s, _ in run.eval_loss] == [0, 2, 4]
     assert [s for s, _ in run.train_loss] == [1, 2, 3, 4] and run.train_loss_source == "tensorboard"
     assert all(math.isfinite(v) and 0 < v < 20 for _, v in run.train_loss)
+
+
+def test_benchmark_jax_runs_plot_their_losses_beside_our_runs(tmp_path, capsys):
+    folder = tmp_path / "outputs"
+    make_run(folder, "tiny-full-hf", [{"step": 0, "eval_loss": 3.0, "valqa_substring_match": 0.25},
+                                      {"step": 20, "eval_loss": 2.0, "valqa_substring_match": 0.75}],
+             tensorboard_files=[{10: 4.0, 20: 3.5}], backend="hf")
+    # Killed after step 30 and restarted from 20: the second event file rewrites step 30.
+    write_benchmark_jax_run(folder / "benchmark" / "gemma3-1b-news", train=[{10: 3.0, 20: 2.5, 30: 9.5},
+                                                                           {30: 2.0, 40: 1.75}],
+                            eval_loss={20: 2.75, 40: 2.25})
+    cli.main(["plot", str(folder), "--metric", "valqa_substring_match"])
+    png = folder / "runs_plot.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    runs = {r.name: r for r in gather_runs(folder, "valqa_substring_match")}
+    assert sorted(runs) == ["benchmark/gemma3-1b-news", "tiny-full-hf"]
+    jax = runs["benchmark/gemma3-1b-news"]
+    assert (jax.backend, jax.metric, jax.metric_ci95) == ("benchmark-jax", [], [])
+    assert jax.train_loss == [(10, 3.0), (20, 2.5), (30, 2.0), (40, 1.75)] and jax.train_loss_source == "tensorboard"
+    assert jax.eval_loss == [(20, 2.75), (40, 2.25)]
+    assert runs["tiny-full-hf"].metric == [(0, 0.25), (20, 0.75)]
+    out = capsys.readouterr().out
+    assert ("benchmark/gemma3-1b-news (benchmark-jax): no valqa_substring_match curve (the benchmark's JAX runs keep "
+            "only losses), 2 eval-loss points, 4 train-loss points from tensorboard") in out
+    assert "tiny-full-hf (hf): 2 evaluations, 2 eval-loss points, 2 train-loss points from tensorboard" in out
+
+
+def test_a_folder_of_benchmark_jax_runs_alone_is_plotted(tmp_path):
+    write_benchmark_jax_run(tmp_path / "run", train=[{1: 2.5, 2: 2.0}], eval_loss={2: 2.25})
+    path, (run,) = plot_folder(tmp_path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert (run.name, run.metric, run.eval_loss, run.train_loss) == ("run", [], [(2, 2.25)], [(1, 2.5), (2, 2.0)])

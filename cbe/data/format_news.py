@@ -1,22 +1,30 @@
-"""Turn the raw news corpus into training text: one `{"text", "article_idx"}` line per article.
+"""Turn the raw news corpus into training text: one `{"text", "article_idx"}` line per article, rendered
+exactly as the benchmark renders it, so a model trained through cbe sees the benchmark's text.
 
 Input records are `{url, hostname, title, date, crawl_date, language, text, article_idx}`; `text` is
 required and non-empty, `title` and `date` may be missing, null or empty. Each becomes
 
     {"text": "Title: <title>\\nDate: <date>\\nArticle: <text>", "article_idx": <article_idx>}
 
-with `article_idx` kept as is (the key is left out only when the input lacks it). A missing, null or blank
-title or date drops its whole line (see MISSING_HEADER): "Date: 2024-05-01\\nArticle: ..." for an untitled
-article, so the model never trains on placeholder text such as "Title: None" or "Title: (untitled)".
+with `article_idx` kept as is (the key is left out only when the input lacks it). As the benchmark does:
+- runs of whitespace in the title and date (spaces, tabs, newlines) become one space, and both are stripped;
+- an untitled article (title missing, null or blank) is dropped and counted in the report; with
+  keep_untitled it is kept without a Title line ("Date: ...\\nArticle: ..."), never as "Title: None";
+- an ISO date is shown as `Sep 01 (2025-09-01 00:00:00 UTC)`: what datetime.fromisoformat accepts counts as
+  ISO (Python 3.11: `2025-09-01`, `20250901`, `2025-W36-1`, a time after `T` or a space, down to fractions
+  of a second, which are not shown, with `Z` or an offset such as `+02:00`); an offset-aware time is
+  converted to UTC and a naive one is taken as UTC. Any other date is kept as it is (after the whitespace
+  collapse), and a missing, null or blank one becomes `N/A`.
 
 The file is streamed line by line (constant memory) into a temp file next to the output that replaces it
 only when every line went through (cbe.run.open_atomic), so formatting in place is safe: on a bad line,
 an exception or Ctrl-C the input stays byte for byte as it was. Input whose first record is already
 formatted (no url/title/date fields, text laid out as above) is left alone and nothing is written, so
-running the step twice never produces "Title: Title: ...".
+running the step twice never produces "Title: Title: ..."; a file formatted by an older cbe, whose
+headers are not rendered as above, is refused, so it is not silently trained on.
 
-normalize=True also cleans the scraped title, date and text (normalize_text); it is idempotent and leaves
-clean text exactly as it is.
+normalize=True also cleans the scraped title, date and text (normalize_text) before the rules above; it is
+idempotent and leaves clean text exactly as it is.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -35,11 +44,11 @@ from cbe.data.jsonl import parse_record
 from cbe.errors import UserError
 from cbe.run import open_atomic
 
-# The header lines, in order, and the field each one shows.
-HEADERS = {"title": "Title", "date": "Date"}
-# What a missing, null or blank title/date renders as: None drops its line entirely (a placeholder string
-# here, e.g. "(untitled)", would be rendered instead).
-MISSING_HEADER: str | None = None
+# The header fields, each str or null in a raw record.
+HEADERS = ("title", "date")
+# The benchmark's date rendering, and what it shows for a missing date.
+DATE_FORMAT = "%b %d (%Y-%m-%d %H:%M:%S UTC)"  # %b is English: Python leaves LC_TIME at "C" unless told
+MISSING_DATE = "N/A"
 # Fields only a raw record has: a record without any of them whose text follows the template is formatted.
 RAW_ONLY_FIELDS = ("url", "title", "date")
 SHOWN_BAD_LINES = 5  # how many bad line numbers the report keeps
@@ -53,6 +62,7 @@ class FormatReport:
     input_path: Path
     output_path: Path
     articles: int = 0  # articles written
+    untitled: int = 0  # untitled articles dropped (keep_untitled=False)
     bad_lines: int = 0  # malformed lines skipped (skip_bad=True)
     first_bad_lines: list[int] = field(default_factory=list)  # the first few of their line numbers
     first_error: str = ""  # why the first of them was bad
@@ -62,6 +72,8 @@ class FormatReport:
         if self.already_formatted:
             return f"{self.input_path} is already formatted; nothing written"
         text = f"formatted {self.articles} articles into {self.output_path}"
+        if self.untitled:
+            text += f"; dropped {self.untitled} untitled"
         if self.bad_lines:
             more = ", ..." if self.bad_lines > len(self.first_bad_lines) else ""
             lines = ", ".join(map(str, self.first_bad_lines)) + more
@@ -70,11 +82,12 @@ class FormatReport:
 
 
 def format_news(input_path: str | Path, output_path: str | Path, overwrite: bool = False,
-                normalize: bool = False, skip_bad: bool = False) -> FormatReport:
+                normalize: bool = False, skip_bad: bool = False, keep_untitled: bool = False) -> FormatReport:
     """Format the raw news corpus at `input_path` into `output_path` (which may be the same file).
 
     Raises UserError, naming file:line, on a malformed line unless `skip_bad`, which skips and counts it;
-    refuses to replace an existing output unless `overwrite`.
+    refuses to replace an existing output unless `overwrite`. Untitled articles are dropped and counted,
+    as the benchmark does, unless `keep_untitled`.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
@@ -85,14 +98,15 @@ def format_news(input_path: str | Path, output_path: str | Path, overwrite: bool
         raise UserError(f"{output_path} exists; pass --overwrite to replace it")
     report = FormatReport(input_path, output_path)
     with input_path.open("rb") as lines:
-        articles = _articles(lines, input_path, normalize, skip_bad, report)
+        articles = _articles(lines, input_path, normalize, skip_bad, keep_untitled, report)
         # Read ahead one article before opening the output: formatted or empty input must not touch it.
         first = next(articles, None)
         if report.already_formatted:
             return report
         if first is None:
-            skipped = f" ({report.bad_lines} bad lines skipped; first: {report.first_error})"
-            raise UserError(f"{input_path}: no articles to format" + (skipped if report.bad_lines else ""))
+            why = [f"{report.untitled} untitled dropped; pass --keep-untitled to keep them"] if report.untitled else []
+            why += [f"{report.bad_lines} bad lines skipped; first: {report.first_error}"] if report.bad_lines else []
+            raise UserError(f"{input_path}: no articles to format" + (f" ({'; '.join(why)})" if why else ""))
         with open_atomic(output_path, "w", encoding="utf-8", buffering=1 << 20) as out, \
                 tqdm(desc=f"formatting {input_path.name}", unit="article", disable=None) as bar:
             for article in itertools.chain([first], articles):
@@ -102,11 +116,11 @@ def format_news(input_path: str | Path, output_path: str | Path, overwrite: bool
     return report
 
 
-def _articles(lines: BinaryIO, path: Path, normalize: bool, skip_bad: bool,
+def _articles(lines: BinaryIO, path: Path, normalize: bool, skip_bad: bool, keep_untitled: bool,
               report: FormatReport) -> Iterator[dict[str, Any]]:
     """The formatted articles of an open raw corpus, line by line. Stops at once, setting
-    report.already_formatted, when the first record is formatted; a bad line raises or, with skip_bad,
-    is counted in the report and skipped."""
+    report.already_formatted, when the first record is formatted as this module formats; a bad line raises
+    or, with skip_bad, is counted in the report and skipped; a dropped untitled article is counted."""
     first = True
     for line_number, line in enumerate(lines, 1):
         if line.isspace():
@@ -116,12 +130,16 @@ def _articles(lines: BinaryIO, path: Path, normalize: bool, skip_bad: bool,
             record = parse(line, where)
             if looks_formatted(record):
                 if first:
+                    if not rendered_as_benchmark(record["text"]):
+                        raise UserError(f"{where}: formatted by an older cbe, not as the benchmark renders news "
+                                        "(dates as 'Sep 01 (2025-09-01 00:00:00 UTC)' or 'N/A'); format the raw "
+                                        "file again (make download TRACK=news, then make format TRACK=news)")
                     report.already_formatted = True
                     return
                 # Formatting it again would bury a header inside the article text.
                 raise UserError(f"{where}: already formatted while earlier lines are raw; the file mixes both")
             first = False
-            article = render(record, normalize, where)
+            article = render(record, normalize, where, keep_untitled)
         except UserError as e:
             if not skip_bad:
                 raise
@@ -129,6 +147,9 @@ def _articles(lines: BinaryIO, path: Path, normalize: bool, skip_bad: bool,
             if len(report.first_bad_lines) < SHOWN_BAD_LINES:
                 report.first_bad_lines.append(line_number)
             report.first_error = report.first_error or str(e)
+            continue
+        if article is None:
+            report.untitled += 1
             continue
         yield article
 
@@ -155,24 +176,54 @@ def looks_formatted(record: dict[str, Any]) -> bool:
             and (text.startswith("Article: ") or "\nArticle: " in text))
 
 
-def render(record: dict[str, Any], normalize: bool, where: str) -> dict[str, Any]:
-    """The output line of one raw record."""
+def rendered_as_benchmark(text: str) -> bool:
+    """Whether formatted text has the headers render writes: a collapsed title, if any, then a Date line that
+    render_date leaves as it is. Text from an older cbe fails: no Date line, or a date such as 2024-05-01."""
+    head = text.split("\n", 2)
+    if head[0].startswith("Title: "):
+        title = head.pop(0).removeprefix("Title: ")
+        if not title or title != collapse_whitespace(title):
+            return False
+    date = head[0].removeprefix("Date: ")
+    return (head[0].startswith("Date: ") and len(head) > 1 and head[1].startswith("Article: ")
+            and render_date(date) == date)
+
+
+def render(record: dict[str, Any], normalize: bool, where: str, keep_untitled: bool = False) -> dict[str, Any] | None:
+    """The output line of one raw record; None for an untitled one, which is dropped unless keep_untitled."""
     clean = normalize_text if normalize else str  # str() of a str is the str itself
-    lines = []
-    for name, label in HEADERS.items():
-        value = clean(record.get(name) or "")
-        if value.strip():
-            lines.append(f"{label}: {value}")
-        elif MISSING_HEADER is not None:
-            lines.append(f"{label}: {MISSING_HEADER}")
     text = clean(record["text"])
     if not text.strip():
         raise UserError(f"{where}: field 'text' is empty once normalized")
-    lines.append(f"Article: {text}")
+    title = collapse_whitespace(clean(record.get("title") or ""))
+    if not title and not keep_untitled:
+        return None
+    lines = [f"Title: {title}"] if title else []  # a kept untitled article has no Title line
+    lines += [f"Date: {render_date(clean(record.get('date') or ''))}", f"Article: {text}"]
     article = {"text": "\n".join(lines)}
     if "article_idx" in record:
         article["article_idx"] = record["article_idx"]
     return article
+
+
+def render_date(date: str) -> str:
+    """A date as the benchmark shows it: ISO as 'Sep 01 (2025-09-01 00:00:00 UTC)', blank as 'N/A', any other
+    as it is (whitespace collapsed). Rendering a rendered date changes nothing."""
+    date = collapse_whitespace(date)
+    if not date:
+        return MISSING_DATE
+    try:
+        moment = datetime.fromisoformat(date)
+        # A naive time is taken as UTC; an aware one is converted (which can overflow at year 1 or 9999).
+        moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        return date
+    return moment.strftime(DATE_FORMAT)
+
+
+def collapse_whitespace(text: str) -> str:
+    """Runs of whitespace (spaces, tabs, newlines, other Unicode spaces) as one space, stripped."""
+    return " ".join(text.split())
 
 
 # Only ";"-terminated references: html.unescape alone also decodes legacy names without one

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,6 +15,13 @@ CORPUS_FIELDS: Fields = {"text": (str,)}
 QA_FIELDS: Fields = {"question": (str,), "answer": (str, int, float)}
 # Checked when present: news QA lists the supporting article ids, the sample track counts them.
 OPTIONAL_FIELDS: Fields = {"supports": (int, list)}
+# A QA record's fields that name it (geminon_idx, geminon_name, an id).
+ID_FIELD = re.compile(r"(.*_)?(id|idx|name)")
+
+
+def strata_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """What details keep of a QA record besides question and answer: its supports and ids, for strata and joins."""
+    return {k: v for k, v in record.items() if k == "supports" or ID_FIELD.fullmatch(k)}
 
 
 def parse_record(line: str, where: str, required: Fields) -> dict[str, Any]:

@@ -7,9 +7,8 @@ from typing import Any, Protocol, Sequence
 
 from omegaconf import DictConfig
 
-from cbe.data.jsonl import load_qa
-from cbe.eval.metrics import score_answer, summarize
-from cbe.eval.parse import PARSERS
+from cbe.data.jsonl import load_qa, strata_fields
+from cbe.eval.metrics import MATCHES, score_answer, summarize
 from cbe.run import RunDir, is_main_process, write_jsonl_atomic
 
 
@@ -21,24 +20,30 @@ class Model(Protocol):
     def loss(self, rows: Any, batch_size: int) -> float: ...
 
 
+def few_shot_prefix(path: str | None) -> str:
+    """A prefix file's text, ending in the blank line that separates its last example from the question."""
+    return Path(path).read_text(encoding="utf-8").rstrip() + "\n\n" if path else ""
+
+
 class QAEvaluator:
     """Asks every QA set's questions, scores the parsed answers and writes eval_details/."""
 
     def __init__(self, data: DictConfig, run: RunDir, prompt_template: str, prompt_prefix_file: str | None,
                  max_new_tokens: int, batch_size: int, parser: str, support_thresholds: Sequence[int],
-                 num_examples: int | None, val_loss_batch_size: int, qa_data: str | None = None,
+                 num_examples: int, max_questions: int | None, val_loss_batch_size: int, qa_data: str | None = None,
                  save_details: str | None = None):
         self.run = run
         self.prompt_template = prompt_template
-        self.prefix = Path(prompt_prefix_file).read_text() if prompt_prefix_file else ""
+        self.prefix = few_shot_prefix(prompt_prefix_file)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.parse = PARSERS[parser]
+        self.parser = parser
         self.support_thresholds = list(support_thresholds)
+        self.num_examples = num_examples
         self.val_loss_batch_size = val_loss_batch_size
         paths = {"valqa": data.valqa_path, "testqa": data.testqa_path, **data.extra_qa_paths}
         if qa_data:
             paths = {Path(qa_data).stem: qa_data}
-        self.qa_sets = {name: load_qa(path)[:num_examples] for name, path in paths.items()}
+        self.qa_sets = {name: load_qa(path)[:max_questions] for name, path in paths.items()}
         self.save_details = save_details
         self.last_details: dict[str, list[dict[str, Any]]] = {}
 
@@ -46,11 +51,14 @@ class QAEvaluator:
         return self.prefix + self.prompt_template.format(question=record["question"])
 
     def score(self, records: Sequence[dict[str, Any]], raw_predictions: Sequence[str]) -> list[dict[str, Any]]:
-        """One details record per question: the record's own fields, the prompt, the raw and parsed answer, the scores."""
+        """One details record per question: what scoring, judging and strata need (question, gold, supports, the
+        record's ids, the prompt, the raw and parsed answer, the scores), never the whole QA record, whose
+        other fields (news's closedbook_*/openbook_*) would make every evaluation hundreds of MB."""
         details = []
         for record, raw in zip(records, raw_predictions):
-            details.append({**record, "prompt": self.prompt(record), "raw_prediction": raw,
-                            "ground_truth": record["answer"], **score_answer(raw, record["answer"], self.parse)})
+            details.append({"question": record["question"], "ground_truth": record["answer"],
+                            **strata_fields(record), "prompt": self.prompt(record), "raw_prediction": raw,
+                            **score_answer(raw, record["answer"], self.parser, record["question"])})
         return details
 
     def evaluate(self, model: Model, step: int, val_rows: Any) -> dict[str, Any]:
@@ -68,24 +76,26 @@ class QAEvaluator:
                                                    for d in details])
         return metrics
 
-    def report(self, metrics: dict[str, Any], examples: int = 3) -> str:
-        """A table of every set's metrics with 95% CIs, then a few predictions marked exact, fuzzy or wrong."""
+    def report(self, metrics: dict[str, Any]) -> str:
+        """A table of every set's metrics with 95% CIs, then eval.num_examples predictions per set marked exact,
+        substring, fuzzy or wrong."""
         def ci(bounds):
             return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
+        width = max([18, *(len(name) + 2 for name in self.qa_sets)])
         lines = [f"step {metrics['step']}  eval_loss {metrics['eval_loss']:.4f}",
-                 f"{'set':<12}{'n':>6}{'exact':>8}{'95% CI':>16}{'fuzzy':>8}{'95% CI':>16}{'f1':>8}"]
+                 f"{'set':<{width}}{'n':>6}" + "".join(f"{title:>8}{'95% CI':>16}" for title in ("exact", "substr", "fuzzy"))
+                 + f"{'f1':>8}"]
         for name in self.qa_sets:
-            m = {key: metrics[f"{name}_{key}"] for key in ("n", "exact_match", "exact_match_ci95", "fuzzy_match",
-                                                            "fuzzy_match_ci95", "token_f1")}
-            if not m["n"]:
-                lines.append(f"{name:<12}{0:>6}")
-                continue
-            lines.append(f"{name:<12}{m['n']:>6}{m['exact_match']:>8.3f}{ci(m['exact_match_ci95']):>16}"
-                         f"{m['fuzzy_match']:>8.3f}{ci(m['fuzzy_match_ci95']):>16}{m['token_f1']:>8.3f}")
+            n = metrics[f"{name}_n"]
+            row = f"{name:<{width}}{n:>6}"
+            if n:
+                row += "".join(f"{metrics[f'{name}_{m}']:>8.3f}{ci(metrics[f'{name}_{m}_ci95']):>16}" for m in MATCHES)
+                row += f"{metrics[f'{name}_token_f1']:>8.3f}"
+            lines.append(row)
         for name, details in self.last_details.items():
-            for d in details[:examples]:
-                mark = "exact" if d["exact_match"] else "fuzzy" if d["fuzzy_match"] else "wrong"
+            for d in details[:self.num_examples]:
+                mark = next((m.removesuffix("_match") for m in MATCHES if d[m]), "wrong")
                 lines.append(f"[{mark}] {name}: {d['question']!r} -> {d['parsed_prediction']!r} "
                              f"(gold {d['ground_truth']!r})")
         return "\n".join(lines)

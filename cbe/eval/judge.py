@@ -1,10 +1,11 @@
-"""LLM judge: re-score a saved eval_details file with Gemini, which also credits paraphrases and more
-specific answers that exact and fuzzy match miss.
+"""LLM judge: re-score a saved eval_details file (of cbe or of the benchmark's harness) with Gemini, which also
+credits paraphrases and more specific answers that exact, substring and fuzzy match miss.
 
 Each record is judged by its index in the input. Verdicts are appended to `<name>_llm_judged.jsonl` as they
 arrive (completion order, one flushed line each, so a kill loses only the records in flight); at the end the
-file is rewritten in input order and `<name>_summary.jsonl` is written, both atomically. `resume` keeps the
-records already judged and asks again for the rest, errors included. A record the judge could not score is
+file is rewritten in input order and `<name>_summary.jsonl` is written, both atomically: one line for all
+records, one per support threshold k (supports >= k) and one per value of each stratify field. `resume` keeps
+the records already judged and asks again for the rest, errors included. A record the judge could not score is
 kept with `llm_judge_error`, never counted as a 0.
 """
 from __future__ import annotations
@@ -21,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from cbe.data.jsonl import iter_jsonl, support_count
+from cbe.data.jsonl import support_count
 from cbe.errors import UserError
-from cbe.eval.metrics import bootstrap_ci95, exact_match, fuzzy_match
+from cbe.eval.details import join_qa, load_details, support_thresholds_for
+from cbe.eval.metrics import MATCHES, METRICS, bootstrap_ci95
 from cbe.run import write_jsonl_atomic
 
 DEFAULT_KEYS_FILE = "secrets/gemini_keys.txt"
@@ -158,15 +160,21 @@ def output_paths(input_path: Path, output_dir: str | Path | None) -> tuple[Path,
     return folder / f"{input_path.stem}_llm_judged.jsonl", folder / f"{input_path.stem}_summary.jsonl"
 
 
-def load_details(path: Path) -> list[dict[str, Any]]:
-    """The records to judge: question, ground_truth and a parsed_prediction or raw_prediction string."""
-    records = list(iter_jsonl(path, {"question": (str,), "ground_truth": (str, int, float)}))
-    for number, record in enumerate(records, 1):
-        if not isinstance(prediction_of(record), str):
-            raise UserError(f"{path}: record {number} has no parsed_prediction or raw_prediction string")
-    if not records:
-        raise UserError(f"{path}: no records to judge")
-    return records
+def load_judge_input(path: Path, qa: str | Path | None = None,
+                     stratify: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records to judge (question, ground_truth and a parsed_prediction or raw_prediction string), with the
+    supports and ids of their questions in the QA file `qa` when given, and notes for the user."""
+    records = load_details(path, "judge", predictions=("parsed_prediction", "raw_prediction"),
+                           required={"question": (str,), "ground_truth": (str, int, float)})
+    notes = []
+    if qa:
+        records, note = join_qa(records, qa, path)
+        notes.append(note)
+    for name in stratify:
+        if not any(name in r for r in records):
+            raise UserError(f"--stratify {name}: no record of {path} has this field "
+                            f"(fields: {', '.join(sorted(records[0]))})")
+    return records, notes
 
 
 def read_judged(path: Path, records: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -190,26 +198,28 @@ def read_judged(path: Path, records: Sequence[dict[str, Any]]) -> dict[int, dict
 
 
 # -- summary ------------------------------------------------------------------------------------------
-def _matches(record: dict[str, Any]) -> tuple[bool, bool]:
-    """Exact and fuzzy match as the details file has them (computed for files without them)."""
-    prediction, gold = prediction_of(record), str(record["ground_truth"])
-    return (bool(record.get("exact_match", exact_match(prediction, gold))),
-            bool(record.get("fuzzy_match", fuzzy_match(prediction, gold))))
+def _match(record: dict[str, Any], name: str) -> bool:
+    """A yes/no metric as the details file has it (computed for files without it, e.g. substring_match in
+    files older than it)."""
+    if name in record:
+        return bool(record[name])
+    return METRICS[name](prediction_of(record), str(record["ground_truth"]))
 
 
 def _stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     scored = [r for r in records if r.get("llm_match") is not None]
     out: dict[str, Any] = {"n": len(records), "judged": len(scored), "errors": len(records) - len(scored)}
     llm = [float(r["llm_match"]) for r in scored]
-    exact, fuzzy = zip(*(_matches(r) for r in scored)) if scored else ((), ())
     out["llm_match"] = sum(llm) / len(llm) if llm else None
     out["llm_match_ci95"] = bootstrap_ci95(llm)
-    out["exact_match"] = sum(exact) / len(exact) if exact else None
-    out["fuzzy_match"] = sum(fuzzy) / len(fuzzy) if fuzzy else None
+    matches = {name: [_match(r, name) for r in scored] for name in MATCHES}  # exact, substring, fuzzy
+    for name, values in matches.items():
+        out[name] = sum(values) / len(values) if values else None
     # Flips: records whose verdict the judge changes, relative to each string metric (over judged records).
-    for name, metric in (("exact", exact), ("fuzzy", fuzzy)):
-        out[f"judge_yes_{name}_no"] = sum(1 for j, m in zip(llm, metric) if j and not m)
-        out[f"judge_no_{name}_yes"] = sum(1 for j, m in zip(llm, metric) if m and not j)
+    for name, values in matches.items():
+        short = name.removesuffix("_match")
+        out[f"judge_yes_{short}_no"] = sum(1 for j, m in zip(llm, values) if j and not m)
+        out[f"judge_no_{short}_yes"] = sum(1 for j, m in zip(llm, values) if m and not j)
     return out
 
 
@@ -224,52 +234,67 @@ def _value_order(value: Any) -> tuple:
     return (value is None, not number, value if number else str(value))
 
 
-def summarize_judged(records: Sequence[dict[str, Any]], stratify: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """One line overall, one per support count and one per value of each `stratify` field."""
-    lines = [{"group": "overall", "value": None, **_stats(records)}]
-    groups: list[tuple[str, Any]] = [("supports", support_count)] if any("supports" in r for r in records) else []
-    groups += [(name, lambda r, name=name: _hashable(r.get(name))) for name in stratify]
-    for name, value_of in groups:
-        values = sorted({value_of(r) for r in records}, key=_value_order)
-        for value in values:
-            lines.append({"group": name, "value": value, **_stats([r for r in records if value_of(r) == value])})
+def summarize_judged(records: Sequence[dict[str, Any]], stratify: Sequence[str] = (),
+                     support_thresholds: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """One line for all records, one per support threshold k (group supports_ge, value k: records with
+    supports >= k) and one per value of each `stratify` field."""
+    lines = [{"group": "all", "value": None, **_stats(records)}]
+    for k in support_thresholds:
+        lines.append({"group": "supports_ge", "value": k, **_stats([r for r in records if support_count(r) >= k])})
+    for name in stratify:
+        for value in sorted({_hashable(r.get(name)) for r in records}, key=_value_order):
+            group = [r for r in records if _hashable(r.get(name)) == value]
+            lines.append({"group": name, "value": value, **_stats(group)})
     return lines
 
 
 # -- the run ------------------------------------------------------------------------------------------
+VERDICT_FIELDS = ("index", "judge_model", "llm_match", "llm_judge_answer", "llm_judge_error")
+
+
 @dataclass
 class JudgeReport:
     judged_path: Path
     summary_path: Path
-    overall: dict[str, Any]
+    overall: dict[str, Any]  # the summary's first line: every record judged in this scope
     resumed: int  # records kept from a previous run
+    notes: list[str]  # what the user should know about the summary (no supports, questions not in the QA file)
+
+
+def earlier_verdicts(judged_path: Path, records: Sequence[dict[str, Any]], model: str,
+                     resume: bool) -> dict[int, dict[str, Any]]:
+    """The finished verdicts of a previous run (none without one); UserError if there is one and `resume` is
+    off, or it asked another judge model."""
+    if not judged_path.exists():
+        return {}
+    if not resume:
+        raise UserError(f"{judged_path} exists; pass --resume to continue it, or delete it to judge again")
+    done = {i: r for i, r in read_judged(judged_path, records).items() if r.get("llm_match") is not None}
+    other_models = sorted({str(r.get("judge_model")) for r in done.values()} - {model})
+    if other_models:
+        raise UserError(f"{judged_path} was judged with {', '.join(other_models)}, not {model}; resume "
+                        f"with that --model, or delete the file to judge again")
+    return done
 
 
 def judge_file(input_path: str | Path, judge: GeminiJudge, output_dir: str | Path | None = None,
-               concurrency: int = 8, resume: bool = False, stratify: Sequence[str] = ()) -> JudgeReport:
-    """Judge every record of an eval_details file and write the judged records and their summary."""
+               concurrency: int = 8, resume: bool = False, stratify: Sequence[str] = (),
+               qa: str | Path | None = None, support_thresholds: Sequence[int] = (),
+               max_records: int | None = None) -> JudgeReport:
+    """Judge the records of an eval_details file (the first `max_records` of them) and write the judged records
+    and their summary. The judged file keeps every verdict it has, also those of records past `max_records`."""
     from tqdm import tqdm
 
     input_path = Path(input_path)
-    records = load_details(input_path)
-    for name in stratify:
-        if not any(name in r for r in records):
-            raise UserError(f"--stratify {name}: no record of {input_path} has this field "
-                            f"(fields: {', '.join(sorted(records[0]))})")
+    records, notes = load_judge_input(input_path, qa, stratify)
+    thresholds, note = support_thresholds_for(records, support_thresholds, input_path)
+    scope = range(min(len(records), max_records or len(records)))
     judged_path, summary_path = output_paths(input_path, output_dir)
-    done: dict[int, dict[str, Any]] = {}
-    if judged_path.exists():
-        if not resume:
-            raise UserError(f"{judged_path} exists; pass --resume to continue it, or delete it to judge again")
-        done = {i: r for i, r in read_judged(judged_path, records).items() if r.get("llm_match") is not None}
-        other_models = sorted({str(r.get("judge_model")) for r in done.values()} - {judge.model})
-        if other_models:
-            raise UserError(f"{judged_path} was judged with {', '.join(other_models)}, not {judge.model}; resume "
-                            f"with that --model, or delete the file to judge again")
+    done = earlier_verdicts(judged_path, records, judge.model, resume)
     # Keep only the finished verdicts (drops old errors and a torn last line) before appending to the file.
     write_jsonl_atomic(judged_path, [done[i] for i in sorted(done)])
-    resumed = len(done)
-    pending = [i for i in range(len(records)) if i not in done]
+    resumed = sum(i in done for i in scope)
+    pending = [i for i in scope if i not in done]
 
     def judge_one(index: int) -> dict[str, Any]:
         out = {**records[index], "index": index, "judge_model": judge.model}
@@ -291,9 +316,10 @@ def judge_file(input_path: str | Path, judge: GeminiJudge, output_dir: str | Pat
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, ask nothing more
 
-    final = [done[i] for i in range(len(records))]
+    # Verdicts of an earlier run get this run's record fields (e.g. the supports a --qa join added).
+    final = [{**records[i], **{k: done[i][k] for k in VERDICT_FIELDS if k in done[i]}} for i in sorted(done)]
     write_jsonl_atomic(judged_path, final)
-    summary = summarize_judged(final, stratify)
+    summary = summarize_judged([r for r in final if r["index"] in scope], stratify, thresholds)
     summary[0] |= {"input": str(input_path), "judge_model": judge.model}
     write_jsonl_atomic(summary_path, summary)
-    return JudgeReport(judged_path, summary_path, summary[0], resumed)
+    return JudgeReport(judged_path, summary_path, summary[0], resumed, [n for n in (*notes, note) if n])

@@ -1,15 +1,24 @@
-"""QA metrics: exact match, whole-word fuzzy match and token F1 (SQuAD normalization), stratified by support."""
+"""QA metrics, pure functions over strings, stratified by support.
+
+- exact_match: the benchmark's rule (trimmed, lowercased, trailing periods stripped from both, then equal).
+- substring_match: the benchmark's fuzzy rule (the gold, normalized as for exact match, is a substring of
+  the prediction, or the two match exactly). It is wrong on numbers ("49" is in "149"), so it is reported
+  beside ours rather than instead of it.
+- fuzzy_match: ours; the SQuAD-normalized gold occurs in the normalized prediction as whole words.
+- token_f1: SQuAD token F1.
+"""
 from __future__ import annotations
 
 import re
 import string
 import unicodedata
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from cbe.data.jsonl import support_count
+from cbe.eval.parse import PARSERS
 
 _PUNCTUATION = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -18,13 +27,25 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 def normalize(text: str) -> str:
     """SQuAD normalization: lowercase, Unicode NFKC, no punctuation, no articles, single spaces."""
     text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if ch in _PUNCTUATION else ch for ch in text)
+    # Deleted, not replaced by a space (as SQuAD does): "1,000" is "1000" and "U.S." one word "us".
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def normalize_exact(text: str) -> str:
+    """The benchmark's normalization for exact match: trimmed, lowercased, trailing periods stripped."""
+    return str(text).strip().lower().rstrip(".")
+
+
 def exact_match(prediction: str, gold: str) -> bool:
-    """The parsed prediction equals the gold answer, ignoring case and surrounding spaces."""
-    return prediction.strip().lower() == str(gold).strip().lower()
+    """The prediction equals the gold answer up to case, surrounding spaces and trailing periods ("U.S." = "U.S")."""
+    return normalize_exact(prediction) == normalize_exact(gold)
+
+
+def substring_match(prediction: str, gold: str) -> bool:
+    """The benchmark's fuzzy match: an exact match, or the normalized gold inside the normalized prediction."""
+    pred, ref = normalize_exact(prediction), normalize_exact(gold)
+    return pred == ref or (bool(ref) and ref in pred)
 
 
 def fuzzy_match(prediction: str, gold: str) -> bool:
@@ -46,13 +67,26 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-METRICS = {"exact_match": exact_match, "fuzzy_match": fuzzy_match, "token_f1": token_f1}
+METRICS = {"exact_match": exact_match, "substring_match": substring_match, "fuzzy_match": fuzzy_match,
+           "token_f1": token_f1}
+MATCHES = ("exact_match", "substring_match", "fuzzy_match")  # the yes/no metrics, reported with 95% CIs
 
 
-def score_answer(raw_prediction: str, gold: str, parse: Callable[[str], str]) -> dict[str, Any]:
-    """The parsed prediction and every metric for one question."""
-    parsed = parse(raw_prediction)
-    return {"parsed_prediction": parsed, **{name: metric(parsed, gold) for name, metric in METRICS.items()}}
+def gold_types(gold: str) -> list[str]:
+    """The types a "types of" gold answer lists: split on the word "and" ("Flying and Psychic")."""
+    return [part.strip() for part in re.split(r"\band\b", str(gold), flags=re.IGNORECASE) if part.strip()]
+
+
+def score_answer(raw_prediction: str, gold: str, parser: str = "default", question: str = "") -> dict[str, Any]:
+    """The parsed prediction and every metric for one question. Under the finegrained_geminon parser a question
+    about "types of" something matches when every type of the gold is in the prediction, in any order."""
+    parsed = PARSERS[parser](raw_prediction)
+    scores = {name: metric(parsed, gold) for name, metric in METRICS.items()}
+    if parser == "finegrained_geminon" and "types of" in question.lower():
+        types = gold_types(gold)
+        for name in ("substring_match", "fuzzy_match"):
+            scores[name] = scores["exact_match"] or all(METRICS[name](parsed, t) for t in types)
+    return {"parsed_prediction": parsed, **scores}
 
 
 def bootstrap_ci95(values: Sequence[float], resamples: int = 1000, seed: int = 0) -> list[float] | None:
@@ -66,14 +100,14 @@ def bootstrap_ci95(values: Sequence[float], resamples: int = 1000, seed: int = 0
 
 def summarize(details: Sequence[dict[str, Any]], support_thresholds: Sequence[int] = (),
               prefix: str = "") -> dict[str, Any]:
-    """Mean of each metric over scored records, with 95% CIs for exact and fuzzy match, overall and for
+    """Mean of each metric over scored records, with 95% CIs for the matches, overall and for
     records with supports >= k. Keys are `<prefix><metric>`, e.g. prefix "valqa_" gives valqa_exact_match."""
     def means(records, suffix=""):
         out: dict[str, Any] = {f"{prefix}n{suffix}": len(records)}
         for name in METRICS:
             values = [float(r[name]) for r in records]
             out[f"{prefix}{name}{suffix}"] = sum(values) / len(values) if values else None
-            if name in ("exact_match", "fuzzy_match"):
+            if name in MATCHES:
                 out[f"{prefix}{name}{suffix}_ci95"] = bootstrap_ci95(values)
         return out
 

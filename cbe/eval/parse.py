@@ -11,6 +11,8 @@ def parse_answer(raw: str) -> str:
     return line[:-1].rstrip() if line.endswith(".") else line
 
 
-# One parser per task, chosen by eval.parser; the tracks share the convention today, and a track whose
-# answers need more (units, lists) gets its own function here.
-PARSERS: dict[str, Callable[[str], str]] = {"default": parse_answer, "news": parse_answer, "geminon": parse_answer}
+# One parser per task, chosen by eval.parser. The tracks share the answer convention; finegrained_geminon
+# also scores "types of" questions type by type (cbe.eval.metrics.score_answer), as the benchmark's parser
+# of that name does.
+PARSERS: dict[str, Callable[[str], str]] = {"default": parse_answer, "news": parse_answer, "geminon": parse_answer,
+                                            "finegrained_geminon": parse_answer}

@@ -72,14 +72,15 @@ class WandbLogger:
 
 
 def format_eval_line(metrics: dict[str, Any]) -> str:
-    """A compact console line: step, eval loss, and exact/fuzzy match per QA set."""
+    """A compact console line: step, eval loss, and exact/substring/fuzzy match per QA set."""
     parts = [f"step {metrics['step']}"]
     if metrics.get("eval_loss") is not None and not math.isnan(metrics["eval_loss"]):
         parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
     for key, value in metrics.items():
         if key.endswith("_exact_match") and value is not None:
             qa_set = key[: -len("_exact_match")]
-            parts.append(f"{qa_set} exact {value:.3f} fuzzy {metrics[qa_set + '_fuzzy_match']:.3f}")
+            parts.append(f"{qa_set} exact {value:.3f} substring {metrics[qa_set + '_substring_match']:.3f} "
+                         f"fuzzy {metrics[qa_set + '_fuzzy_match']:.3f}")
     return "eval | " + " | ".join(parts)
 
 

@@ -1,11 +1,13 @@
-"""Formatting the raw news corpus: the template, missing headers, idempotence, atomic in-place rewrites,
-normalization and bad lines."""
+"""Formatting the raw news corpus as the benchmark renders it: the template, dates, untitled articles,
+whitespace, idempotence, atomic in-place rewrites, normalization and bad lines. Expected strings are
+written by hand from the benchmark's published rules, not produced by our code."""
 import json
 import os
 import unicodedata
 
 import pytest
 
+from cbe import cli
 from cbe.data import format_news as fn
 from cbe.data.format_news import format_news, normalize_text
 from cbe.errors import UserError
@@ -26,43 +28,142 @@ def read(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+ABSENT = object()  # a header field left out of the record
+
+
+def rendered(tmp_path, keep_untitled=False, **headers):
+    """The text format_news writes for one raw record with these title/date values (ABSENT leaves one out)."""
+    fields = {"title": "T", "date": "2025-09-01", "text": "Body.", "article_idx": 0, **headers}
+    source = write(tmp_path / "raw.jsonl", json.dumps({k: v for k, v in fields.items() if v is not ABSENT}))
+    format_news(source, tmp_path / "out.jsonl", overwrite=True, keep_untitled=keep_untitled)
+    return [r["text"] for r in read(tmp_path / "out.jsonl")]
+
+
 def test_articles_follow_the_template_and_keep_article_idx(tmp_path):
     source = write(tmp_path / "raw.jsonl", raw(7, title="Zürich votes", text="Line one.\nLine two."), "",
                    json.dumps({"title": "No index", "date": "2024-01-02", "text": "Body."}))
     report = format_news(source, tmp_path / "out.jsonl")
     assert read(tmp_path / "out.jsonl") == [
-        {"text": "Title: Zürich votes\nDate: 2024-05-01\nArticle: Line one.\nLine two.", "article_idx": 7},
-        {"text": "Title: No index\nDate: 2024-01-02\nArticle: Body."},  # no article_idx in, none out
+        {"text": "Title: Zürich votes\nDate: May 01 (2024-05-01 00:00:00 UTC)\nArticle: Line one.\nLine two.",
+         "article_idx": 7},
+        {"text": "Title: No index\nDate: Jan 02 (2024-01-02 00:00:00 UTC)\nArticle: Body."},  # no index in, none out
     ]
-    assert (report.articles, report.bad_lines, report.already_formatted) == (2, 0, False)
+    assert (report.articles, report.untitled, report.bad_lines, report.already_formatted) == (2, 0, 0, False)
     assert report.summary() == f"formatted 2 articles into {tmp_path / 'out.jsonl'}"
 
 
-@pytest.mark.parametrize("missing", ["absent", None, "", "   "])
-def test_a_missing_null_or_blank_title_or_date_drops_its_line(tmp_path, missing):
-    def record(idx, **headers):
-        fields = {"text": "Body.", "article_idx": idx, **headers}
-        return json.dumps({k: v for k, v in fields.items() if v != "absent"})
+@pytest.mark.parametrize("date,shown", [
+    ("2025-09-01", "Sep 01 (2025-09-01 00:00:00 UTC)"),
+    ("2024-03-05", "Mar 05 (2024-03-05 00:00:00 UTC)"),  # a single-digit day is zero-padded
+    ("2023-12-31", "Dec 31 (2023-12-31 00:00:00 UTC)"),
+    ("2025-09-01T12:34:56", "Sep 01 (2025-09-01 12:34:56 UTC)"),  # naive: taken as UTC
+    ("2025-09-01 08:05", "Sep 01 (2025-09-01 08:05:00 UTC)"),
+    ("2025-09-01T12:34:56Z", "Sep 01 (2025-09-01 12:34:56 UTC)"),
+    ("2025-09-01T12:34:56.789Z", "Sep 01 (2025-09-01 12:34:56 UTC)"),  # fractions are not shown
+    ("2025-09-01T01:30:00+02:00", "Aug 31 (2025-08-31 23:30:00 UTC)"),  # converted to UTC, across a month
+    ("2024-12-31T22:15:00-05:00", "Jan 01 (2025-01-01 03:15:00 UTC)"),  # and across a year
+    ("20250901", "Sep 01 (2025-09-01 00:00:00 UTC)"),  # other ISO 8601 forms Python 3.11 reads
+    ("2025-W36-1", "Sep 01 (2025-09-01 00:00:00 UTC)"),
+])
+def test_an_iso_date_is_rendered_as_the_benchmark_does(tmp_path, date, shown):
+    assert rendered(tmp_path, date=date) == [f"Title: T\nDate: {shown}\nArticle: Body."]
 
-    source = write(tmp_path / "raw.jsonl", record(0, title=missing, date="2024-05-01"),
-                   record(1, title="Headline", date=missing), record(2, title=missing, date=missing))
-    format_news(source, tmp_path / "out.jsonl")
-    assert [r["text"] for r in read(tmp_path / "out.jsonl")] == [
-        "Date: 2024-05-01\nArticle: Body.", "Title: Headline\nArticle: Body.", "Article: Body."]
-    assert "None" not in (tmp_path / "out.jsonl").read_text() and fn.MISSING_HEADER is None
+
+@pytest.mark.parametrize("date", ["September 1, 2025", "yesterday", "2025-9-1", "2025-13-01", "01/09/2025",
+                                  "2025-09-01T25:00", "0001-01-01T00:00:00+01:00", "N/A"])
+def test_an_unparseable_date_is_kept_as_it_is(tmp_path, date):
+    assert rendered(tmp_path, date=date) == [f"Title: T\nDate: {date}\nArticle: Body."]
 
 
-def test_formatted_output_is_left_alone(tmp_path):
-    source = write(tmp_path / "raw.jsonl", raw(0), raw(1, title=None))
+@pytest.mark.parametrize("date", [ABSENT, None, "", " \t\n "])
+def test_a_missing_null_or_blank_date_is_shown_as_na(tmp_path, date):
+    assert rendered(tmp_path, date=date) == ["Title: T\nDate: N/A\nArticle: Body."]
+
+
+@pytest.mark.parametrize("title,date,shown_title,shown_date", [
+    ("  Markets\trally\n\nagain  ", "2025-09-01", "Markets rally again", "Sep 01 (2025-09-01 00:00:00 UTC)"),
+    ("Two  spaces\r\nand\t\ttabs", " 2025-09-01\t", "Two spaces and tabs", "Sep 01 (2025-09-01 00:00:00 UTC)"),
+    ("T", "Sep\t 1,\n\n2025 ", "T", "Sep 1, 2025"),  # an unparseable date is kept, collapsed
+])
+def test_whitespace_in_title_and_date_is_collapsed(tmp_path, title, date, shown_title, shown_date):
+    assert rendered(tmp_path, title=title, date=date) == [f"Title: {shown_title}\nDate: {shown_date}\nArticle: Body."]
+
+
+def test_untitled_articles_are_dropped_and_counted(tmp_path):
+    untitled = [{"title": None}, {"title": ""}, {"title": " \t\n "}, {}]  # the last has no title field
+    lines = [raw(0)] + [json.dumps({"text": "Body.", "date": "2025-09-01", "article_idx": i, **fields})
+                        for i, fields in enumerate(untitled, 1)] + [raw(5)]
+    source = write(tmp_path / "raw.jsonl", *lines)
+    report = format_news(source, tmp_path / "out.jsonl")
+    assert [r["article_idx"] for r in read(tmp_path / "out.jsonl")] == [0, 5]
+    assert (report.articles, report.untitled) == (2, 4)
+    assert report.summary() == f"formatted 2 articles into {tmp_path / 'out.jsonl'}; dropped 4 untitled"
+
+
+def test_keep_untitled_renders_them_without_a_title_line(tmp_path):
+    assert rendered(tmp_path, keep_untitled=True, title=None, date="2025-09-01") == [
+        "Date: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body."]
+    assert rendered(tmp_path, keep_untitled=True, title=" \t ", date=ABSENT) == ["Date: N/A\nArticle: Body."]
+    assert rendered(tmp_path, keep_untitled=True, title="Kept\ttoo") == [
+        "Title: Kept too\nDate: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body."]
+
+
+def test_only_untitled_articles_is_a_user_error_that_names_the_flag(tmp_path):
+    source = write(tmp_path / "raw.jsonl", raw(0, title=None), raw(1, title=""))
+    with pytest.raises(UserError, match=r"raw.jsonl: no articles to format \(2 untitled dropped; pass --keep-untitled"):
+        format_news(source, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_formats_and_keeps_untitled_on_request(tmp_path, capsys):
+    source = write(tmp_path / "raw.jsonl", raw(0, date=None), raw(1, title=None, date="2025-09-01T12:00:00+02:00"))
     output = tmp_path / "out.jsonl"
-    format_news(source, output)
+    cli.main(["format-news", "--input", str(source), "--output", str(output)])
+    assert capsys.readouterr().out == f"formatted 1 articles into {output}; dropped 1 untitled\n"
+    cli.main(["format-news", "--input", str(source), "--output", str(output), "--overwrite", "--keep-untitled"])
+    assert capsys.readouterr().out == f"formatted 2 articles into {output}\n"
+    assert [r["text"] for r in read(output)] == [
+        "Title: A headline\nDate: N/A\nArticle: Body of the article.",
+        "Date: Sep 01 (2025-09-01 10:00:00 UTC)\nArticle: Body of the article."]
+
+
+def test_cli_reports_a_user_error_in_one_line(tmp_path, capsys):
+    source = write(tmp_path / "raw.jsonl", raw(0, title=None))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["format-news", "--input", str(source), "--output", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("cbe: error: ") and "1 untitled dropped; pass --keep-untitled" in err
+
+
+@pytest.mark.parametrize("keep_untitled", [False, True])
+def test_formatted_output_is_left_alone(tmp_path, keep_untitled):
+    # With keep_untitled the first line is "Date: N/A\nArticle: ...", the form with the fewest headers.
+    source = write(tmp_path / "raw.jsonl", raw(0, title=None, date=None), raw(1), raw(2, title=" ", date="x  y"))
+    output = tmp_path / "out.jsonl"
+    format_news(source, output, keep_untitled=keep_untitled)
     before = output.read_bytes()
+    assert before.decode().startswith('{"text": "Date: N/A\\nArticle: ' if keep_untitled else '{"text": "Title: ')
     for target in (output, tmp_path / "again.jsonl"):  # in place, or into a new file
-        report = format_news(output, target, overwrite=True)
+        report = format_news(output, target, overwrite=True, keep_untitled=keep_untitled)
         assert report.already_formatted and report.articles == 0
         assert report.summary() == f"{output} is already formatted; nothing written"
     assert output.read_bytes() == before and "Title: Title:" not in before.decode()
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "raw.jsonl"]
+
+
+@pytest.mark.parametrize("text", [
+    "Title: T\nDate: 2024-05-01\nArticle: x",  # an older cbe kept ISO dates as they were
+    "Title: T\nArticle: x",  # and left out a missing date's line
+    "Article: x",
+    "Title: Two  spaces\nDate: N/A\nArticle: x",  # and kept the title's whitespace
+])
+def test_a_file_formatted_by_an_older_cbe_is_refused(tmp_path, text):
+    source = write(tmp_path / "old.jsonl", json.dumps({"text": text, "article_idx": 0}))
+    before = source.read_bytes()
+    with pytest.raises(UserError, match=r"old.jsonl:1: formatted by an older cbe, not as the benchmark renders news"):
+        format_news(source, source, overwrite=True)
+    assert source.read_bytes() == before and os.listdir(tmp_path) == ["old.jsonl"]
 
 
 def test_a_formatted_line_in_a_raw_file_is_refused(tmp_path):
@@ -74,7 +175,7 @@ def test_a_formatted_line_in_a_raw_file_is_refused(tmp_path):
 def test_in_place_rewrite_replaces_the_file(tmp_path):
     source = write(tmp_path / "raw.jsonl", raw(0), raw(1))
     report = format_news(source, source, overwrite=True)
-    assert report.articles == 2 and read(source)[1]["text"].startswith("Title: A headline\n")
+    assert report.articles == 2 and read(source)[1]["text"].startswith("Title: A headline\nDate: May 01 ")
     assert os.listdir(tmp_path) == ["raw.jsonl"] and source.stat().st_mode & 0o777 != 0o600
 
 
@@ -141,7 +242,7 @@ def test_normalize_applies_to_title_date_and_text(tmp_path):
     source = write(tmp_path / "raw.jsonl",
                    raw(0, title=" Ta&amp;lk\t\tshow ", date="&nbsp;", text="Hi&nbsp;there\r\n\r\n\r\nbye "))
     format_news(source, tmp_path / "out.jsonl", normalize=True)
-    assert read(tmp_path / "out.jsonl")[0]["text"] == "Title: Ta&lk show\nArticle: Hi there\n\nbye"
+    assert read(tmp_path / "out.jsonl")[0]["text"] == "Title: Ta&lk show\nDate: N/A\nArticle: Hi there\n\nbye"
     with pytest.raises(UserError, match=r"raw.jsonl:1: field 'text' is empty once normalized"):
         format_news(write(source, raw(0, text="&nbsp;\x00")), tmp_path / "out.jsonl", overwrite=True, normalize=True)
 
@@ -150,8 +251,8 @@ def test_normalize_leaves_clean_data_unchanged(tmp_path):
     source = write(tmp_path / "raw.jsonl",
                    raw(0, title="Café & co", text="Première ligne.\n\nSecond paragraph — 東京."),
                    raw(1, title=None, date="", text="AT&T's \"quarter\" results;\nnext line"))
-    format_news(source, tmp_path / "plain.jsonl")
-    format_news(source, tmp_path / "normalized.jsonl", normalize=True)
+    format_news(source, tmp_path / "plain.jsonl", keep_untitled=True)
+    format_news(source, tmp_path / "normalized.jsonl", normalize=True, keep_untitled=True)
     assert (tmp_path / "plain.jsonl").read_bytes() == (tmp_path / "normalized.jsonl").read_bytes()
 
 

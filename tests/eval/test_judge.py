@@ -1,5 +1,6 @@
 """`cbe judge` with the real google-genai client against a local Gemini stand-in: verdicts, order, summary,
-retries and key rotation, errors kept apart from zeros, resume after a kill, and keys that never leak."""
+retries and key rotation, errors kept apart from zeros, resume after a kill, keys that never leak, and the
+benchmark harness's own seven-key details files (supports joined from its QA file, our scores recomputed)."""
 from __future__ import annotations
 
 import json
@@ -64,16 +65,24 @@ def test_parse_verdict():
             parse_verdict(text)
 
 
-def test_summary_groups_numbers_in_order_and_list_fields_as_text():
+def test_summary_has_all_then_support_thresholds_then_field_values_in_order():
     records = [{"question": "q", "ground_truth": "Paris", "parsed_prediction": p, "supports": s, "ids": [s, 1],
-                "llm_match": j} for p, s, j in (("Paris", 10, True), ("paris, France", 2, True), ("Lyon", 2, None))]
-    lines = summarize_judged(records, ["ids"])
+                "llm_match": j} for p, s, j in (("Paris", 10, True), ("paris, France", 2, True), ("Lyon", 2, None),
+                                                ("Paris!", 1, False))]
+    records[1]["substring_match"] = False  # as the file has it (a finegrained rule, say): kept, not recomputed
+    lines = summarize_judged(records, ["ids"], support_thresholds=[2, 5])
     assert [(line["group"], line["value"], line["n"]) for line in lines] == [
-        ("overall", None, 3), ("supports", 2, 2), ("supports", 10, 1), ("ids", "[10, 1]", 1), ("ids", "[2, 1]", 2)]
-    # Files without exact/fuzzy fields get them computed; the error record counts in n, not in the rates.
-    assert {k: lines[0][k] for k in ("judged", "errors", "llm_match", "exact_match", "fuzzy_match")} == {
-        "judged": 2, "errors": 1, "llm_match": 1.0, "exact_match": 0.5, "fuzzy_match": 1.0}
-    assert (lines[0]["judge_yes_exact_no"], lines[0]["judge_no_fuzzy_yes"]) == (1, 0)
+        ("all", None, 4), ("supports_ge", 2, 3), ("supports_ge", 5, 1), ("ids", "[1, 1]", 1), ("ids", "[10, 1]", 1),
+        ("ids", "[2, 1]", 2)]
+    # Files without exact/substring/fuzzy fields get them computed; the error record counts in n, not the rates.
+    assert {k: lines[0][k] for k in ("judged", "errors", "llm_match", "exact_match", "substring_match",
+                                     "fuzzy_match")} == {"judged": 3, "errors": 1, "llm_match": pytest.approx(2 / 3),
+                                                         "exact_match": pytest.approx(1 / 3),
+                                                         "substring_match": pytest.approx(2 / 3), "fuzzy_match": 1.0}
+    assert [lines[0][f"judge_{flip}"] for flip in ("yes_exact_no", "no_exact_yes", "yes_substring_no",
+                                                   "no_substring_yes", "yes_fuzzy_no", "no_fuzzy_yes")] == [1, 0, 1, 1,
+                                                                                                          0, 1]
+    assert (lines[1]["judged"], lines[1]["llm_match"], lines[2]["substring_match"]) == (2, 1.0, 1.0)
 
 
 def test_keys_come_from_the_file_round_robin_else_the_environment(tmp_path, monkeypatch):
@@ -92,7 +101,8 @@ def test_judge_scores_every_record_in_input_order_through_retries(details, capsy
         standin.faults = {"Question 1: what of the Tazzerine?": [429, 500, 503],
                           "Question 2: what of the Zorblat?": ["hang"]}
         judge("--input", str(details), "--base-url", standin.url, "--keys-file", str(keys_file),
-              "--concurrency", "3", "--stratify", "geminon_name", "--model", "gemini-test")
+              "--concurrency", "3", "--stratify", "geminon_name", "--model", "gemini-test",
+              "--support-thresholds", "2", "3")
 
     judged = read_jsonl(details.parent / "testqa_step_000010_llm_judged.jsonl")
     assert [r["index"] for r in judged] == list(range(6))
@@ -108,19 +118,22 @@ def test_judge_scores_every_record_in_input_order_through_retries(details, capsy
 
     summary = read_jsonl(details.parent / "testqa_step_000010_summary.jsonl")
     overall = summary[0]
-    assert overall["group"] == "overall" and overall["judge_model"] == "gemini-test"
+    assert overall["group"] == "all" and overall["judge_model"] == "gemini-test"
     assert (overall["n"], overall["judged"], overall["errors"]) == (6, 6, 0)
     assert overall["llm_match"] == pytest.approx(3 / 6) and overall["exact_match"] == pytest.approx(1 / 6)
-    assert overall["fuzzy_match"] == pytest.approx(4 / 6)
+    # The file has no substring_match: computed from the parsed predictions (records 0, 1 and 3).
+    assert overall["substring_match"] == pytest.approx(3 / 6) and overall["fuzzy_match"] == pytest.approx(4 / 6)
     assert (overall["judge_yes_exact_no"], overall["judge_no_exact_yes"]) == (2, 0)
+    assert (overall["judge_yes_substring_no"], overall["judge_no_substring_yes"]) == (0, 0)
     assert (overall["judge_yes_fuzzy_no"], overall["judge_no_fuzzy_yes"]) == (0, 1)
-    by = {(s["group"], s["value"]): s for s in summary[1:]}
-    assert {k: v["n"] for k, v in by.items() if k[0] == "supports"} == {("supports", 1): 2, ("supports", 2): 3,
-                                                                        ("supports", 3): 1}
-    assert by[("supports", 1)]["llm_match"] == 1.0 and by[("supports", 2)]["judge_no_fuzzy_yes"] == 1
+    # One line per support threshold (supports >= k), not per support count.
+    assert [(s["group"], s["value"], s["n"]) for s in summary[1:3]] == [("supports_ge", 2, 4), ("supports_ge", 3, 1)]
+    assert summary[1]["llm_match"] == 0.25 and summary[1]["judge_no_fuzzy_yes"] == 1 and summary[2]["llm_match"] == 0
+    by = {(s["group"], s["value"]): s for s in summary[3:]}
     assert by[("geminon_name", "Zorblat")]["n"] == 2 and by[("geminon_name", "Zorblat")]["llm_match"] == 0.5
     out = capsys.readouterr().out
-    assert "judged 6 of 6 records (0 from before): llm_match 0.500, exact 0.167, fuzzy 0.667" in out
+    assert ("judged 6 of 6 records (0 from before): llm_match 0.500, exact 0.167, substring 0.500, fuzzy 0.667; the "
+            "judge flips 2 up and 0 down vs exact, 0 up and 0 down vs substring, 0 up and 1 down vs fuzzy") in out
 
 
 def test_failures_are_errors_not_zeros_and_resume_retries_only_them(details, capfd, monkeypatch):
@@ -242,3 +255,89 @@ def test_a_killed_run_resumes_without_asking_twice(details):
     written = judged_path.read_text() + (details.parent / "testqa_step_000010_summary.jsonl").read_text()
     for text in (killed_out, killed_err, resumed.stdout, resumed.stderr, written):
         assert KEY not in text
+
+
+# The benchmark harness's own details: (question, gold, parsed prediction); its fuzzy_match is the substring rule.
+# Ours, from the parsed prediction: exact [1,1,0,0,0,0], substring [1,1,1,1,0,1], fuzzy [1,1,0,1,0,0]; the
+# stand-in judge says [1,1,1,0,0,1] ("U.S." is not in "the U.S"; "moss" is not in an empty generation).
+BENCHMARK_CASES = [("What colour is the Zorblat?", "teal", "teal"),
+                   ("When was the Zorblat first seen?", 1717, "1717"),
+                   ("How many legs has the Tazzerine?", "49", "149"),
+                   ("Where does the Ixtrelle winter?", "U.S.", "the U.S"),
+                   ("What does the Wobbleth eat?", "moss", ""),
+                   ("What colour is the Lirrawell?", "ochre", "ochre-brown")]
+# Geminon QA records (geminon_idx, geminon_name, supports) of the first five questions; the sixth is not there.
+GEMINON_QA = [(0, "Zorblat", 1), (0, "Zorblat", 3), (1, "Tazzerine", 2), (2, "Ixtrelle", 2), (3, "Wobbleth", 1)]
+
+
+@pytest.fixture
+def benchmark_files(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A seven-key details file as the benchmark's harness writes it, and the Geminon QA file it came from."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    details = tmp_path / "testqa_step_000100.jsonl"
+    details.write_text("".join(json.dumps(
+        {"prompt": f"Q: {q}\nA:", "question": q, "raw_prediction": f"{parsed}\nQ: next" if parsed else "",
+         "parsed_prediction": parsed, "ground_truth": gold, "exact_match": parsed.lower() == str(gold).lower(),
+         "fuzzy_match": str(gold).lower() in parsed.lower()}) + "\n" for q, gold, parsed in BENCHMARK_CASES))
+    qa = tmp_path / "public_test.jsonl"
+    qa.write_text("".join(json.dumps({"question": q, "answer": gold, "geminon_idx": idx, "geminon_name": name,
+                                      "supports": supports}) + "\n"
+                          for (q, gold, _), (idx, name, supports) in zip(BENCHMARK_CASES, GEMINON_QA)))
+    return details, qa
+
+
+def test_a_benchmark_file_is_judged_with_supports_from_its_qa_file(benchmark_files, capsys):
+    details, qa = benchmark_files
+    with GeminiStandIn(keys=(KEY,)) as standin:
+        judge("--input", str(details), "--base-url", standin.url, "--qa", str(qa), "--support-thresholds", "2",
+              "--stratify", "geminon_name")
+    assert standin.requests[0]["prediction"] in {parsed for *_, parsed in BENCHMARK_CASES}
+    judged = read_jsonl(details.parent / "testqa_step_000100_llm_judged.jsonl")
+    assert [r["llm_match"] for r in judged] == [True, True, True, False, False, True]
+    # Our scores replace the file's (its fuzzy_match, the substring rule, said yes to "ochre-brown").
+    assert [r["fuzzy_match"] for r in judged] == [True, True, False, True, False, False]
+    assert [r.get("supports") for r in judged] == [1, 3, 2, 2, 1, None]
+    assert judged[2]["geminon_idx"] == 1 and judged[2]["geminon_name"] == "Tazzerine"
+    summary = read_jsonl(details.parent / "testqa_step_000100_summary.jsonl")
+    every, ge_2 = summary[:2]
+    assert {k: every[k] for k in ("group", "n", "llm_match", "exact_match", "substring_match", "fuzzy_match")} == {
+        "group": "all", "n": 6, "llm_match": pytest.approx(4 / 6), "exact_match": pytest.approx(2 / 6),
+        "substring_match": pytest.approx(5 / 6), "fuzzy_match": pytest.approx(3 / 6)}
+    assert [every[f"judge_{flip}"] for flip in ("yes_exact_no", "no_exact_yes", "yes_substring_no",
+                                                "no_substring_yes", "yes_fuzzy_no", "no_fuzzy_yes")] == [2, 0, 0, 1,
+                                                                                                       2, 1]
+    assert {k: ge_2[k] for k in ("group", "value", "n", "llm_match", "substring_match", "fuzzy_match")} == {
+        "group": "supports_ge", "value": 2, "n": 3, "llm_match": pytest.approx(2 / 3), "substring_match": 1.0,
+        "fuzzy_match": pytest.approx(2 / 3)}
+    by_name = {s["value"]: s["n"] for s in summary[2:]}
+    assert by_name == {"Tazzerine": 1, "Ixtrelle": 1, "Wobbleth": 1, "Zorblat": 2, None: 1}
+    out, err = capsys.readouterr()
+    assert "llm_match 0.667, exact 0.333, substring 0.833, fuzzy 0.500" in out
+    assert err.splitlines()[-1] == (f"cbe: note: 1 of 6 questions of {details} are not in {qa}: they count in every "
+                                    f"summary but in no support stratum")
+
+
+def test_max_records_then_resume_with_the_qa_file(benchmark_files, capsys):
+    details, qa = benchmark_files
+    with GeminiStandIn(keys=(KEY,)) as standin:
+        judge("--input", str(details), "--base-url", standin.url, "--max-records", "4", "--support-thresholds", "2")
+        first = capsys.readouterr()
+        assert sorted(standin.questions()) == sorted(q for q, *_ in BENCHMARK_CASES[:4])
+        summary = read_jsonl(details.parent / "testqa_step_000100_summary.jsonl")
+        # No supports and no --qa: no support lines (never a stratum of n=0), and one line saying why.
+        assert [(s["group"], s["n"], s["llm_match"]) for s in summary] == [("all", 4, 0.75)]
+        assert "judged 4 of 4 records (0 from before)" in first.out
+        assert first.err.splitlines()[-1] == (f"cbe: note: no supports in {details}; pass --qa QA_FILE to stratify "
+                                              f"by support")
+
+        standin.requests.clear()
+        judge("--input", str(details), "--base-url", standin.url, "--resume", "--qa", str(qa),
+              "--support-thresholds", "2")
+    assert sorted(standin.questions()) == sorted(q for q, *_ in BENCHMARK_CASES[4:])
+    assert "judged 6 of 6 records (4 from before)" in capsys.readouterr().out
+    # The verdicts kept from the first run get the supports joined in this one.
+    judged = read_jsonl(details.parent / "testqa_step_000100_llm_judged.jsonl")
+    assert [r.get("supports") for r in judged] == [1, 3, 2, 2, 1, None]
+    summary = read_jsonl(details.parent / "testqa_step_000100_summary.jsonl")
+    assert [(s["group"], s["value"], s["n"]) for s in summary] == [("all", None, 6), ("supports_ge", 2, 3)]

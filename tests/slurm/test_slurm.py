@@ -43,7 +43,7 @@ def start_sweep(tmp_path: Path, cache_dir: Path, *overrides: str) -> subprocess.
     env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir)}
     with open(tmp_path / "sweep.out", "w") as out:
         SWEEPS.append(subprocess.Popen([sys.executable, str(ROOT / "main.py"), "-m", f"output_root={tmp_path / 'outputs'}",
-                                        *LAUNCHER, "logging=none", "eval.num_examples=8", *overrides],
+                                        *LAUNCHER, "logging=none", "eval.max_questions=8", *overrides],
                                        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
     return SWEEPS[-1]
 
@@ -70,7 +70,7 @@ def grid(tmp_path_factory, cache_dir) -> tuple[Path, str]:
 def test_lr_by_batch_sweep_runs_as_a_slurm_array(grid):
     sweep, output = grid
     jobs = sorted(p.name for p in sweep.iterdir() if not p.name.startswith((".", "sweep_summary", "multirun")))
-    assert jobs == sorted(f"eval.num_examples=8,optimizer.lr={lr},training.effective_batch_size={bs},"
+    assert jobs == sorted(f"eval.max_questions=8,optimizer.lr={lr},training.effective_batch_size={bs},"
                           "training.eval_every=2,training.num_train_steps=4,training.save_every=4"
                           for lr in ("0.001", "0.003") for bs in (8, 16))
     for job in jobs:
@@ -95,7 +95,7 @@ def test_a_job_of_two_tasks_trains_as_two_ranks_of_one_run(grid, tmp_path, cache
     assert len(list((ranks.parent / ".submitit").glob("*/*_log.out"))) == 2  # two tasks ran
     assert eval_steps(ranks) == [0, 2, 4]  # one writer: no line twice
     assert (ranks / "logs" / "train.log").read_text().count("eval | step 4") == 1
-    single = grid[0] / ("eval.num_examples=8,optimizer.lr=0.001,training.effective_batch_size=8,training.eval_every=2,"
+    single = grid[0] / ("eval.max_questions=8,optimizer.lr=0.001,training.effective_batch_size=8,training.eval_every=2,"
                         "training.num_train_steps=4,training.save_every=4")
     two, one = ([json.loads(line) for line in (run / "metrics" / "eval_results.jsonl").read_text().splitlines()]
                 for run in (ranks, single))

@@ -6,6 +6,7 @@ use_cache=False transformers then builds a block-diagonal causal mask, so docume
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,10 +17,10 @@ import torch.distributed as dist
 from datasets import Dataset
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import GenerationConfig, TrainerCallback
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from cbe.backends.base import Backend, lr_multiplier
+from cbe.backends.base import Backend, NewlineStop, lr_multiplier
 from cbe.backends.hf.models import load_model_and_tokenizer
 from cbe.data.packing import IGNORE, PackedRows, training_order
 from cbe.eval.evaluator import QAEvaluator
@@ -31,6 +32,21 @@ def as_dataset(rows: PackedRows) -> Dataset:
     """Packed rows as the dataset TRL batches (numpy-formatted, so batching does not go through lists)."""
     columns = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}
     return Dataset.from_dict(columns).with_format("numpy")
+
+
+class NewlineStopCriteria(StoppingCriteria):
+    """Ends a row at a newline after its first non-blank generated text, checked on the device from NewlineStop."""
+
+    def __init__(self, stop: NewlineStop, prompt_length: int, device: torch.device):
+        self.prompt_length = prompt_length
+        self.newline, self.ends_alone, self.blank = (torch.from_numpy(a).to(device)
+                                                     for a in (stop.newline, stop.ends_alone, stop.blank))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length:]
+        text = (~self.blank[generated]).int()
+        text_before = (text.cumsum(1) - text) > 0  # some earlier generated token was not blank
+        return (self.ends_alone[generated] | (self.newline[generated] & text_before)).any(1)
 
 
 def compile_enabled(setting: str) -> bool:
@@ -139,11 +155,12 @@ class HFTrainer(Backend):
 
     @torch.no_grad()
     def _generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
-        """Greedy continuations, batched by prompt length with left padding, each stopped at a newline, EOS or Q:."""
+        """Greedy continuations, batched by prompt length with left padding, each stopped at EOS, Q: or a newline
+        after the answer's first non-blank text (cbe.backends.base.answer_ended)."""
         was_training = self.model.training
         self.model.eval()
         tok = self.tokenizer
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=["\n", "Q:"],
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=["Q:"],
                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
@@ -151,13 +168,19 @@ class HFTrainer(Backend):
             batch = order[start:start + batch_size]
             inputs = tok([prompts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left")
             inputs = inputs.to(self.device)
+            newline = NewlineStopCriteria(self.newline_stop, inputs["input_ids"].shape[1], self.device)
             with eager():  # compiled layers would recompile for every generated length
-                output = self.model.generate(**inputs, generation_config=config, tokenizer=tok)
+                output = self.model.generate(**inputs, generation_config=config, tokenizer=tok,
+                                             stopping_criteria=StoppingCriteriaList([newline]))
             texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for i, text in zip(batch, texts):
                 answers[i] = text
         self.model.train(was_training)
         return answers
+
+    @functools.cached_property
+    def newline_stop(self) -> NewlineStop:
+        return NewlineStop.of(self.tokenizer, self.model.config.get_text_config().vocab_size)
 
     @torch.no_grad()
     def loss(self, rows: PackedRows, batch_size: int) -> float:

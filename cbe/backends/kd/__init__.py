@@ -1,8 +1,40 @@
 """The Kauldron (JAX) backend. Importing it sets up the process for JAX before jax is imported."""
+import contextlib
 import os
+import re
+import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # kauldron imports TensorFlow; keep its start-up noise out
 # XLA's CPU backend (jax 0.8) can reuse weights it cached from an earlier call when a donated train state
 # hands the same buffers back with new values: training then silently diverges from HF (measured: loss after
 # one step 6.595 instead of 6.616). Turning its XNNPACK path off fixes it; GPUs and TPUs are unaffected.
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_xnnpack=false"]).strip()
+
+# TensorFlow's native start-up banners, which TF_CPP_MIN_LOG_LEVEL does not reach on every build (absl logs
+# them before it is initialized). Only these lines are dropped; anything else TensorFlow prints still shows.
+TF_BANNERS = re.compile(r"All log messages before absl::InitializeLog|port\.cc:\d+\] oneDNN custom operations|"
+                        r"cpu_feature_guard\.cc|^To enable the following instructions|rebuild TensorFlow with")
+
+
+@contextlib.contextmanager
+def _without_native_banners():
+    """Capture what native code writes to fd 2 meanwhile, and pass on every line but TensorFlow's banners."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not TF_BANNERS.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+with _without_native_banners():
+    import tensorflow  # noqa: F401  (kauldron imports it; here its banners are filtered once per process)

@@ -13,7 +13,8 @@ Why it is built this way:
     [batch, length, vocab] unembedding instead of us relying on gemma's
     `return_last_only` (which finds the last token by looking for id 0).
 * Prefill and the decode loop are one jitted function with a
-    `lax.while_loop` that stops once every row has emitted a stop id. Batches
+    `lax.while_loop` that stops once every row has ended (EOS, or a newline
+    after its first non-blank text: cbe.backends.base.NewlineStop). Batches
     are filled with dummy rows to a fixed size and prompt lengths are rounded up
     to a few buckets, so a whole eval compiles only a couple of programs.
 """
@@ -21,17 +22,17 @@ Why it is built this way:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbe.backends.base import NewlineStop
+
 
 def greedy_generate(model, params, prompts: list[list[int]], max_new_tokens: int,
-                    stop_ids: Sequence[int], pad_id: int, batch_size: int) -> list[list[int]]:
-    """Greedy continuation token ids of every prompt (prompt excluded), each cut after its first stop id."""
-    stop_ids = tuple(int(t) for t in stop_ids)
+                    stop: NewlineStop, eos_id: int, pad_id: int, batch_size: int) -> list[list[int]]:
+    """Greedy continuation token ids of every prompt (prompt excluded), each cut where its answer ended."""
+    tables = tuple(jnp.asarray(a) for a in (stop.newline, stop.ends_alone, stop.blank))
     # Similar lengths go together so that little of each batch is padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
@@ -44,10 +45,11 @@ def greedy_generate(model, params, prompts: list[list[int]], max_new_tokens: int
             if prompts[i]:
                 tokens[r, length - len(prompts[i]):] = prompts[i]
             lengths[r] = len(prompts[i])
-        out = np.asarray(_generate_batch(model, params, tokens, lengths, max_new_tokens=max_new_tokens,
-                                         stop_ids=stop_ids, pad_id=pad_id))
+        out = np.asarray(_generate_batch(model, params, tokens, lengths, tables, max_new_tokens=max_new_tokens,
+                                         eos_id=eos_id, pad_id=pad_id))
         for r, i in enumerate(rows):
-            results[i] = _cut(out[r].tolist(), stop_ids)
+            ids = out[r].tolist()
+            results[i] = ids[:stop.end(ids, eos_id)]
     return results
 
 
@@ -56,17 +58,11 @@ def _bucket(length: int) -> int:
     return max(32, 1 << (length - 1).bit_length())
 
 
-def _cut(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
-    """Keep ids up to and including the first stop id."""
-    for n, t in enumerate(ids):
-        if t in stop_ids:
-            return ids[:n + 1]
-    return ids
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stop_ids", "pad_id"))
-def _generate_batch(model, params, tokens, lengths, *, max_new_tokens, stop_ids, pad_id):
-    """Greedy ids [B, max_new_tokens] for left-padded `tokens` [B, L]; rows of length 0 are dummies."""
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
+def _generate_batch(model, params, tokens, lengths, tables, *, max_new_tokens, eos_id, pad_id):
+    """Greedy ids [B, max_new_tokens] for left-padded `tokens` [B, L]; rows of length 0 are dummies.
+    `tables` are NewlineStop's (newline, ends_alone, blank) per token id."""
+    newline, ends_alone, blank = tables
     batch, length = tokens.shape
     prefill = length - 1  # the last prompt token is fed by the first loop step
     cache_length = length + max_new_tokens  # room for every step: the cache never wraps around
@@ -86,10 +82,9 @@ def _generate_batch(model, params, tokens, lengths, *, max_new_tokens, stop_ids,
     causal = slots[:prefill, None] >= slots[None, :]
     out = model.apply({"params": params}, tokens[:, :prefill], positions=positions[:, :prefill],
                       cache=cache, attention_mask=real[:, None, :] & causal[None])
-    stops = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
 
     def step(state):
-        t, token, cache, ids, done = state
+        t, token, cache, ids, done, text_before = state
         slot = prefill + t
         # Decode mask is [B, 1, C]: real slots written so far, this one included.
         mask = (real & (slots[None, :] <= slot))[:, None, :]
@@ -98,12 +93,13 @@ def _generate_batch(model, params, tokens, lengths, *, max_new_tokens, stop_ids,
         nxt = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)  # finished rows just idle
         ids = ids.at[:, t].set(nxt)
-        return t + 1, nxt, out.cache, ids, done | jnp.isin(nxt, stops)
+        ended = (nxt == eos_id) | ends_alone[nxt] | (newline[nxt] & text_before)
+        return t + 1, nxt, out.cache, ids, done | ended, text_before | ~blank[nxt]
 
     def keep_going(state):
-        t, _, _, _, done = state
+        t, _, _, _, done, _ = state
         return (t < max_new_tokens) & ~jnp.all(done)
 
     ids = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), tokens[:, -1], out.cache, ids, lengths == 0)
+    state = (jnp.int32(0), tokens[:, -1], out.cache, ids, lengths == 0, jnp.zeros((batch,), bool))
     return jax.lax.while_loop(keep_going, step, state)[3]

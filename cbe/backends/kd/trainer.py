@@ -23,7 +23,7 @@ from kauldron import kd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from cbe.backends.base import Backend, lr_multiplier
+from cbe.backends.base import Backend, NewlineStop, answer_ended, lr_multiplier
 from cbe.backends.kd.generate import greedy_generate
 from cbe.backends.kd.models import build_model, gemma_config, load_gemma_params, load_hf_weights
 from cbe.data.packing import IGNORE, PackedRows, training_order
@@ -168,24 +168,22 @@ class KDTrainer(Backend):
 
     # -- the evaluator's view of this backend ----------------------------------------------------
     def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
-        """Greedy answers, each cut after its first newline, EOS or `Q:` (as HF's stop strings do)."""
+        """Greedy answers, each cut where `answer_ended` says, or at EOS (as the HF backend's are)."""
         tok = self.tokenizer
         ids = [tok(p)["input_ids"] for p in prompts]
-        outputs = greedy_generate(self.model, self.params, ids, max_new_tokens, self.stop_ids, tok.pad_token_id,
-                                  batch_size)
+        outputs = greedy_generate(self.model, self.params, ids, max_new_tokens, self.newline_stop, tok.eos_token_id,
+                                  tok.pad_token_id, batch_size)
         return [self._cut(out) for out in outputs]
 
     @functools.cached_property
-    def stop_ids(self) -> list[int]:
-        """EOS and every token whose text holds a newline: a row is done once it emits one."""
-        vocab = range(len(self.tokenizer))
-        newline = [i for i, text in zip(vocab, self.tokenizer.batch_decode([[i] for i in vocab])) if "\n" in text]
-        return [self.tokenizer.eos_token_id, *newline]
+    def newline_stop(self) -> NewlineStop:
+        return NewlineStop.of(self.tokenizer, self.params["embedder"]["input_embedding"].shape[0])
 
     def _cut(self, ids: list[int]) -> str:
+        """The text up to the token that ends the answer: the decode loop stops at newlines and EOS, this adds Q:."""
         for end in range(1, len(ids) + 1):
             text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-            if "\n" in text or "Q:" in text:
+            if answer_ended(text):
                 return text
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

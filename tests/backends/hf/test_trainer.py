@@ -153,7 +153,7 @@ def test_zero_steps_evaluates_the_start_only(run_main, tmp_path):
 def test_torchrun_trains_like_one_process_with_the_same_effective_batch(run_main, tmp_path, cache_dir):
     """Two ranks (gloo) with 4 rows each per step against one process accumulating 2 x 4: the same metrics;
     the ranks share one run dir, only rank 0 writes, and evaluation is sharded over both."""
-    run = ["training.num_train_steps=6", "training.eval_every=3", "training.save_every=3", "eval.num_examples=12",
+    run = ["training.num_train_steps=6", "training.eval_every=3", "training.save_every=3", "eval.max_questions=12",
            "training.effective_batch_size=8", "training.per_device_batch_size=4", "logging=none"]
     run_main(*run, "logging.project_name=single")
     env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}

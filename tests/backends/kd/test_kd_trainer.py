@@ -119,7 +119,7 @@ def test_two_devices_shard_the_params_and_match_one_device(run_main, tmp_path, m
 
 def test_zero_steps_gives_the_same_start_in_both_backends_on_gemma3_270m(run_main, tmp_path):
     """The real 270M model, converted from its HF checkpoint: the same step-0 eval loss and greedy answers."""
-    runs = run_both(run_main, tmp_path, "model=gemma3_270m", "training.num_train_steps=0", "eval.num_examples=12",
+    runs = run_both(run_main, tmp_path, "model=gemma3_270m", "training.num_train_steps=0", "eval.max_questions=12",
                     "eval.max_new_tokens=8", "eval.batch_size=24", "logging=none")
     kd, hf = eval_results(runs["kd"]), eval_results(runs["hf"])
     assert kd[0]["eval_loss"] == pytest.approx(hf[0]["eval_loss"], rel=1e-3)
