@@ -76,6 +76,7 @@ class OptimizerConfig:
     end_lr_fraction: float = 0.0  # final lr as a fraction of the peak
     b1: float = 0.9
     b2: float = 0.995
+    max_grad_norm: Optional[float] = None  # clip the gradients' global norm to this; null: none (the benchmark's)
 
 
 @dataclass
@@ -87,7 +88,9 @@ class TrainingConfig:
     save_every: int = 1_000
     max_checkpoints: int = 5
     seed: int = 42
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
+    # Recompute activations in backward: less memory, slower steps. auto: on where the run would not fit the GPU
+    # without it (cbe.memory), off elsewhere; HF backend (gemma's JAX model has no rematerialization).
+    gradient_checkpointing: str = "auto"  # auto | true | false
     torch_compile: str = "auto"  # auto (= on a GPU) | true | false: compile each decoder layer (HF backend)
 
 
@@ -95,7 +98,7 @@ class TrainingConfig:
 class LoggingConfig:
     project_name: str = "cbe"
     run_name: str = "${task.name}/${model.name}-${adapter.name}-${backend.name}"
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = 100
     loggers: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...}
 
 
@@ -144,7 +147,9 @@ def register_configs() -> None:
 # Keys whose value must be one of a few names.
 CHOICES = {"mode": ("train", "eval"), "eval.parser": tuple(PARSERS),
            "optimizer.schedule": ("cosine", "linear", "constant"), "model.source": ("hub", "gguf", "init"),
-           "training.torch_compile": ("auto", "True", "False")}  # a str key: `true` on the command line becomes "True"
+           # str keys: `true` on the command line becomes "True"
+           "training.torch_compile": ("auto", "True", "False"),
+           "training.gradient_checkpointing": ("auto", "True", "False")}
 
 
 def _positive(cfg: DictConfig, *keys: str) -> None:
@@ -182,6 +187,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
             f"pick a multiple of {per_step}")
     if not 0 <= cfg.optimizer.warmup_fraction < 1:
         raise UserError(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1)")
+    if cfg.optimizer.max_grad_norm is not None:
+        _positive(cfg, "optimizer.max_grad_norm")  # null turns clipping off
     if not 0 <= cfg.optimizer.end_lr_fraction <= 1:
         raise UserError(f"optimizer.end_lr_fraction={cfg.optimizer.end_lr_fraction} must be in [0, 1]")
     if cfg.mode == "eval" and cfg.checkpoint != "base" and not Path(cfg.checkpoint).is_dir():

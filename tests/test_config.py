@@ -56,16 +56,42 @@ def test_experiment_and_launcher_configs_compose():
     assert local.hydra.launcher._target_.endswith("LocalLauncher")
 
 
+# The benchmark's published recipes: (task, model) -> (lr, per-device batch) for the full fine-tune and LoRA-128.
+BENCHMARK_RECIPES = {
+    ("news", "gemma3_1b"): ((1e-4, 4), (5e-4, 4)), ("news", "gemma3_4b"): ((5e-5, 4), (1e-4, 2)),
+    ("news", "gemma3_12b"): ((3e-5, 1), (2e-4, 2)), ("geminon", "gemma3_1b"): ((1e-4, 16), (2e-4, 8)),
+    ("geminon", "gemma3_4b"): ((5e-5, 32), (2e-4, 4)), ("geminon", "gemma3_12b"): ((3e-5, 1), (2e-4, 2)),
+}
+SEQUENCE_LENGTH = {"news": 1024, "geminon": 256}
+
+
+@pytest.mark.parametrize("task,model,adapter", [(t, m, a) for t, m in BENCHMARK_RECIPES for a in ("full", "lora128")])
+def test_the_design_card_command_composes_the_benchmarks_recipe(task, model, adapter):
+    cfg = compose_config(f"task={task}", f"model={model}", f"adapter={adapter}", "backend=hf")
+    lr, batch = BENCHMARK_RECIPES[task, model][adapter == "lora128"]
+    o, t = cfg.optimizer, cfg.training
+    assert (o.lr, t.per_device_batch_size, cfg.data.sequence_length) == (lr, batch, SEQUENCE_LENGTH[task])
+    assert o.max_grad_norm is None  # no clipping
+    assert t.gradient_checkpointing == "auto"  # on where the card needs it (tests/test_memory.py)
+    assert (o.weight_decay, o.b1, o.b2, o.warmup_fraction, o.schedule, o.end_lr_fraction) == (0.1, 0.9, 0.995, 0.1,
+                                                                                              "cosine", 0.0)
+    assert (t.effective_batch_size, t.num_train_steps, t.eval_every, t.save_every) == (32, 10_000, 1000, 1000)
+    assert t.seed == 42
+    assert t.max_checkpoints == (3 if model == "gemma3_12b" else 5) and cfg.logging.log_every_n_steps == 100
+    if adapter == "lora128":
+        assert cfg.adapter.rank == cfg.adapter.alpha == 128
+    assert compose_config(f"task={task}", f"model={model}", f"adapter={adapter}", "optimizer.lr=7e-6",
+                          "training.per_device_batch_size=2").optimizer.lr == 7e-6  # every key stays overridable
+
+
 def test_recipe_defaults():
     cfg = compose_config("task=news", "model=gemma3_1b")
-    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 0.1 and cfg.optimizer.warmup_fraction == 0.1
-    assert (cfg.optimizer.schedule, cfg.optimizer.end_lr_fraction, cfg.optimizer.b1, cfg.optimizer.b2) == ("cosine", 0.0, 0.9, 0.995)
-    t = cfg.training
-    assert (t.effective_batch_size, t.num_train_steps, t.eval_every, t.save_every, t.max_checkpoints, t.seed) == (32, 10_000, 1000, 1000, 5, 42)
     assert cfg.data.sequence_length == 1024 and list(cfg.eval.support_thresholds) == [200, 400, 600, 800]
     assert cfg.eval.prompt_template == "Q: {question}\nA:" and cfg.eval.max_new_tokens == 32
-    lora = compose_config("task=news", "model=gemma3_1b", "adapter=lora128")
-    assert lora.adapter.rank == lora.adapter.alpha == 128 and lora.optimizer.lr == 2e-4
+    # The sample task has no recipe: it keeps its own CPU settings.
+    sample = compose_config()
+    assert (sample.optimizer.lr, sample.training.per_device_batch_size) == (3e-3, 8)
+    assert sample.logging.log_every_n_steps == 10 and sample.optimizer.max_grad_norm == 1.0
     geminon = compose_config("task=geminon")
     assert geminon.data.sequence_length == 256
     assert set(geminon.data.extra_qa_paths) == {"sensitive_valqa", "sensitive_testqa"}

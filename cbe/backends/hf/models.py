@@ -1,6 +1,7 @@
 """Load the model and tokenizer a config names, and wrap it with LoRA when the adapter asks for it."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -101,4 +102,20 @@ def apply_adapter(model, cfg: DictConfig):
     targets = rf"^(?!.*(vision_tower|multi_modal_projector)).*\.({'|'.join(cfg.adapter.target_modules)})$"
     lora = LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, lora_dropout=cfg.adapter.dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    init_lora_a(model, cfg.training.seed)
+    return model
+
+
+def init_lora_a(model, seed: int) -> None:
+    """Draw every LoRA A uniformly in +-sqrt(6 / fan_in), as the benchmark does on both its backends (the JAX/Flax
+    default; gemma's LoRA in our KD backend draws the same), about 2.45x wider than PEFT's default. B stays 0."""
+    from peft.tuners.lora import LoraLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for a in module.lora_A.values():
+                bound = math.sqrt(6 / a.in_features)
+                with torch.no_grad():
+                    a.weight.copy_(torch.empty(a.weight.shape).uniform_(-bound, bound, generator=generator))

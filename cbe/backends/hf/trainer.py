@@ -15,14 +15,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from cbe import memory
 from cbe.backends.base import Backend, NewlineStop, lr_multiplier
 from cbe.backends.hf.models import load_model_and_tokenizer
 from cbe.data.packing import IGNORE, PackedRows, training_order
+from cbe.errors import UserError
 from cbe.eval.evaluator import QAEvaluator
 from cbe.logging import Loggers
 from cbe.run import RunDir, is_main_process, world_size
@@ -47,6 +49,29 @@ class NewlineStopCriteria(StoppingCriteria):
         text = (~self.blank[generated]).int()
         text_before = (text.cumsum(1) - text) > 0  # some earlier generated token was not blank
         return (self.ends_alone[generated] | (self.newline[generated] & text_before)).any(1)
+
+
+def plan_memory(cfg: DictConfig, card: float | None) -> bool:
+    """Whether to checkpoint activations on a GPU of `card` bytes (None: the CPU), decided and said before the
+    model loads (cbe.memory); refuses a run whose weights and optimizer state alone exceed the GPU."""
+    t, arch = cfg.training, OmegaConf.to_container(cfg.model.architecture)
+    plan = memory.plan(arch, cfg.adapter.rank, t.per_device_batch_size, cfg.data.sequence_length,
+                       t.gradient_checkpointing, card)
+    where = f"on this {card / memory.GB:.0f} GB GPU" if card else "on the CPU"
+    line = f"memory: gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'} {where}"
+    if plan.estimate is None:
+        print(f"{line} (no model.architecture to estimate from)", flush=True)
+        return plan.gradient_checkpointing
+    if card and plan.estimate.static_bytes + memory.OVERHEAD_BYTES > card:
+        raise UserError(f"{cfg.model.name} {cfg.adapter.name}: its weights and optimizer state alone take "
+                        f"{plan.estimate.static_bytes / memory.GB:.0f} GB (estimated), more than this "
+                        f"{card / memory.GB:.0f} GB GPU; use adapter=lora128, or backend=kd over several GPUs (FSDP "
+                        "shards them), or a larger GPU")
+    print(f"{line}; {plan.estimate.describe()}", flush=True)
+    if not plan.fits:
+        print(f"memory: this may not fit {where}: lower training.per_device_batch_size (gradient accumulation keeps "
+              "training.effective_batch_size) or set training.gradient_checkpointing=true", flush=True)
+    return plan.gradient_checkpointing
 
 
 def compile_enabled(setting: str) -> bool:
@@ -124,6 +149,9 @@ class HFTrainer(Backend):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if world_size() > 1 and not dist.is_initialized():  # torchrun: evaluation shards over the ranks
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+            if torch.cuda.is_available() else None
+        self.gradient_checkpointing = plan_memory(cfg, card) if cfg.mode == "train" else False
         self.model, self.tokenizer = load_model_and_tokenizer(cfg, attn_implementation)
         self.compiled = 0  # decoder layers compiled for training (training.torch_compile)
         if torch.cuda.is_available():
@@ -240,7 +268,8 @@ class HFTrainer(Backend):
             learning_rate=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
             adam_beta1=cfg.optimizer.b1, adam_beta2=cfg.optimizer.b2,
             optim="adamw_torch_fused" if on_gpu else "adamw_torch", bf16=on_gpu and torch.cuda.is_bf16_supported(),
-            activation_checkpointing=t.gradient_checkpointing, save_strategy="steps", save_steps=t.save_every,
+            max_grad_norm=cfg.optimizer.max_grad_norm or 0.0,  # 0: no clipping (null in our config)
+            activation_checkpointing=self.gradient_checkpointing, save_strategy="steps", save_steps=t.save_every,
             save_total_limit=t.max_checkpoints, eval_strategy="no", logging_steps=cfg.logging.log_every_n_steps,
             report_to="none", dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
             remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not on_gpu,

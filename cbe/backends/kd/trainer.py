@@ -66,11 +66,8 @@ def next_token_example(rows: PackedRows, i: int) -> dict[str, np.ndarray]:
 
 
 class _Weights(kd.ckpts.AbstractPartialLoader):
-    """Puts the converted weights into the freshly initialized state, and gives LoRA PEFT's initialization.
-
-    Both libraries start LoRA with B = 0 and a kaiming-uniform A, but gemma's A is sqrt(6) times wider than
-    PEFT's (bound sqrt(6 / fan_in) against 1 / sqrt(fan_in)), which would make KD's adapter learn faster.
-    """
+    """Puts the converted weights into the freshly initialized state. LoRA keeps gemma's initialization, which is
+    the benchmark's: B = 0 and A uniform in +-sqrt(6 / fan_in) (the HF backend draws the same, init_lora_a)."""
 
     def __init__(self, params: dict[str, Any]):
         self.params = traverse_util.flatten_dict(params)
@@ -80,9 +77,6 @@ class _Weights(kd.ckpts.AbstractPartialLoader):
         for key, value in self.params.items():
             old = flat[key]
             flat[key] = jax.device_put(np.ascontiguousarray(value, old.dtype), old.sharding)
-        for key in flat:
-            if "lora" in key and key[-1] == "a":
-                flat[key] = flat[key] / np.sqrt(6.0)
         return state.replace(params=traverse_util.unflatten_dict(flat))
 
 
@@ -127,7 +121,8 @@ class KDTrainer(Backend):
 
     # -- the Kauldron trainer ------------------------------------------------------------------------
     def _optimizer(self) -> optax.GradientTransformation:
-        """AdamW as HF runs it: the shared schedule, clipping at 1, no decay on norms, only LoRA when adapted."""
+        """AdamW as HF runs it: the shared schedule, clipping at optimizer.max_grad_norm (none when null), no decay
+        on norms, only LoRA when adapted."""
         o, table = self.cfg.optimizer, jnp.asarray(self.learning_rates, dtype=jnp.float32)
 
         def learning_rate(count):  # count = optimizer updates so far
@@ -136,9 +131,9 @@ class KDTrainer(Backend):
         def decays(params):
             return jax.tree_util.tree_map_with_path(lambda path, _: "scale" not in jax.tree_util.keystr(path), params)
 
-        optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                                optax.adamw(learning_rate, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay,
-                                            mask=decays))
+        optimizer = optax.adamw(learning_rate, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay, mask=decays)
+        if o.max_grad_norm is not None:
+            optimizer = optax.chain(optax.clip_by_global_norm(o.max_grad_norm), optimizer)
         if self.cfg.adapter.rank:
             optimizer = kd.optim.partial_updates(optimizer, mask=kd.optim.select("lora"))
         return optax.MultiSteps(optimizer, every_k_schedule=self.accumulation)

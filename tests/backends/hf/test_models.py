@@ -61,3 +61,54 @@ def test_a_name_that_is_neither_repo_nor_dir_is_one_line(tmp_path):
 
     with pytest.raises(UserError, match=r"cannot load model '/no/such/dir/model': .*Check model.name"):
         _from_pretrained(AutoTokenizer, "/no/such/dir/model")
+
+
+def compose(*overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from cbe.config import register_configs
+    from tests.conftest import ROOT
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero():
+    """The benchmark's A: uniform in +-sqrt(6 / fan_in), so its standard deviation is sqrt(6 / fan_in) / sqrt(3)."""
+    import math
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from cbe.backends.hf.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(compose("adapter=lora128"))
+    by_fan_in: dict[int, list[torch.Tensor]] = {}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            by_fan_in.setdefault(a.shape[1], []).append(a.detach().flatten())
+            assert not b.any()
+            bound = math.sqrt(6 / a.shape[1])
+            assert a.abs().max() <= bound and a.abs().max() > 0.99 * bound  # uniform up to the bound
+    assert sorted(by_fan_in) == [128, 512]  # the tiny model's hidden and intermediate sizes
+    for fan_in, values in by_fan_in.items():
+        assert torch.cat(values).std().item() == pytest.approx(math.sqrt(6 / fan_in) / math.sqrt(3), rel=0.02)
+
+
+def test_the_memory_plan_is_said_before_loading_and_a_run_that_cannot_fit_is_one_line(capsys):
+    from cbe.backends.hf.trainer import plan_memory
+
+    assert plan_memory(compose("task=news", "model=gemma3_4b"), card=40e9) is True
+    said = capsys.readouterr().out
+    assert "memory: gradient checkpointing on on this 40 GB GPU; about 33.7 GB per GPU (estimated" in said
+    assert plan_memory(compose("task=news", "model=gemma3_1b"), card=None) is False
+    assert "gradient checkpointing off on the CPU" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^gemma3-12b-pt full: its weights and optimizer state alone take 94 GB "
+                                        r"\(estimated\), more than this 40 GB GPU; use adapter=lora128"):
+        plan_memory(compose("task=news", "model=gemma3_12b"), card=40e9)
+    # A per-device batch too large for the card: a warning with the knob, and the run goes on.
+    assert plan_memory(compose("task=news", "model=gemma3_4b", "training.per_device_batch_size=32",
+                               "training.gradient_checkpointing=false"), card=40e9) is False
+    assert "lower training.per_device_batch_size" in capsys.readouterr().out

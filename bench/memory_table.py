@@ -1,0 +1,51 @@
+"""Estimated peak GPU memory of every (task, model, adapter) recipe, as the HF backend plans it (cbe.memory).
+
+    .venv/bin/python bench/memory_table.py [--card-gb 40]
+
+Prints a markdown table: the recipe's per-device batch, what `training.gradient_checkpointing=auto` picks on
+that card, and the estimated peak per GPU (or why the run is refused). Estimates, not measurements: a GPU
+run prints its own plan at the start of train.log, and its measured peak comes from bench/train_throughput.py.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--card-gb", type=float, default=40, help="the GPU's memory in GB (default: %(default)s)")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from cbe import memory
+    from cbe.config import register_configs
+
+    register_configs()
+    card = args.card_gb * memory.GB
+    print(f"| task | model | adapter | per-device batch | checkpointing (auto, {args.card_gb:.0f} GB) "
+          "| estimated peak |")
+    print("|---|---|---|---|---|---|")
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        for task in ("news", "geminon"):
+            for model in ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b"):
+                for adapter in ("full", "lora128"):
+                    cfg = compose("config", overrides=[f"task={task}", f"model={model}", f"adapter={adapter}"])
+                    t = cfg.training
+                    plan = memory.plan(OmegaConf.to_container(cfg.model.architecture), cfg.adapter.rank,
+                                       t.per_device_batch_size, cfg.data.sequence_length, t.gradient_checkpointing,
+                                       card)
+                    peak = plan.estimate
+                    refused = peak.static_bytes + memory.OVERHEAD_BYTES > card
+                    cell = (f"refused: {peak.static_bytes / memory.GB:.0f} GB of weights and optimizer state"
+                            if refused else f"{peak.total_bytes / memory.GB:.1f} GB")
+                    print(f"| {task} | {model} | {adapter} | {t.per_device_batch_size} | "
+                          f"{'on' if plan.gradient_checkpointing else 'off'} | {cell} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Peak GPU memory of an HF training run, estimated from the config before any model loads.
+
+It decides `training.gradient_checkpointing=auto` (off where the run fits without it: faster steps) and
+refuses, in one line, a run whose weights and optimizer state alone exceed the card. The model: bf16 weights
+(2 bytes a parameter); a full fine-tune adds bf16 gradients and AdamW's two bf16 moments (6 more), LoRA
+adds fp32 adapter weights, gradients and moments (16 a LoRA parameter); activations take
+2 * (8 * hidden + 3 * intermediate) bytes a token a layer, or with checkpointing a bf16 hidden state a token
+a layer plus one layer's activations; plus a fixed allowance for the CUDA context and the allocator.
+The activation term is calibrated on one measurement: Gemma 3 4B, full fine-tune, 8 rows of 1024 tokens,
+no checkpointing, about 59 GB. Everything else is an estimate, and says so where it is printed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+GB = 1e9
+OVERHEAD_BYTES = 1.5 * GB  # CUDA context, cuBLAS workspaces, allocator fragmentation
+HEADROOM = 0.9  # plan to use at most this fraction of the card
+
+
+def parameter_count(arch: Mapping[str, Any]) -> int:
+    """Parameters of a Gemma 3 text model: embedding, attention and MLP projections (norms are negligible)."""
+    hidden, heads, kv_heads, head_dim = (arch["hidden_size"], arch["num_attention_heads"],
+                                         arch["num_key_value_heads"], arch["head_dim"])
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    mlp = 3 * hidden * arch["intermediate_size"]
+    return arch["vocab_size"] * hidden + arch["num_hidden_layers"] * (attention + mlp)
+
+
+def lora_parameter_count(arch: Mapping[str, Any], rank: int) -> int:
+    """LoRA parameters with rank `rank` on every linear projection: rank * (fan_in + fan_out) each."""
+    hidden, inter = arch["hidden_size"], arch["intermediate_size"]
+    q, kv = arch["num_attention_heads"] * arch["head_dim"], arch["num_key_value_heads"] * arch["head_dim"]
+    per_layer = 2 * (hidden + q) + 2 * (hidden + kv) + 2 * (hidden + inter) + (inter + hidden)
+    return rank * per_layer * arch["num_hidden_layers"]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    static_bytes: float  # weights, gradients and optimizer state: whatever the batch
+    activation_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.static_bytes + self.activation_bytes + OVERHEAD_BYTES
+
+    def describe(self) -> str:
+        return (f"about {self.total_bytes / GB:.1f} GB per GPU (estimated: {self.static_bytes / GB:.1f} GB weights "
+                f"and optimizer state, {self.activation_bytes / GB:.1f} GB activations)")
+
+
+def estimate(arch: Mapping[str, Any], lora_rank: int, rows: int, sequence_length: int,
+             gradient_checkpointing: bool) -> MemoryEstimate:
+    """The estimated peak of one training step with `rows` rows of `sequence_length` tokens per device."""
+    params = parameter_count(arch)
+    trained = 16 * lora_parameter_count(arch, lora_rank) if lora_rank else 6 * params
+    tokens, layers = rows * sequence_length, arch["num_hidden_layers"]
+    per_layer = 2 * (8 * arch["hidden_size"] + 3 * arch["intermediate_size"])  # bytes a token
+    if gradient_checkpointing:
+        activations = tokens * (layers * 2 * arch["hidden_size"] + per_layer)
+    else:
+        activations = tokens * layers * per_layer
+    return MemoryEstimate(static_bytes=2 * params + trained, activation_bytes=activations)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    gradient_checkpointing: bool
+    estimate: MemoryEstimate | None  # None where the architecture is not in the config
+    fits: bool  # the estimate is within the card (always True without an estimate)
+
+
+def plan(arch: Mapping[str, Any], lora_rank: int, rows: int, sequence_length: int, setting: str,
+         card_bytes: float | None) -> MemoryPlan:
+    """Whether to checkpoint (setting auto | True | False) on a card of `card_bytes` (None: no GPU), and what it
+    will take. auto turns checkpointing on only where the run would not fit without it; with no GPU it is off,
+    and with no architecture to estimate from it is on, as in the benchmark's recipes."""
+    if setting != "auto":
+        checkpointing = setting == "True"
+    elif card_bytes is None:
+        checkpointing = False
+    elif not arch:
+        checkpointing = True
+    else:
+        checkpointing = estimate(arch, lora_rank, rows, sequence_length, False).total_bytes > HEADROOM * card_bytes
+    if not arch:
+        return MemoryPlan(checkpointing, None, True)
+    peak = estimate(arch, lora_rank, rows, sequence_length, checkpointing)
+    return MemoryPlan(checkpointing, peak, card_bytes is None or peak.total_bytes <= HEADROOM * card_bytes)
