@@ -4,13 +4,16 @@
     python main.py -m optimizer.lr=1e-4,3e-4 training.effective_batch_size=32,64
     python main.py -m experiment=lr_bs_sweep hydra/launcher=submitit_slurm hydra.launcher.partition=gpu
     torchrun --nproc_per_node=4 main.py task=news model=gemma3_1b
+    python main.py mode=eval checkpoint=outputs/.../checkpoints/latest   (with the run's own settings)
 """
 import os
+import sys
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from cbe.checkpoints import inherit_run_overrides
 from cbe.config import register_configs, validate
 from cbe.errors import exit_on_user_error, run_and_report_user_errors
 from cbe.logging import Loggers
@@ -35,7 +38,12 @@ def main(cfg: DictConfig) -> None:
         loggers.close()
 
 
+def evaluate_or_train() -> None:
+    sys.argv[1:] = inherit_run_overrides(sys.argv[1:])  # mode=eval of a run's checkpoint composes as the run did
+    main()
+
+
 if __name__ == "__main__":
     # Hydra's errors propagate to us, so a user mistake becomes one line, not Hydra's multi-line report.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    run_and_report_user_errors(main)
+    run_and_report_user_errors(evaluate_or_train)

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from cbe.checkpoints import check_checkpoint, register_resolvers
 from cbe.errors import UserError
 from cbe.eval.parse import PARSERS
 
@@ -37,13 +38,14 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     _target_: str = "cbe.eval.evaluator.QAEvaluator"
-    prompt_template: str = "Q: {question}\nA:"
+    prompt_template: str = "Q: {question}\nA:"  # \n and \t typed on a command line become a newline and a tab
     prompt_prefix_file: Optional[str] = None  # few-shot examples put before every prompt; null = zero-shot
     max_new_tokens: int = 32
     batch_size: int = 256  # questions per generate call; large batches keep a GPU busy
     parser: str = "default"  # default | news | geminon | finegrained_geminon
     support_thresholds: list[int] = field(default_factory=list)
     num_examples: int = 3  # sample predictions printed per QA set at each evaluation (as in the benchmark)
+    loss: bool = True  # also measure eval_loss on data.val_path (false: skip it, e.g. with qa_data)
     max_questions: Optional[int] = None  # evaluate only the first N questions of each set
     qa_data: Optional[str] = None  # evaluate this QA file instead of the task's sets (named after its stem)
     save_details: Optional[str] = None  # also write every scored question (with its qa_set) to this file
@@ -124,14 +126,6 @@ class Config:
     checkpoint: Optional[str] = None  # mode=eval: a checkpoint dir (full model or LoRA adapter) or `base`
 
 
-def checkpoint_label(checkpoint: str) -> str:
-    """A short folder name for an evaluated checkpoint: base, or <run>-checkpoint-<step>."""
-    if checkpoint == "base":
-        return "base"
-    path = Path(checkpoint).resolve()  # `latest` becomes the checkpoint it points at
-    return f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" else path.name
-
-
 # conf/hydra/launcher/ ships our defaults under the plugin's own option names, checked against its schema;
 # Hydra warns about that pairing. Filtered here, at import, so that submitit's job processes (which import this
 # module before composing the job's config) stay quiet too.
@@ -141,7 +135,7 @@ warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStor
 def register_configs() -> None:
     """Make the schema the base that conf/config.yaml composes onto."""
     ConfigStore.instance().store(name="cbe_schema", node=Config)
-    OmegaConf.register_new_resolver("checkpoint_label", checkpoint_label, replace=True)
+    register_resolvers()
 
 
 # Keys whose value must be one of a few names.
@@ -158,12 +152,31 @@ def _positive(cfg: DictConfig, *keys: str) -> None:
             raise UserError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
 
 
+# Sections whose keys are free: names of QA sets, a model's shape, logger specs.
+FREE_FORM = ("data.extra_qa_paths", "model.architecture", "logging.loggers")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _refuse_unknown_keys(cfg: DictConfig) -> None:
+    """A key no section has (`+training.bogus=1`, `+eval.foo=1`) stops the run, naming the valid keys: Hydra's `+`
+    adds keys even to the schema's sections, and the backend's options would only fail when its class is built."""
+    sections = {f.name: f.default_factory() for f in fields(Config) if callable(f.default_factory)}
+    allowed = {"": [f.name for f in fields(Config)], **{name: [f.name for f in fields(section)]
+                                                          for name, section in sections.items()}}
+    backend_options = CONF / "backend" / f"{cfg.backend.name}.yaml"
+    if backend_options.is_file():  # the backend's options are the ones its config file declares
+        allowed["backend.trainer"] = list(OmegaConf.load(backend_options).backend.trainer)
+    for where, known in allowed.items():
+        node = OmegaConf.select(cfg, where) if where else cfg
+        unknown = sorted(set(node) - set(known)) if where not in FREE_FORM else []
+        if unknown:
+            key = f"{where}.{unknown[0]}" if where else unknown[0]
+            raise UserError(f"unknown config key {key!r}; {where or 'the top level'} has {', '.join(known)}")
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """Check the rules that span keys and that every value is set; return the resolved config."""
-    unknown = sorted(set(cfg) - {f.name for f in fields(Config)})
-    if unknown:
-        raise UserError(f"unknown config key {unknown[0]!r}; the top-level keys are "
-                        f"{', '.join(f.name for f in fields(Config))}")
+    _refuse_unknown_keys(cfg)
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as e:
@@ -191,13 +204,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         _positive(cfg, "optimizer.max_grad_norm")  # null turns clipping off
     if not 0 <= cfg.optimizer.end_lr_fraction <= 1:
         raise UserError(f"optimizer.end_lr_fraction={cfg.optimizer.end_lr_fraction} must be in [0, 1]")
-    if cfg.mode == "eval" and cfg.checkpoint != "base" and not Path(cfg.checkpoint).is_dir():
-        raise UserError(f"checkpoint={cfg.checkpoint}: no such checkpoint dir; pass a checkpoints/checkpoint-<step> "
-                        "dir, a LoRA adapter dir, or checkpoint=base")
+    if cfg.mode == "eval":
+        check_checkpoint(cfg)
     if cfg.eval.num_examples < 0:
         raise UserError(f"eval.num_examples={cfg.eval.num_examples} must be 0 or more (sample predictions printed)")
     if cfg.eval.max_questions is not None:
         _positive(cfg, "eval.max_questions")
+    arch = cfg.model.architecture
+    if cfg.backend.name == "kd" and arch and arch.get("num_key_value_heads") == arch.get("num_attention_heads"):
+        # gemma would fuse q, k and v into one qkv_einsum, a layout the real models do not have.
+        raise UserError("model.architecture: num_key_value_heads must be fewer than num_attention_heads for backend=kd")
     if "{question}" not in cfg.eval.prompt_template:
         raise UserError(f"eval.prompt_template={cfg.eval.prompt_template!r} must contain {{question}}")
     files = {"data.train_path": cfg.data.train_path, "data.val_path": cfg.data.val_path,

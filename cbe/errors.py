@@ -71,6 +71,8 @@ def run_and_report_user_errors(app) -> None:
 
     try:
         app()
+    except UserError as e:  # found before the app composed its config
+        exit_with(e)
     except InstantiationException:
         raise  # a bug in a constructor, not a config mistake
     except (HydraException, OmegaConfBaseException) as e:

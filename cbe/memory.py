@@ -46,7 +46,7 @@ class MemoryEstimate:
         return self.static_bytes + self.activation_bytes + OVERHEAD_BYTES
 
     def describe(self) -> str:
-        return (f"about {self.total_bytes / GB:.1f} GB per GPU (estimated: {self.static_bytes / GB:.1f} GB weights "
+        return (f"about {self.total_bytes / GB:.1f} GB per device (estimated: {self.static_bytes / GB:.1f} GB weights "
                 f"and optimizer state, {self.activation_bytes / GB:.1f} GB activations)")
 
 

@@ -52,7 +52,7 @@ FAKE_SECRETS = {"WANDB_API_KEY": "0123456789abcdef-fake-wandb-key-42", "HF_TOKEN
 @pytest.fixture(scope="session")
 def tiny_wandb_run(tmp_path_factory, cache_dir) -> Path:
     """One real tiny training run (4 steps, evaluated every 2) logged to TensorBoard and W&B (offline), with
-    secrets in its environment. Shared by the plot and W&B tests: the only real run they need."""
+    secrets in its environment. Shared by the plot, W&B and logger tests: the only real run they need."""
     output_root = tmp_path_factory.mktemp("wandb_run")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **FAKE_SECRETS}
     run_main_under(output_root, cache_dir, "logging=tensorboard_wandb", "logging.project_name=cbe-test",

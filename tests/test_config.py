@@ -114,6 +114,19 @@ def test_batch_must_divide_across_devices():
         validate(compose_config("training.effective_batch_size=24", "training.per_device_batch_size=8"), world_size=2)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("+training.bogus=1", "unknown config key 'training.bogus'; training has effective_batch_size, "),
+    ("+eval.foo=1", "unknown config key 'eval.foo'; eval has _target_, prompt_template, "),
+    ("+backend.trainer.foo=2", "unknown config key 'backend.trainer.foo'; backend.trainer has _target_, "
+                               "attn_implementation"),
+])
+def test_an_unknown_key_inside_a_section_is_refused_naming_the_valid_ones(override, message):
+    with pytest.raises(UserError) as refused:
+        validate(compose_config(override))
+    assert str(refused.value).startswith(message)
+    validate(compose_config("+data.extra_qa_paths.more=data/sample/valqa.jsonl"))  # free-form sections stay free
+
+
 BAD_OVERRIDES = [
     (["optimizer.lrr=1"], "optimizer.lrr"),  # misspelled key
     (["optimizer.lr=fast"], "optimizer.lr"),  # wrong type
@@ -123,6 +136,7 @@ BAD_OVERRIDES = [
     (["training.effective_batch_size=12"], "training.effective_batch_size=12"),
     (["eval.parser=fancy"], "eval.parser"),
     (["backend=kd", "model.architecture.num_key_value_heads=4"], "num_key_value_heads must be fewer"),
+    (["+eval.foo=1"], "eval.foo"),  # once through main.py: no InstantiationException traceback
 ]
 
 

@@ -81,7 +81,7 @@ def runs_folder(tmp_path) -> Path:
                           "checkpoint-2": {"log_history": [{"loss": 5.0, "step": 1}, {"loss": 4.5, "step": 2},
                                                            {"train_loss": 4.75, "step": 2}]}})
     # mode=eval results of a checkpoint live inside the training run: not a run of their own.
-    make_run(folder / "tiny-full-hf", "eval/checkpoint-4", [result(4, 1.0, 1.0)], backend="hf")
+    make_run(folder / "tiny-full-hf", "eval/checkpoint-4/valqa+testqa-0a1b2c3d", [result(4, 1.0, 1.0)], backend="hf")
     return folder
 
 

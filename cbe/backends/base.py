@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cbe.data.packing import PackedRows, packed_corpus
+from cbe.data.packing import PackedRows, packed_corpus, repetition_report
 
 
 def answer_ended(text: str) -> bool:
@@ -78,6 +78,13 @@ class Backend:
         print(rows.describe(name), flush=True)
         return rows
 
+    def packed_train(self) -> PackedRows:
+        """The training corpus, packed, with how often the run repeats it printed to the run log, once at the start."""
+        rows = self.packed(self.cfg.data.train_path, "train")
+        t = self.cfg.training
+        print("\n".join(repetition_report(len(rows), t.effective_batch_size, t.num_train_steps)), flush=True)
+        return rows
+
     def evaluate(self, step: int) -> dict[str, Any]:
         metrics = self.evaluator.evaluate(self, step, self.val_rows)
         self.loggers.eval(metrics)
@@ -87,3 +94,4 @@ class Backend:
         """mode=eval: evaluate the loaded checkpoint once and print the report table."""
         self.run.drop_eval_results_after(step - 1)  # evaluating the same checkpoint again replaces its line
         print(self.evaluator.report(self.evaluate(step)), flush=True)
+        print(f"wrote {self.run.root}", flush=True)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cbe.data.jsonl import load_corpus
+from cbe.errors import UserError
 from cbe.run import write_atomic
 
 IGNORE = -100  # the label of a position that is not trained on
@@ -145,3 +146,37 @@ def training_order(num_rows: int, num_examples: int, seed: int) -> np.ndarray:
     epochs = -(-num_examples // num_rows) if num_rows else 0
     order = [np.random.default_rng([seed, epoch]).permutation(num_rows) for epoch in range(epochs)]
     return np.concatenate(order)[:num_examples] if order else np.zeros(0, dtype=np.int64)
+
+
+def epochs_seen(steps: int, effective_batch_size: int, num_rows: int) -> float:
+    """How many times `steps` optimizer steps have read the packed corpus: rows seen / rows."""
+    return steps * effective_batch_size / num_rows
+
+
+def repetition_report(num_rows: int, effective_batch_size: int, num_train_steps: int) -> list[str]:
+    """How often a run repeats its training corpus, as run-log lines; `warning:` where one step holds it all.
+
+    The warning is for a step that holds a whole epoch or more: every step then sees every row (beyond one epoch,
+    the same rows more than once in one gradient), so the batch buys nothing a smaller one would not and the steps
+    are the epochs, almost always a corpus too small for the batch. Many epochs over a whole run are only reported:
+    memorizing a corpus, which this benchmark measures, repeats it on purpose.
+    """
+    if num_rows == 0:
+        raise UserError("the training corpus (data.train_path) holds no documents; point data.train_path at a "
+                        "corpus with text")
+    per_step = epochs_seen(1, effective_batch_size, num_rows)
+    run = epochs_seen(num_train_steps, effective_batch_size, num_rows)
+    lines = [f"repetition: the training corpus is {_count(num_rows, 'packed row')}; one optimizer step "
+             f"({_count(effective_batch_size, 'row')}) is {_count(per_step, 'epoch')}, the whole run "
+             f"({_count(num_train_steps, 'step')}) {_count(run, 'epoch')}"]
+    if num_train_steps and per_step >= 1:
+        holds = "the whole training corpus" if per_step == 1 else f"the training corpus {_count(per_step, 'time')} over"
+        lines.append(f"warning: one optimizer step holds {holds} ({_count(effective_batch_size, 'row')} a step, "
+                     f"{_count(num_rows, 'packed row')}), so every step sees every row and the run repeats the corpus "
+                     f"{_count(run, 'time')}; lower training.effective_batch_size or train on a larger corpus")
+    return lines
+
+
+def _count(x: float, noun: str) -> str:
+    """`x noun(s)`, with x to 3 significant digits below 10 and whole above (1 epoch, 0.0312 epochs, 2,400 epochs)."""
+    return f"{x:,.0f} {noun}s" if x >= 10 else f"{x:.3g} {noun}{'' if x == 1 else 's'}"

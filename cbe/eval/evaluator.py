@@ -25,25 +25,37 @@ def few_shot_prefix(path: str | None) -> str:
     return Path(path).read_text(encoding="utf-8").rstrip() + "\n\n" if path else ""
 
 
+def unescape(template: str) -> str:
+    """A prompt template with `\\n` and `\\t` as a newline and a tab: a shell cannot pass the characters themselves
+    (eval.prompt_template="Q: {question}\\nA:"), and no real template needs a literal backslash-n."""
+    return template.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def qa_paths(data: DictConfig, qa_data: str | None) -> dict[str, str]:
+    """Name -> file of every QA set evaluated: the task's (valqa, testqa and the extra sets), or qa_data alone."""
+    if qa_data:
+        return {Path(qa_data).stem: qa_data}
+    return {"valqa": data.valqa_path, "testqa": data.testqa_path, **data.extra_qa_paths}
+
+
 class QAEvaluator:
     """Asks every QA set's questions, scores the parsed answers and writes eval_details/."""
 
     def __init__(self, data: DictConfig, run: RunDir, prompt_template: str, prompt_prefix_file: str | None,
                  max_new_tokens: int, batch_size: int, parser: str, support_thresholds: Sequence[int],
                  num_examples: int, max_questions: int | None, val_loss_batch_size: int, qa_data: str | None = None,
-                 save_details: str | None = None):
+                 save_details: str | None = None, loss: bool = True):
         self.run = run
-        self.prompt_template = prompt_template
+        self.prompt_template = unescape(prompt_template)
         self.prefix = few_shot_prefix(prompt_prefix_file)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.parser = parser
         self.support_thresholds = list(support_thresholds)
         self.num_examples = num_examples
         self.val_loss_batch_size = val_loss_batch_size
-        paths = {"valqa": data.valqa_path, "testqa": data.testqa_path, **data.extra_qa_paths}
-        if qa_data:
-            paths = {Path(qa_data).stem: qa_data}
-        self.qa_sets = {name: load_qa(path)[:max_questions] for name, path in paths.items()}
+        self.loss_data = data.val_path if loss else None  # the corpus eval_loss is measured on
+        self.qa_sets = {name: load_qa(path)[:max_questions] for name, path in qa_paths(data, qa_data).items()}
+        self.prompt_shown = False
         self.save_details = save_details
         self.last_details: dict[str, list[dict[str, Any]]] = {}
 
@@ -63,8 +75,14 @@ class QAEvaluator:
 
     def evaluate(self, model: Model, step: int, val_rows: Any) -> dict[str, Any]:
         """eval_loss on the validation rows and every QA metric, as one flat dict for the loggers."""
-        metrics: dict[str, Any] = {"step": step, "timestamp": time.time(),
-                                   "eval_loss": model.loss(val_rows, self.val_loss_batch_size)}
+        loss = model.loss(val_rows, self.val_loss_batch_size) if self.loss_data else None
+        metrics: dict[str, Any] = {"step": step, "timestamp": time.time(), "eval_loss": loss,
+                                   "eval_loss_data": self.loss_data}
+        if not self.prompt_shown and is_main_process():
+            name, records = next(((n, r) for n, r in self.qa_sets.items() if r), ("", []))
+            if records:  # the exact text the model sees, newlines shown, once a process
+                print(f"prompt of the first {name} question: {self.prompt(records[0])!r}", flush=True)
+            self.prompt_shown = True
         for name, records in self.qa_sets.items():
             raw = model.generate([self.prompt(r) for r in records], self.max_new_tokens, self.batch_size)
             details = self.last_details[name] = self.score(records, raw)
@@ -83,9 +101,11 @@ class QAEvaluator:
             return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
         width = max([18, *(len(name) + 2 for name in self.qa_sets)])
-        lines = [f"step {metrics['step']}  eval_loss {metrics['eval_loss']:.4f}",
-                 f"{'set':<{width}}{'n':>6}" + "".join(f"{title:>8}{'95% CI':>16}" for title in ("exact", "substr", "fuzzy"))
-                 + f"{'f1':>8}"]
+        loss = "not measured" if metrics["eval_loss"] is None else \
+            f"{metrics['eval_loss']:.4f} on {metrics['eval_loss_data']}"
+        lines = [f"step {metrics['step']}  eval_loss {loss}",
+                 f"{'set':<{width}}{'n':>6}" + "".join(f"{title:>8}{'95% CI':>16}" for title in
+                                                       ("exact", "substr", "fuzzy")) + f"{'f1':>8}"]
         for name in self.qa_sets:
             n = metrics[f"{name}_n"]
             row = f"{name:<{width}}{n:>6}"

@@ -1,6 +1,7 @@
 """Where metrics go: always the console and metrics/eval_results.jsonl; TensorBoard and W&B by config.
 
-Each logger takes `scalars(step, values)` and `close()`; only rank 0 builds real ones.
+Each logger takes `scalars(step, values)` and `close()`; only rank 0 builds real ones. Console lines go out with
+`tqdm.write`, which lifts any active progress bar, so each starts a line of its own in the console and train.log.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import time
 import types
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from cbe.run import RunDir, is_main_process, write_atomic
 
@@ -71,6 +74,15 @@ class WandbLogger:
         self._run.finish()
 
 
+def format_train_line(values: dict[str, Any]) -> str:
+    """The console line of train scalars: HF's dict, with floats as numbers to 4 significant digits, not strings."""
+    def rounded(v: Any) -> Any:
+        finite_fraction = isinstance(v, float) and math.isfinite(v) and not v.is_integer()
+        return float(f"{v:.4g}") if finite_fraction else v  # whole numbers (epoch 2.0, token counts) stay whole
+
+    return str({k: rounded(v) for k, v in values.items()})
+
+
 def format_eval_line(metrics: dict[str, Any]) -> str:
     """A compact console line: step, eval loss, and exact/substring/fuzzy match per QA set."""
     parts = [f"step {metrics['step']}"]
@@ -92,6 +104,9 @@ class Loggers:
         self.loggers = loggers
 
     def train(self, step: int, values: dict[str, Any]) -> None:
+        if not is_main_process():
+            return
+        _console(format_train_line(values))
         for logger in self.loggers:
             logger.scalars(step, {f"train/{k}": v for k, v in values.items()})
 
@@ -99,10 +114,15 @@ class Loggers:
         if not is_main_process():
             return
         self.run.append_eval_result(metrics)
-        print(format_eval_line(metrics), flush=True)
+        _console(format_eval_line(metrics))
         for logger in self.loggers:
             logger.scalars(metrics["step"], {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
 
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+
+
+def _console(line: str) -> None:
+    tqdm.write(line)  # to sys.stdout, as print; tqdm.auto is the class the training bars are made of
+    sys.stdout.flush()

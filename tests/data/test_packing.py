@@ -1,7 +1,10 @@
 """Packing keeps every corpus token, trains each target once, and marks every document boundary."""
 import numpy as np
+import pytest
 
-from cbe.data.packing import IGNORE, best_fit_decreasing, pack_documents, packed_corpus, split_long, tokenize_file
+from cbe.data.packing import (IGNORE, best_fit_decreasing, epochs_seen, pack_documents, packed_corpus,
+                              repetition_report, split_long, tokenize_file)
+from cbe.errors import UserError
 
 
 def docs_of(lengths, seed=0):
@@ -72,3 +75,36 @@ def test_tokenization_is_cached_by_file_and_tokenizer(tmp_path):
     assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 2
     rows = packed_corpus("data/sample/train.jsonl", tok, 256, tmp_path / "cache")
     assert rows.describe("train").startswith("train: ") and rows.trained_tokens > 1000
+    assert len(rows) == 8  # the sample track's rows, which the repetition tests below count with
+
+
+def test_the_sample_recipe_is_told_that_each_step_holds_the_whole_corpus():
+    """The sample track packs into 8 rows; its recipe takes 8 rows a step for 160 steps: 1 epoch a step, 160 in all."""
+    report = repetition_report(num_rows=8, effective_batch_size=8, num_train_steps=160)
+    assert report == [
+        "repetition: the training corpus is 8 packed rows; one optimizer step (8 rows) is 1 epoch, the whole run "
+        "(160 steps) 160 epochs",
+        "warning: one optimizer step holds the whole training corpus (8 rows a step, 8 packed rows), so every step "
+        "sees every row and the run repeats the corpus 160 times; lower training.effective_batch_size or train on a "
+        "larger corpus"]
+
+
+def test_repetition_counts_epochs_per_step_and_per_run():
+    # The issue's tiny corpus: 4 rows under a batch of 32 for 30 steps, 8 times a step and 240 times over the run.
+    tiny = repetition_report(4, 32, 30)
+    assert "one optimizer step (32 rows) is 8 epochs, the whole run (30 steps) 240 epochs" in tiny[0]
+    assert tiny[1].startswith("warning: one optimizer step holds the training corpus 8 times over (32 rows a step, ")
+    assert "the run repeats the corpus 240 times" in tiny[1]
+    # A corpus larger than a step is only reported, however many epochs the run makes of it.
+    assert repetition_report(5000, 32, 10_000) == [
+        "repetition: the training corpus is 5,000 packed rows; one optimizer step (32 rows) is 0.0064 epochs, the "
+        "whole run (10,000 steps) 64 epochs"]
+    assert len(repetition_report(33, 32, 10_000)) == 1 and len(repetition_report(32, 32, 1)) == 2
+    assert len(repetition_report(8, 8, 0)) == 1  # a run of no steps repeats nothing
+    # The epoch the backends log: rows seen / packed rows.
+    assert epochs_seen(3, 32, 4) == 24.0 and epochs_seen(1, 8, 16) == 0.5 and epochs_seen(160, 8, 8) == 160.0
+
+
+def test_an_empty_training_corpus_is_a_user_error():
+    with pytest.raises(UserError, match="data.train_path"):
+        repetition_report(0, 8, 160)

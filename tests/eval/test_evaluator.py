@@ -53,7 +53,8 @@ def news_like(tmp_path):
 
 
 def evaluator(tmp_path, prefix, **overrides):
-    data = OmegaConf.create({"valqa_path": str(tmp_path / "valqa.jsonl"), "testqa_path": str(tmp_path / "testqa.jsonl"),
+    data = OmegaConf.create({"val_path": "val.jsonl", "valqa_path": str(tmp_path / "valqa.jsonl"),
+                             "testqa_path": str(tmp_path / "testqa.jsonl"),
                              "extra_qa_paths": {}})
     options = dict(prompt_template="Q: {question}\nA:", prompt_prefix_file=str(prefix), max_new_tokens=32,
                    batch_size=8, parser="finegrained_geminon", support_thresholds=[2], num_examples=1,
@@ -97,3 +98,15 @@ def test_num_examples_prints_that_many_predictions_and_max_questions_limits_the_
     assert re.findall(r"^\[(\w+)\] (\w+):", report, re.M) == [("exact", "valqa"), ("wrong", "testqa")]
     silent = evaluator(tmp_path, prefix, num_examples=0)
     assert not re.findall(r"^\[", silent.report(silent.evaluate(model, 0, None)), re.M)
+
+
+def test_eval_loss_names_its_corpus_or_is_skipped(news_like):
+    tmp_path, prefix = news_like
+    model = ScriptedModel({"Who won?": "Ada", "Which year?": "1843", "What types of moves?": "Ice"})
+    ev = evaluator(tmp_path, prefix)
+    measured = ev.evaluate(model, 0, None)
+    assert (measured["eval_loss"], measured["eval_loss_data"]) == (1.5, "val.jsonl")
+    assert "eval_loss 1.5000 on val.jsonl" in ev.report(measured)
+    skipped = evaluator(tmp_path, prefix, loss=False)
+    metrics = skipped.evaluate(model, 0, None)
+    assert metrics["eval_loss"] is None and "eval_loss not measured" in skipped.report(metrics)

@@ -2,7 +2,8 @@
 # A real single-node SLURM cluster on this machine, for `make test-slurm`:
 #   tests/slurm/cluster.sh COMMAND...   installs Debian's slurmctld, slurmd and munge if missing, starts
 #                                       munged, slurmctld and slurmd (no systemd) with their config and state
-#                                       in a temp dir, runs COMMAND with SLURM_CONF set, then stops them.
+#                                       in a temp dir, runs COMMAND with SLURM_CONF set, then stops them and
+#                                       every process of the cluster's jobs.
 set -euo pipefail
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
@@ -14,14 +15,36 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 
 dir=$(mktemp -d /tmp/cbe-slurm.XXXXXX)
+# Exported before any daemon starts, so that every process of this cluster (the daemons, the job steps'
+# slurmstepd, srun and all the jobs start) carries it in the environment it was started with: stop() finds
+# them by it, and leaves other clusters' processes alone.
+export SLURM_CONF="$dir/slurm.conf"
 host=$(hostname -s)
 pids=()
+
+# The pids of this cluster's processes, read from /proc/PID/environ (which keeps the start-time environment,
+# so this script itself, whose SLURM_CONF came later, is not among them).
+cluster_processes() { grep -lsxzF "SLURM_CONF=$dir/slurm.conf" /proc/[0-9]*/environ | cut -d/ -f3 || true; }
+steps_running() {
+    local pid
+    for pid in $(cluster_processes); do grep -qsx slurmstepd "/proc/$pid/comm" && return 0; done
+    return 1
+}
+
+# Stopping the daemons alone leaves running job steps behind (slurmstepd outlives slurmd by design): cancel
+# every job first and give the steps a few seconds to end (KillWait is 5 s), then stop the daemons, then kill
+# whatever of the cluster is still alive.
 stop() {
+    [ -s "$dir/slurmctld.pid" ] && timeout 10 scancel --user="$(id -un)" 2>/dev/null || true
+    # From here on this script's helpers (grep, cut) must not look like part of the cluster.
+    unset SLURM_CONF
+    for _ in $(seq 50); do steps_running || break; sleep 0.2; done
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
     done
+    cluster_processes | xargs -r kill -9 2>/dev/null || true
     rm -rf "$dir"
 }
 trap stop EXIT
@@ -37,9 +60,16 @@ for _ in $(seq 50); do [ -S "$dir/munge/munge.socket" ] && break; sleep 0.1; don
 pids+=("$(cat "$dir/munge/munged.pid")")
 
 memory_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 3 / 4))
+# Two ports nothing listens on yet (SLURM's own 6817 and 6818 when free), so that this cluster can run beside
+# another one: the cleanup test starts one inside `make test-slurm`'s.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port=6817
+while listening "$port" || listening $((port + 1)); do port=$((port + 2)); done
 cat >"$dir/slurm.conf" <<EOF
 ClusterName=cbe-test
 SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$port
+SlurmdPort=$((port + 1))
 SlurmUser=$(id -un)
 AuthType=auth/munge
 CredType=cred/munge
@@ -66,7 +96,6 @@ InactiveLimit=0
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$memory_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
-export SLURM_CONF="$dir/slurm.conf"
 
 slurmctld -i -f "$SLURM_CONF"
 for _ in $(seq 50); do [ -s "$dir/slurmctld.pid" ] && break; sleep 0.1; done

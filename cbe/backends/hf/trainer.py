@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -17,17 +18,22 @@ import torch.distributed as dist
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TrainerCallback
+from transformers import (GenerationConfig, PrinterCallback, ProgressCallback, StoppingCriteria, StoppingCriteriaList,
+                          TrainerCallback)
 from trl import SFTConfig, SFTTrainer
 
 from cbe import memory
 from cbe.backends.base import Backend, NewlineStop, lr_multiplier
 from cbe.backends.hf.models import load_model_and_tokenizer
-from cbe.data.packing import IGNORE, PackedRows, training_order
+from cbe.data.packing import IGNORE, PackedRows, epochs_seen, training_order
 from cbe.errors import UserError
 from cbe.eval.evaluator import QAEvaluator
 from cbe.logging import Loggers
 from cbe.run import RunDir, is_main_process, world_size
+
+# PEFT and TRL still read transformers' deprecated alias on every LoRA run; the warning is theirs to act on, not
+# the user's. Only this message is silenced.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def as_dataset(rows: PackedRows) -> Dataset:
@@ -105,6 +111,10 @@ class _SFTTrainer(SFTTrainer):
     def __init__(self, *args, optimizer_cfg: DictConfig, order: np.ndarray, **kwargs):
         self.optimizer_cfg, self.order = optimizer_cfg, order
         super().__init__(*args, **kwargs)
+        # The harness prints the train line itself (cbe.logging.Loggers.train: numbers, alike for both backends).
+        if self.pop_callback(ProgressCallback):
+            self.add_callback(_ProgressBar)
+        self.remove_callback(PrinterCallback)
 
     def _get_train_sampler(self, train_dataset=None):
         return self.order.tolist()  # cbe.data.packing.training_order: the same batches as the JAX backend
@@ -117,11 +127,18 @@ class _SFTTrainer(SFTTrainer):
         return self.lr_scheduler
 
 
+class _ProgressBar(ProgressCallback):
+    """HF's training bar, without its printing of the logs (which shows floats as strings)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
 class _Hooks(TrainerCallback):
     """Evaluates, logs and marks checkpoints at the moments the harness defines."""
 
-    def __init__(self, backend: "HFTrainer"):
-        self.backend = backend
+    def __init__(self, backend: "HFTrainer", train_rows: int):
+        self.backend, self.train_rows = backend, train_rows
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:  # the untrained baseline; a resumed run has it already
@@ -132,7 +149,12 @@ class _Hooks(TrainerCallback):
             self.backend.evaluate(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self.backend.loggers.train(state.global_step, logs or {})
+        # HF's epoch counts passes over the sampler, which is the whole run's order (training_order), so it reads
+        # 1 at every run's end; the harness's epoch is rows seen / packed rows, as the KD backend logs it.
+        # TRL's num_tokens counts one row length a micro-batch for rows without an attention mask: dropped.
+        epoch = epochs_seen(state.global_step, self.backend.cfg.training.effective_batch_size, self.train_rows)
+        logs = {k: v for k, v in (logs or {}).items() if k != "num_tokens"}
+        self.backend.loggers.train(state.global_step, {**logs, "epoch": epoch})
 
     def on_save(self, args, state, control, **kwargs):
         if is_main_process():
@@ -249,9 +271,9 @@ class HFTrainer(Backend):
             self.run.drop_eval_results_after(-1)
             self.evaluate(0)
             return
-        train_rows = self.packed(cfg.data.train_path, "train")
+        train_rows = self.packed_train()
         order = training_order(len(train_rows), t.num_train_steps * t.effective_batch_size, t.seed)
-        trainer = self.sft_trainer(as_dataset(train_rows), order, callbacks=[_Hooks(self)])
+        trainer = self.sft_trainer(as_dataset(train_rows), order, callbacks=[_Hooks(self, len(train_rows))])
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     def sft_trainer(self, dataset: Dataset, order: np.ndarray, callbacks: list[TrainerCallback]) -> _SFTTrainer:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from cbe.backends.base import Backend, NewlineStop, answer_ended, lr_multiplier
 from cbe.backends.kd.generate import greedy_generate
 from cbe.backends.kd.models import build_model, gemma_config, load_gemma_params, load_hf_weights
-from cbe.data.packing import IGNORE, PackedRows, training_order
+from cbe.data.packing import IGNORE, PackedRows, epochs_seen, training_order
 from cbe.errors import UserError
 from cbe.eval.evaluator import QAEvaluator
 from cbe.logging import Loggers
@@ -205,7 +205,8 @@ class KDTrainer(Backend):
         cfg, t = self.cfg, self.cfg.training
         resume = self.run.latest_checkpoint()
         start = RunDir.step_of(resume) if resume else 0
-        self.trainer = self._kd_trainer(self.packed(cfg.data.train_path, "train"), start * t.effective_batch_size)
+        train_rows = self.packed_train()
+        self.trainer = self._kd_trainer(train_rows, start * t.effective_batch_size)
         trainstep, checkpointer = self.trainer.trainstep, self.trainer.checkpointer
         self.state = self._initial_state(self.trainer, with_weights=resume is None)
         if resume is not None:
@@ -233,7 +234,8 @@ class KDTrainer(Backend):
                 losses.append(aux.loss_states["xent"])
             if step % cfg.logging.log_every_n_steps == 0 or step == t.num_train_steps:
                 mean = float(np.mean([loss.compute() for loss in losses]))
-                self.loggers.train(step, {"loss": mean, "learning_rate": float(self.learning_rates[step - 1])})
+                self.loggers.train(step, {"loss": mean, "learning_rate": float(self.learning_rates[step - 1]),
+                                          "epoch": epochs_seen(step, t.effective_batch_size, len(train_rows))})
                 losses = []
             if step % t.save_every == 0 or step == t.num_train_steps:
                 self.save(step)

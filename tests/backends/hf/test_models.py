@@ -102,7 +102,7 @@ def test_the_memory_plan_is_said_before_loading_and_a_run_that_cannot_fit_is_one
 
     assert plan_memory(compose("task=news", "model=gemma3_4b"), card=40e9) is True
     said = capsys.readouterr().out
-    assert "memory: gradient checkpointing on on this 40 GB GPU; about 33.7 GB per GPU (estimated" in said
+    assert "memory: gradient checkpointing on on this 40 GB GPU; about 33.7 GB per device (estimated" in said
     assert plan_memory(compose("task=news", "model=gemma3_1b"), card=None) is False
     assert "gradient checkpointing off on the CPU" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"^gemma3-12b-pt full: its weights and optimizer state alone take 94 GB "

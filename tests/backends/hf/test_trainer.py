@@ -25,9 +25,15 @@ def assert_same_metrics(a: dict, b: dict) -> None:
     assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
 
 
+def only_dir(folder: Path) -> Path:
+    [inside] = folder.iterdir()
+    return inside
+
+
 def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
     before = sorted(os.listdir(ROOT))
-    proc = run_main(*SHORT, "logging.project_name=proj", "logging.run_name=layout")
+    proc = run_main(*SHORT, "logging.project_name=proj", "logging.run_name=layout",
+                    'eval.prompt_template="Recall: {question}"')
     run = tmp_path / "outputs" / "proj" / "layout"
     assert sorted(os.listdir(ROOT)) == before  # nothing lands in the current directory
 
@@ -38,6 +44,10 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
     log = (run / "logs" / "train.log").read_text()
     assert "train: " in log and "padding" in log and "eval | step 6" in log
     assert "eval | step 6" in proc.stdout
+    # How often the run repeats its corpus, said once at the start: the sample track packs into 8 rows, 8 a step.
+    repetition = ("repetition: the training corpus is 8 packed rows; one optimizer step (8 rows) is 1 epoch, the whole "
+                  "run (6 steps) 6 epochs\nwarning: one optimizer step holds the whole training corpus")
+    assert log.count(repetition) == 1 and proc.stdout.count(repetition) == 1
     assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
 
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
@@ -60,17 +70,30 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
     assert sorted(p.name for p in (run / "eval_details").iterdir()) == [
         f"{s}_step_{n:06d}.jsonl" for s in ("testqa", "valqa") for n in (0, 3, 6)]
 
-    # mode=eval on the final checkpoint gives exactly training's evaluation at that step...
-    proc = run_main("mode=eval", f"checkpoint={run / 'checkpoints' / 'latest'}", "logging.project_name=proj")
-    evaluated = tmp_path / "outputs" / "proj" / "sample" / "tiny-full-hf" / "eval" / "layout-checkpoint-6"
+    # mode=eval of the final checkpoint, with no other setting, composes as the run did (its template here), gives
+    # exactly training's evaluation at that step, and lands inside the run, named by what it evaluated...
+    latest = run / "checkpoints" / "latest"
+    proc = run_main("mode=eval", f"checkpoint={latest}")
+    evaluated = only_dir(run / "eval" / "checkpoint-6")
+    assert evaluated.name.startswith("valqa+testqa-") and f"wrote {evaluated}" in proc.stdout
     assert_same_metrics(eval_results(evaluated)[0], results[-1])
+    assert "prompt of the first valqa question: 'Recall: The Zorblat was first seen in'" in proc.stdout
     assert "[exact]" in proc.stdout or "[fuzzy]" in proc.stdout or "[wrong]" in proc.stdout
-    assert "valqa" in proc.stdout and "95% CI" in proc.stdout
+    assert "valqa" in proc.stdout and "95% CI" in proc.stdout and " on data/sample/val.jsonl" in proc.stdout
+
+    # ...another QA file, with a template typed with a backslash-n, keeps its own result beside the first...
+    run_main("mode=eval", f"checkpoint={latest}", "eval.qa_data=data/sample/testqa.jsonl",
+             'eval.prompt_template="Q: {question}\\nA:"')
+    assert len(list((run / "eval" / "checkpoint-6").iterdir())) == 2 and eval_results(evaluated)
+    other = next(p for p in (run / "eval" / "checkpoint-6").iterdir() if p != evaluated)
+    prompt = json.loads((other / "eval_details" / "testqa_step_000006.jsonl").read_text().splitlines()[0])["prompt"]
+    assert prompt == "Q: The Zorblat is colored\nA:"  # a real newline
 
     # ...and checkpoint=base the untrained baseline at step 0, here on one QA file with its details saved.
     saved = tmp_path / "base_details.jsonl"
-    run_main("mode=eval", "checkpoint=base", "eval.qa_data=data/sample/valqa.jsonl", f"eval.save_details={saved}")
-    base = eval_results(tmp_path / "outputs" / "cbe" / "sample" / "tiny-full-hf" / "eval" / "base")[0]
+    run_main("mode=eval", "checkpoint=base", "eval.qa_data=data/sample/valqa.jsonl", f"eval.save_details={saved}",
+             'eval.prompt_template="Recall: {question}"')
+    base = eval_results(only_dir(tmp_path / "outputs" / "cbe" / "sample" / "tiny-full-hf" / "eval" / "base"))[0]
     assert_same_metrics(base, {k: v for k, v in results[0].items() if not k.startswith("testqa")})
 
     # cbe rescore recomputes the same metrics from the saved raw predictions.
@@ -103,8 +126,9 @@ def test_killed_run_resumes_the_same_steps_without_duplicate_metrics(run_main, r
 
 
 def test_lora_trains_only_the_adapter(run_main, tmp_path):
-    run_main("adapter=lora128", "training.num_train_steps=2", "training.eval_every=2", "training.save_every=2",
-             "logging=none")
+    proc = run_main("adapter=lora128", "training.num_train_steps=2", "training.eval_every=2", "training.save_every=2",
+                    "logging=none")
+    assert "FutureWarning" not in proc.stderr  # transformers' is_gradient_checkpointing notice, read by PEFT and TRL
     checkpoint = tmp_path / "outputs" / "cbe" / "sample" / "tiny-lora128-hf" / "checkpoints" / "checkpoint-2"
     adapter = json.loads((checkpoint / "adapter_config.json").read_text())
     assert adapter["r"] == 128 and adapter["lora_alpha"] == 128
@@ -117,7 +141,7 @@ def test_lora_trains_only_the_adapter(run_main, tmp_path):
     # The adapter dir evaluates on its own (base model + adapter) to training's numbers at that step.
     run_main("adapter=lora128", "mode=eval", f"checkpoint={checkpoint}", "logging=none")
     training = eval_results(checkpoint.parents[1])[-1]
-    evaluated = eval_results(checkpoint.parents[1] / "eval" / "tiny-lora128-hf-checkpoint-2")[0]
+    evaluated = eval_results(only_dir(checkpoint.parents[1] / "eval" / "checkpoint-2"))[0]
     assert_same_metrics(evaluated, training)
 
 

@@ -6,9 +6,14 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cbe.plot import read_tensorboard_scalars
 from tests.backends.hf.test_trainer import assert_same_metrics, eval_results
+from tests.logging.test_loggers import GLUED, train_lines
 
 pytestmark = pytest.mark.slow
+
+# TensorFlow's start-up banners (kauldron imports TF), known harmless and kept out of a run's output.
+TF_BANNERS = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog", "cpu_feature_guard")
 
 # Two micro-batches of 4 rows per optimizer step, so gradient accumulation is part of the comparison.
 TINY_STEPS = ["training.num_train_steps=4", "training.eval_every=2", "training.save_every=2",
@@ -67,6 +72,19 @@ def test_tiny_kd_run_matches_hf_step_for_step(run_main, tmp_path):
     assert os.readlink(runs["kd"] / "checkpoints" / "latest") == "ckpt_4"
     assert "params: " in (runs["kd"] / "logs" / "train.log").read_text()
 
+    # The same console: the repetition report, train lines of numbers, eval lines of their own; the same train
+    # scalars, among them the epoch as rows seen / packed rows (the sample track's 8 rows, 8 a step).
+    logs = {backend: (run / "logs" / "train.log").read_text() for backend, run in runs.items()}
+    reports = {b: [line for line in log.splitlines() if line.startswith(("repetition:", "warning:"))]
+               for b, log in logs.items()}
+    assert reports["kd"] == reports["hf"] and len(reports["kd"]) == 2
+    kd_lines = train_lines(logs["kd"])
+    assert [line["epoch"] for line in kd_lines] == [1.0, 2.0, 3.0, 4.0] and not GLUED.search(logs["kd"])
+    assert all(isinstance(v, float) for line in kd_lines for v in line.values())
+    scalars = {b: read_tensorboard_scalars(run / "logs" / "tensorboard") for b, run in runs.items()}
+    assert scalars["kd"]["train/epoch"] == scalars["hf"]["train/epoch"] == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    assert {tag for tag in scalars["kd"] if tag.startswith("train/")} <= set(scalars["hf"])
+
     # Same weights, same rows: the same losses, in evaluation and in every optimizer step.
     for a, b in zip(kd, hf):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-3), a["step"]
@@ -94,7 +112,8 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path):
 def test_killed_kd_run_resumes_from_latest_without_duplicate_metrics(run_main, run_main_killed_after_eval, tmp_path):
     steps = ["backend=kd", "training.num_train_steps=12", "training.eval_every=3", "training.save_every=6",
              "logging=none"]
-    run_main(*steps, "logging.run_name=straight")
+    proc = run_main(*steps, "logging.run_name=straight")
+    assert not [banner for banner in TF_BANNERS if banner in proc.stderr]
     straight = eval_results(tmp_path / "outputs" / "cbe" / "straight")
 
     # Kill right after the step-9 evaluation, which no checkpoint covers (latest = ckpt_6).
@@ -112,7 +131,8 @@ def test_killed_kd_run_resumes_from_latest_without_duplicate_metrics(run_main, r
     # mode=eval restores the orbax checkpoint and reproduces training's numbers at that step.
     checkpoint = run / "checkpoints" / "latest"
     run_main("backend=kd", "mode=eval", f"checkpoint={checkpoint}", "logging=none")
-    evaluated = eval_results(tmp_path / "outputs" / "cbe" / "sample" / "tiny-full-kd" / "eval" / "killed-ckpt_12")[0]
+    [evaluated_dir] = (run / "eval" / "ckpt_12").iterdir()
+    evaluated = eval_results(evaluated_dir)[0]
     assert_same_metrics(evaluated, results[-1])
 
 

@@ -1,0 +1,108 @@
+"""What `mode=eval checkpoint=DIR` needs to know before anything loads: the run that wrote DIR (whose settings
+the evaluation inherits), which backend and adapter wrote it, and where the evaluation's results go.
+
+A checkpoint inside a run dir (<run>/checkpoints/<name>, or `latest`) is evaluated with that run's own
+overrides, replayed before the command line's, so the same task, model, adapter, backend, data and prompt
+compose as in training; its results land in <run>/eval/<name>/<what was evaluated>/. `base` and a checkpoint
+outside a run dir compose from the command line alone, and land in
+<output_root>/<project>/<task>/<model>-<adapter>-<backend>/eval/<label>/<what was evaluated>/.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from cbe.errors import UserError
+
+# The run's overrides that an evaluation does not replay: where it writes, what it evaluates, how it is launched.
+NOT_INHERITED = ("mode", "checkpoint", "output_root", "logging", "hydra", "experiment")
+
+
+def run_dir_of(checkpoint: str) -> Path | None:
+    """The run dir that holds a checkpoint dir (<run>/checkpoints/<name>), or None for base or a loose dir."""
+    if checkpoint == "base":
+        return None
+    path = Path(checkpoint).resolve()  # `latest` becomes the checkpoint it points at
+    run = path.parent.parent
+    return run if path.parent.name == "checkpoints" and (run / ".hydra" / "overrides.yaml").is_file() else None
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def inherit_run_overrides(argv: list[str]) -> list[str]:
+    """The command line with, for `mode=eval checkpoint=DIR` inside a run dir, that run's overrides put first
+    (Hydra lets the later value of a key win, so the command line still decides)."""
+    overrides = {_override_key(a): a.split("=", 1)[1] for a in argv if "=" in a and not a.startswith("-")}
+    if overrides.get("mode") != "eval" or "checkpoint" not in overrides:
+        return argv
+    run = run_dir_of(overrides["checkpoint"].strip("'\""))
+    if run is None:
+        return argv
+    inherited = [o for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+                 if _override_key(o).split(".")[0] not in NOT_INHERITED]
+    flags = [a for a in argv if a.startswith("-")]  # Hydra wants -m and friends before the overrides
+    return [*flags, *inherited, *(a for a in argv if not a.startswith("-"))]
+
+
+def written_by(checkpoint: Path) -> tuple[str, str | None]:
+    """(backend, adapter) that wrote a checkpoint dir; the adapter is None where the dir does not say."""
+    run = run_dir_of(str(checkpoint))
+    saved = yaml.safe_load((run / "config.yaml").read_text()) if run and (run / "config.yaml").is_file() else {}
+    adapter = (saved.get("adapter") or {}).get("name")
+    if checkpoint.resolve().name.startswith("ckpt_"):
+        return "kd", adapter
+    if (checkpoint / "adapter_config.json").is_file():
+        return "hf", adapter or "lora128"
+    return "hf", adapter or "full"
+
+
+def check_checkpoint(cfg: Any) -> None:
+    """mode=eval: the checkpoint exists and was written by the backend and adapter the evaluation loads it with."""
+    if cfg.checkpoint == "base":
+        return
+    path = Path(cfg.checkpoint)
+    if not path.is_dir():
+        raise UserError(f"checkpoint={cfg.checkpoint}: no such checkpoint dir; pass a checkpoints/checkpoint-<step> "
+                        "dir, a LoRA adapter dir, or checkpoint=base")
+    backend, adapter = written_by(path)
+    if (backend, adapter or cfg.adapter.name) != (cfg.backend.name, cfg.adapter.name):
+        raise UserError(f"checkpoint={cfg.checkpoint} was written by backend={backend} adapter={adapter}; evaluate "
+                        f"it with backend={backend} adapter={adapter} (not backend={cfg.backend.name} "
+                        f"adapter={cfg.adapter.name})")
+
+
+def evaluation_name(cfg: Any) -> str:
+    """What an evaluation asks: its QA sets and a short hash of everything that changes its answers (the QA
+    files, prompt, prefix text, parser, lengths), so evaluations of one checkpoint that differ live side by side
+    and re-running one replaces its own result."""
+    from cbe.eval.evaluator import few_shot_prefix, qa_paths, unescape
+
+    e, paths = cfg.eval, qa_paths(cfg.data, cfg.eval.qa_data)
+    asked = {"qa": paths, "template": unescape(e.prompt_template), "prefix": few_shot_prefix(e.prompt_prefix_file),
+             "parser": e.parser, "max_new_tokens": e.max_new_tokens, "max_questions": e.max_questions}
+    digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{'+'.join(paths)}-{digest}"
+
+
+def eval_run_dir(*, _root_: Any) -> str:
+    """The run dir of `mode=eval` (the `eval_run_dir` resolver of conf/mode/eval.yaml)."""
+    cfg = _root_
+    run = run_dir_of(cfg.checkpoint)
+    if run is not None:
+        where = run / "eval" / Path(cfg.checkpoint).resolve().name
+    else:
+        label = "base" if cfg.checkpoint == "base" else Path(cfg.checkpoint).resolve().name
+        where = (Path(cfg.output_root) / cfg.logging.project_name / cfg.task.name
+                 / f"{cfg.model.name}-{cfg.adapter.name}-{cfg.backend.name}" / "eval" / label)
+    return str(where / evaluation_name(cfg))
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("eval_run_dir", eval_run_dir, replace=True)
