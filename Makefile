@@ -1,5 +1,5 @@
 # make demo: install, then the main job on the bundled sample track with the tiny model (CPU, ~2 min).
-# make test: install, then the whole test suite; make test-slurm: the SLURM tests on a single-node cluster it starts.
+# make test: install, then ruff and the whole test suite; make test-slurm: the SLURM tests on a single-node cluster it starts.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -27,8 +27,11 @@ demo: install
 	rm -rf outputs/cbe/demo
 	$(PY) main.py logging.run_name=demo
 
+# ruff first (seconds): lint and format are part of the tests.
 test: install
-	$(PY) -m pytest -q --durations=5
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q --durations=10
 
 # Installs Debian's slurmctld/slurmd/munge if missing (needs root or sudo), starts them, runs the tests, stops them.
 test-slurm: install

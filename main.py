@@ -1,11 +1,12 @@
 """Compose a run from the config groups, validate it, instantiate its parts and run it.
 
-    python main.py task=news model=gemma3_1b adapter=lora128 backend=hf
-    python main.py -m optimizer.lr=1e-4,3e-4 training.effective_batch_size=32,64
-    python main.py -m experiment=lr_bs_sweep hydra/launcher=submitit_slurm hydra.launcher.partition=gpu
-    torchrun --nproc_per_node=4 main.py task=news model=gemma3_1b
-    python main.py mode=eval checkpoint=outputs/.../checkpoints/latest   (with the run's own settings)
+python main.py task=news model=gemma3_1b adapter=lora128 backend=hf
+python main.py -m optimizer.lr=1e-4,3e-4 training.effective_batch_size=32,64
+python main.py -m experiment=lr_bs_sweep hydra/launcher=submitit_slurm hydra.launcher.partition=gpu
+torchrun --nproc_per_node=4 main.py task=news model=gemma3_1b
+python main.py mode=eval checkpoint=outputs/.../checkpoints/latest   (with the run's own settings)
 """
+
 import os
 import sys
 
@@ -29,9 +30,13 @@ def main(cfg: DictConfig) -> None:
     cfg = validate(cfg, world_size())
     run = RunDir(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir).create(cfg)
     run.capture_output()
-    loggers = Loggers(run, [instantiate(spec, run=run) for spec in cfg.logging.loggers.values()] if is_main_process() else [])
+    loggers = Loggers(
+        run, [instantiate(spec, run=run) for spec in cfg.logging.loggers.values()] if is_main_process() else []
+    )
     evaluator = instantiate(cfg.eval, data=cfg.data, run=run)
-    trainer = instantiate(cfg.backend.trainer, _recursive_=False, cfg=cfg, run=run, evaluator=evaluator, loggers=loggers)
+    trainer = instantiate(
+        cfg.backend.trainer, _recursive_=False, cfg=cfg, run=run, evaluator=evaluator, loggers=loggers
+    )
     try:
         trainer.train() if cfg.mode == "train" else trainer.evaluate_checkpoint()
     finally:

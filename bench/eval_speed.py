@@ -8,6 +8,7 @@ Both run in this process on the same questions and model, each question behind t
 
 The last line is `speedup: <naive seconds / harness seconds>`.
 """
+
 import argparse
 import sys
 import tempfile
@@ -39,7 +40,10 @@ def main() -> None:
     from cbe.run import RunDir
 
     register_configs()
-    overrides = [f"model={args.model}", f"eval.prompt_prefix_file={ROOT / args.prefix if args.prefix != 'none' else 'null'}"]
+    overrides = [
+        f"model={args.model}",
+        f"eval.prompt_prefix_file={ROOT / args.prefix if args.prefix != 'none' else 'null'}",
+    ]
     overrides += ["mode=eval", f"checkpoint={args.checkpoint}"] if args.checkpoint else []
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
@@ -47,7 +51,7 @@ def main() -> None:
     run = RunDir(tempfile.mkdtemp())
     evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
     backend = HFTrainer(cfg, run, evaluator, Loggers(run, []))
-    questions = [q for records in evaluator.qa_sets.values() for q in records][:args.questions]
+    questions = [q for records in evaluator.qa_sets.values() for q in records][: args.questions]
     prompts = [evaluator.prompt(q) for q in questions]
     model, tok = backend.model.eval(), backend.tokenizer
 
@@ -60,18 +64,25 @@ def main() -> None:
     with torch.no_grad():
         for prompt in prompts:  # the plain way: one question, all max_new_tokens, no stop condition
             inputs = tok(prompt, return_tensors="pt").to(backend.device)
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            naive.append(parse_answer(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)))
+            out = model.generate(
+                **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            naive.append(parse_answer(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)))
     naive_s = time.perf_counter() - start
 
     differ = [i for i, (a, b) in enumerate(zip(ours, naive)) if a != b]
-    assert not differ, f"predictions differ on {len(differ)} questions, e.g. {ours[differ[0]]!r} vs {naive[differ[0]]!r}"
+    assert not differ, (
+        f"predictions differ on {len(differ)} questions, e.g. {ours[differ[0]]!r} vs {naive[differ[0]]!r}"
+    )
     device = "GPU" if torch.cuda.is_available() else "CPU"
     prefix_tokens = len(tok(evaluator.prefix, add_special_tokens=False)["input_ids"])
-    print(f"{len(prompts)} questions, model {args.model}, {device}, {args.max_new_tokens} new tokens at most, "
-          f"{prefix_tokens} prefix tokens per question")
-    print(f"harness (batch {args.batch_size}, stop at newline): {ours_s:.2f} s, {len(prompts) / ours_s:.1f} questions/s")
+    print(
+        f"{len(prompts)} questions, model {args.model}, {device}, {args.max_new_tokens} new tokens at most, "
+        f"{prefix_tokens} prefix tokens per question"
+    )
+    print(
+        f"harness (batch {args.batch_size}, stop at newline): {ours_s:.2f} s, {len(prompts) / ours_s:.1f} questions/s"
+    )
     print(f"naive (one at a time, no stop):      {naive_s:.2f} s, {len(prompts) / naive_s:.1f} questions/s")
     print(f"speedup: {naive_s / ours_s:.2f}")
 

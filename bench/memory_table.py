@@ -6,6 +6,7 @@ Prints a markdown table: the recipe's per-device batch, what `training.gradient_
 that card, and the estimated peak per GPU (or why the run is refused). Estimates, not measurements: a GPU
 run prints its own plan at the start of train.log, and its measured peak comes from bench/train_throughput.py.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -27,8 +28,9 @@ def main() -> None:
 
     register_configs()
     card = args.card_gb * memory.GB
-    print(f"| task | model | adapter | per-device batch | checkpointing (auto, {args.card_gb:.0f} GB) "
-          "| estimated peak |")
+    print(
+        f"| task | model | adapter | per-device batch | checkpointing (auto, {args.card_gb:.0f} GB) | estimated peak |"
+    )
     print("|---|---|---|---|---|---|")
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         for task in ("news", "geminon"):
@@ -36,15 +38,25 @@ def main() -> None:
                 for adapter in ("full", "lora128"):
                     cfg = compose("config", overrides=[f"task={task}", f"model={model}", f"adapter={adapter}"])
                     t = cfg.training
-                    plan = memory.plan(OmegaConf.to_container(cfg.model.architecture), cfg.adapter.rank,
-                                       t.per_device_batch_size, cfg.data.sequence_length, t.gradient_checkpointing,
-                                       card)
+                    plan = memory.plan(
+                        OmegaConf.to_container(cfg.model.architecture),
+                        cfg.adapter.rank,
+                        t.per_device_batch_size,
+                        cfg.data.sequence_length,
+                        t.gradient_checkpointing,
+                        card,
+                    )
                     peak = plan.estimate
                     refused = peak.static_bytes + memory.OVERHEAD_BYTES > card
-                    cell = (f"refused: {peak.static_bytes / memory.GB:.0f} GB of weights and optimizer state"
-                            if refused else f"{peak.total_bytes / memory.GB:.1f} GB")
-                    print(f"| {task} | {model} | {adapter} | {t.per_device_batch_size} | "
-                          f"{'on' if plan.gradient_checkpointing else 'off'} | {cell} |")
+                    cell = (
+                        f"refused: {peak.static_bytes / memory.GB:.0f} GB of weights and optimizer state"
+                        if refused
+                        else f"{peak.total_bytes / memory.GB:.1f} GB"
+                    )
+                    print(
+                        f"| {task} | {model} | {adapter} | {t.per_device_batch_size} | "
+                        f"{'on' if plan.gradient_checkpointing else 'off'} | {cell} |"
+                    )
 
 
 if __name__ == "__main__":

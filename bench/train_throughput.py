@@ -17,6 +17,7 @@ Each --variant is one more measured setup of ours (config overrides; the default
 One line per mode, then last `ratio_vs_upstream: <useful tok/s of the first variant / upstream style>` (none with
 --no-upstream, which measures only the variants).
 """
+
 import argparse
 import gc
 import sys
@@ -50,7 +51,7 @@ def padded_rows(docs: list, length: int, pad_id: int) -> tuple[PackedRows, np.nd
     mask = np.zeros((n, length), dtype=np.int32)
     for row, doc in enumerate(docs):
         doc = doc[:length]
-        input_ids[row, :len(doc)], labels[row, 1:len(doc)], mask[row, :len(doc)] = doc, doc[1:], 1
+        input_ids[row, : len(doc)], labels[row, 1 : len(doc)], mask[row, : len(doc)] = doc, doc[1:], 1
     position_ids = np.tile(np.arange(length, dtype=np.int32), (n, 1))
     return PackedRows(input_ids, position_ids, labels, int(mask.sum())), mask
 
@@ -82,11 +83,20 @@ def compose_config(args, overrides: list[str], batch_size: int, out: str):
     from cbe.config import register_configs
 
     register_configs()
-    base = [f"model={args.model}", f"adapter={args.adapter}", f"backend={args.backend}", "logging=none",
-            f"data.sequence_length={args.seq}", f"training.per_device_batch_size={batch_size}",
-            f"training.effective_batch_size={batch_size}", f"training.num_train_steps={args.warmup + args.steps}",
-            "training.save_every=1000000", "training.eval_every=1000000", "logging.log_every_n_steps=1000000",
-            f"output_root={out}"]
+    base = [
+        f"model={args.model}",
+        f"adapter={args.adapter}",
+        f"backend={args.backend}",
+        "logging=none",
+        f"data.sequence_length={args.seq}",
+        f"training.per_device_batch_size={batch_size}",
+        f"training.effective_batch_size={batch_size}",
+        f"training.num_train_steps={args.warmup + args.steps}",
+        "training.save_every=1000000",
+        "training.eval_every=1000000",
+        "logging.log_every_n_steps=1000000",
+        f"output_root={out}",
+    ]
     if args.model != "tiny":  # random init of the real architecture, with the offline tokenizer
         base += ["model.source=init", "model.tokenizer=cbe/assets/tiny_tokenizer"]
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
@@ -97,7 +107,7 @@ class Measurement:
     """Wall time of the timed optimizer steps and what they trained on."""
 
     def __init__(self, args, rows: PackedRows, useful: np.ndarray, order: np.ndarray, batch_size: int):
-        timed = order[args.warmup * batch_size:(args.warmup + args.steps) * batch_size]
+        timed = order[args.warmup * batch_size : (args.warmup + args.steps) * batch_size]
         self.useful_tokens = int(useful[timed].sum())
         self.padding = 1 - self.useful_tokens / useful[timed].size
         self.positions, self.useful = rows.position_ids[timed], useful[timed]
@@ -129,8 +139,9 @@ def run_hf(args, cfg, dataset_columns: dict, measurement: Measurement, order: np
 
     run = RunDir(tempfile.mkdtemp())
     evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
-    backend = HFTrainer(cfg, run, evaluator, Loggers(run, []), **{k: v for k, v in cfg.backend.trainer.items()
-                                                                     if k != "_target_"})
+    backend = HFTrainer(
+        cfg, run, evaluator, Loggers(run, []), **{k: v for k, v in cfg.backend.trainer.items() if k != "_target_"}
+    )
     model = backend.model
     base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     if torch.cuda.is_available():
@@ -158,8 +169,9 @@ def run_kd(args, cfg, rows: PackedRows, measurement: Measurement) -> tuple[int, 
 
     run = RunDir(tempfile.mkdtemp())
     evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
-    backend = KDTrainer(cfg, run, evaluator, Loggers(run, []), **{k: v for k, v in cfg.backend.trainer.items()
-                                                                   if k != "_target_"})
+    backend = KDTrainer(
+        cfg, run, evaluator, Loggers(run, []), **{k: v for k, v in cfg.backend.trainer.items() if k != "_target_"}
+    )
     trainer = backend._kd_trainer(rows)
     state = backend._initial_state(trainer)
     batches = iter(trainer.train_ds)
@@ -170,8 +182,11 @@ def run_kd(args, cfg, rows: PackedRows, measurement: Measurement) -> tuple[int, 
         state, _ = trainer.trainstep.step(state, kd.sharding.device_put(next(batches), trainer.sharding.ds))
     jax.block_until_ready(state)
     measurement.seconds = time.perf_counter() - start
-    base_params = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(state.params)
-                      if "lora" not in jax.tree_util.keystr(path))
+    base_params = sum(
+        x.size
+        for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+        if "lora" not in jax.tree_util.keystr(path)
+    )
     stats = jax.devices()[0].memory_stats() if jax.default_backend() == "gpu" else None
     return base_params, stats["peak_bytes_in_use"] / 1e9 if stats else None
 
@@ -222,10 +237,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation)")
     parser.add_argument("--seq", type=int, default=1024, help="sequence length")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="NAME=KEY=VALUE,KEY=VALUE: one more setup of ours, e.g. "
-                             "flex=backend.trainer.attn_implementation=flex_attention; a variant's own batch: "
-                             "training.per_device_batch_size=32,training.effective_batch_size=32")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=KEY=VALUE,KEY=VALUE: one more setup of ours, e.g. "
+        "flex=backend.trainer.attn_implementation=flex_attention; a variant's own batch: "
+        "training.per_device_batch_size=32,training.effective_batch_size=32",
+    )
     parser.add_argument("--no-upstream", action="store_true", help="measure only the variants (no ratio)")
     args = parser.parse_args()
 
@@ -239,13 +258,21 @@ def main() -> None:
         import jax
 
         print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    print(f"model {args.model}, adapter {args.adapter}, backend {args.backend}, sequence {args.seq}, "
-          f"{args.warmup} warmup + {args.steps} timed steps", flush=True)
+    print(
+        f"model {args.model}, adapter {args.adapter}, backend {args.backend}, sequence {args.seq}, "
+        f"{args.warmup} warmup + {args.steps} timed steps",
+        flush=True,
+    )
     upstream_overrides = ["training.gradient_checkpointing=true", "training.torch_compile=false"]
     if args.backend == "hf":
         upstream_overrides.append("backend.trainer.attn_implementation=sdpa")
-    upstream = None if args.no_upstream else measure(args, "upstream-style", upstream_overrides,
-                                                     args.upstream_batch_size or args.batch_size, upstream=True)
+    upstream = (
+        None
+        if args.no_upstream
+        else measure(
+            args, "upstream-style", upstream_overrides, args.upstream_batch_size or args.batch_size, upstream=True
+        )
+    )
     variants = [spec.split("=", 1) for spec in args.variant] or [["ours", ""]]
     rates = []
     for name, overrides in variants:
@@ -255,8 +282,11 @@ def main() -> None:
             print(f"{name}: failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", flush=True)
             gc.collect()
     if upstream is not None:
-        print(f"ratio_vs_upstream: {rates[0] / upstream:.2f}" if rates else
-              "ratio_vs_upstream: n/a (every variant failed)")
+        print(
+            f"ratio_vs_upstream: {rates[0] / upstream:.2f}"
+            if rates
+            else "ratio_vs_upstream: n/a (every variant failed)"
+        )
 
 
 if __name__ == "__main__":

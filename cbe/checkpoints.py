@@ -7,6 +7,7 @@ compose as in training; its results land in <run>/eval/<name>/<what was evaluate
 outside a run dir compose from the command line alone, and land in
 <output_root>/<project>/<task>/<model>-<adapter>-<backend>/eval/<label>/<what was evaluated>/.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,11 @@ def inherit_run_overrides(argv: list[str]) -> list[str]:
     run = run_dir_of(overrides["checkpoint"].strip("'\""))
     if run is None:
         return argv
-    inherited = [o for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
-                 if _override_key(o).split(".")[0] not in NOT_INHERITED]
+    inherited = [
+        o
+        for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+        if _override_key(o).split(".")[0] not in NOT_INHERITED
+    ]
     flags = [a for a in argv if a.startswith("-")]  # Hydra wants -m and friends before the overrides
     return [*flags, *inherited, *(a for a in argv if not a.startswith("-"))]
 
@@ -69,13 +73,17 @@ def check_checkpoint(cfg: Any) -> None:
         return
     path = Path(cfg.checkpoint)
     if not path.is_dir():
-        raise UserError(f"checkpoint={cfg.checkpoint}: no such checkpoint dir; pass a checkpoints/checkpoint-<step> "
-                        "dir, a LoRA adapter dir, or checkpoint=base")
+        raise UserError(
+            f"checkpoint={cfg.checkpoint}: no such checkpoint dir; pass a checkpoints/checkpoint-<step> "
+            "dir, a LoRA adapter dir, or checkpoint=base"
+        )
     backend, adapter = written_by(path)
     if (backend, adapter or cfg.adapter.name) != (cfg.backend.name, cfg.adapter.name):
-        raise UserError(f"checkpoint={cfg.checkpoint} was written by backend={backend} adapter={adapter}; evaluate "
-                        f"it with backend={backend} adapter={adapter} (not backend={cfg.backend.name} "
-                        f"adapter={cfg.adapter.name})")
+        raise UserError(
+            f"checkpoint={cfg.checkpoint} was written by backend={backend} adapter={adapter}; evaluate "
+            f"it with backend={backend} adapter={adapter} (not backend={cfg.backend.name} "
+            f"adapter={cfg.adapter.name})"
+        )
 
 
 def evaluation_name(cfg: Any) -> str:
@@ -85,8 +93,14 @@ def evaluation_name(cfg: Any) -> str:
     from cbe.eval.evaluator import few_shot_prefix, qa_paths, unescape
 
     e, paths = cfg.eval, qa_paths(cfg.data, cfg.eval.qa_data)
-    asked = {"qa": paths, "template": unescape(e.prompt_template), "prefix": few_shot_prefix(e.prompt_prefix_file),
-             "parser": e.parser, "max_new_tokens": e.max_new_tokens, "max_questions": e.max_questions}
+    asked = {
+        "qa": paths,
+        "template": unescape(e.prompt_template),
+        "prefix": few_shot_prefix(e.prompt_prefix_file),
+        "parser": e.parser,
+        "max_new_tokens": e.max_new_tokens,
+        "max_questions": e.max_questions,
+    }
     digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
     return f"{'+'.join(paths)}-{digest}"
 
@@ -99,8 +113,14 @@ def eval_run_dir(*, _root_: Any) -> str:
         where = run / "eval" / Path(cfg.checkpoint).resolve().name
     else:
         label = "base" if cfg.checkpoint == "base" else Path(cfg.checkpoint).resolve().name
-        where = (Path(cfg.output_root) / cfg.logging.project_name / cfg.task.name
-                 / f"{cfg.model.name}-{cfg.adapter.name}-{cfg.backend.name}" / "eval" / label)
+        where = (
+            Path(cfg.output_root)
+            / cfg.logging.project_name
+            / cfg.task.name
+            / f"{cfg.model.name}-{cfg.adapter.name}-{cfg.backend.name}"
+            / "eval"
+            / label
+        )
     return str(where / evaluation_name(cfg))
 
 

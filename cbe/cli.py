@@ -9,6 +9,7 @@
 
 rescore, judge and plot also read what the benchmark's own harness writes (details files, JAX run dirs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,16 @@ def download(args: argparse.Namespace) -> None:
 def format_news(args: argparse.Namespace) -> None:
     from cbe.data.format_news import format_news as run
 
-    print(run(args.input, args.output, overwrite=args.overwrite, normalize=args.normalize,
-              skip_bad=args.skip_bad, keep_untitled=args.keep_untitled).summary())
+    print(
+        run(
+            args.input,
+            args.output,
+            overwrite=args.overwrite,
+            normalize=args.normalize,
+            skip_bad=args.skip_bad,
+            keep_untitled=args.keep_untitled,
+        ).summary()
+    )
 
 
 def rescore(args: argparse.Namespace) -> None:
@@ -59,8 +68,10 @@ def rescore(args: argparse.Namespace) -> None:
         _note(note)
     thresholds, note = support_thresholds_for(records, args.support_thresholds, args.details)
     _note(note)
-    details = [{**r, **score_answer(r["raw_prediction"], str(r["ground_truth"]), args.parser,
-                                    str(r.get("question", "")))} for r in records]
+    details = [
+        {**r, **score_answer(r["raw_prediction"], str(r["ground_truth"]), args.parser, str(r.get("question", "")))}
+        for r in records
+    ]
     print(json.dumps(summarize(details, thresholds)))
 
 
@@ -81,11 +92,26 @@ def judge(args: argparse.Namespace) -> None:
     if not Path(args.input).is_file():
         raise UserError(f"{args.input}: no such file; pass an eval_details/<set>_step_<N>.jsonl file")
     keys = load_keys(args.keys_file)
-    gemini = GeminiJudge(keys, args.model, base_url=args.base_url, timeout_seconds=args.timeout_seconds,
-                         max_attempts=args.max_attempts, retry_base_seconds=args.retry_base_seconds)
+    gemini = GeminiJudge(
+        keys,
+        args.model,
+        base_url=args.base_url,
+        timeout_seconds=args.timeout_seconds,
+        max_attempts=args.max_attempts,
+        retry_base_seconds=args.retry_base_seconds,
+    )
     try:
-        report = judge_file(args.input, gemini, args.output_dir, args.concurrency, args.resume, args.stratify,
-                            args.qa, args.support_thresholds, args.max_records)
+        report = judge_file(
+            args.input,
+            gemini,
+            args.output_dir,
+            args.concurrency,
+            args.resume,
+            args.stratify,
+            args.qa,
+            args.support_thresholds,
+            args.max_records,
+        )
     finally:
         gemini.close()
     for note in report.notes:
@@ -95,15 +121,21 @@ def judge(args: argparse.Namespace) -> None:
     def rate(value):
         return "n/a" if value is None else f"{value:.3f}"
 
-    flips = ", ".join(f"{o[f'judge_yes_{m}_no']} up and {o[f'judge_no_{m}_yes']} down vs {m}"
-                      for m in ("exact", "substring", "fuzzy"))
-    print(f"judged {o['judged']} of {o['n']} records ({report.resumed} from before): llm_match {rate(o['llm_match'])}, "
-          f"exact {rate(o['exact_match'])}, substring {rate(o['substring_match'])}, fuzzy {rate(o['fuzzy_match'])}; "
-          f"the judge flips {flips}")
+    flips = ", ".join(
+        f"{o[f'judge_yes_{m}_no']} up and {o[f'judge_no_{m}_yes']} down vs {m}" for m in ("exact", "substring", "fuzzy")
+    )
+    print(
+        f"judged {o['judged']} of {o['n']} records ({report.resumed} from before): llm_match {rate(o['llm_match'])}, "
+        f"exact {rate(o['exact_match'])}, substring {rate(o['substring_match'])}, fuzzy {rate(o['fuzzy_match'])}; "
+        f"the judge flips {flips}"
+    )
     print(f"wrote {report.judged_path} and {report.summary_path}")
     if o["errors"]:
-        exit_with(f"{o['errors']} of {o['n']} records got no verdict (llm_judge_error in {report.judged_path}); "
-                  f"rerun with --resume to retry them", code=1)
+        exit_with(
+            f"{o['errors']} of {o['n']} records got no verdict (llm_judge_error in {report.judged_path}); "
+            f"rerun with --resume to retry them",
+            code=1,
+        )
 
 
 def plot(args: argparse.Namespace) -> None:
@@ -111,10 +143,15 @@ def plot(args: argparse.Namespace) -> None:
 
     path, runs = plot_folder(args.folder, args.metric, args.output)
     for run in runs:
-        curve = (f"no {args.metric} curve (the benchmark's JAX runs keep only losses)" if run.backend == BENCHMARK_JAX
-                 else f"{len(run.metric)} evaluations")
-        print(f"{run.name} ({run.backend}): {curve}, {len(run.eval_loss)} eval-loss points, {len(run.train_loss)} "
-              f"train-loss points from {run.train_loss_source}")
+        curve = (
+            f"no {args.metric} curve (the benchmark's JAX runs keep only losses)"
+            if run.backend == BENCHMARK_JAX
+            else f"{len(run.metric)} evaluations"
+        )
+        print(
+            f"{run.name} ({run.backend}): {curve}, {len(run.eval_loss)} eval-loss points, {len(run.train_loss)} "
+            f"train-loss points from {run.train_loss_source}"
+        )
     print(f"wrote {path}")
 
 
@@ -133,18 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--track", help="news or geminon (default: every track in data/download.yaml)")
     p.add_argument("--corpus", choices=SIZES, default="small", help="corpus size (default: small)")
     p.add_argument("--qa", choices=SIZES, default="small", help="QA set size (default: small; geminon has no large)")
-    p.add_argument("--revision", help="a tag, branch or commit of the hub repo, e.g. main for the latest files "
-                   "(default: the pin in data/download.yaml)")
+    p.add_argument(
+        "--revision",
+        help="a tag, branch or commit of the hub repo, e.g. main for the latest files "
+        "(default: the pin in data/download.yaml)",
+    )
     p.add_argument("--list", action="store_true", help="list the files of the track's repo at its revision")
     p.add_argument("--data-dir", default="data", help="where tracks land (default: data)")
     p.set_defaults(run=download)
 
-    p = commands.add_parser("format-news", help="render raw news articles as Title/Date/Article text, "
-                            "as the benchmark does (dates as 'Sep 01 (2025-09-01 00:00:00 UTC)', untitled dropped)")
+    p = commands.add_parser(
+        "format-news",
+        help="render raw news articles as Title/Date/Article text, "
+        "as the benchmark does (dates as 'Sep 01 (2025-09-01 00:00:00 UTC)', untitled dropped)",
+    )
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--keep-untitled", action="store_true",
-                   help="keep untitled articles, without a Title line (the benchmark drops them)")
+    p.add_argument(
+        "--keep-untitled",
+        action="store_true",
+        help="keep untitled articles, without a Title line (the benchmark drops them)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
     p.add_argument("--normalize", action="store_true", help="clean scraped text: NFC, entities, control chars, spaces")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report them instead of stopping")
@@ -153,10 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("rescore", help="recompute every metric of a saved eval_details file")
     p.add_argument("details", help="an eval_details/<set>_step_<N>.jsonl file, of cbe or the benchmark's harness")
     p.add_argument("--parser", choices=sorted(PARSERS), default="default", help="how to parse raw_prediction")
-    p.add_argument("--support-thresholds", type=int, nargs="*", default=[], metavar="K",
-                   help="also report questions with supports >= K")
-    p.add_argument("--qa", metavar="QA_FILE", help="join supports and ids from this QA file by question text "
-                   "(for details files without them, e.g. the benchmark harness's)")
+    p.add_argument(
+        "--support-thresholds",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="K",
+        help="also report questions with supports >= K",
+    )
+    p.add_argument(
+        "--qa",
+        metavar="QA_FILE",
+        help="join supports and ids from this QA file by question text "
+        "(for details files without them, e.g. the benchmark harness's)",
+    )
     p.set_defaults(run=rescore)
 
     p = commands.add_parser("sweep-summary", help="(re)write a multirun's sweep_summary.jsonl and print its table")
@@ -164,35 +220,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=sweep_summary)
 
     p = commands.add_parser("judge", help="re-score an eval_details file with a Gemini judge (paraphrases count)")
-    p.add_argument("--input", required=True, help="an eval_details/<set>_step_<N>.jsonl file, of cbe or the "
-                   "benchmark's harness")
+    p.add_argument(
+        "--input", required=True, help="an eval_details/<set>_step_<N>.jsonl file, of cbe or the benchmark's harness"
+    )
     p.add_argument("--model", default="gemini-2.5-flash-lite", help="the judge model (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="keep the verdicts of an earlier run, judge the rest")
-    p.add_argument("--output-dir", help="where <name>_llm_judged.jsonl and <name>_summary.jsonl go (default: "
-                   "beside the input)")
-    p.add_argument("--stratify", action="append", default=[], metavar="FIELD",
-                   help="also summarize per value of this record field, e.g. geminon_name (repeatable)")
-    p.add_argument("--support-thresholds", type=int, nargs="*", default=[], metavar="K",
-                   help="also summarize the questions with supports >= K")
-    p.add_argument("--qa", metavar="QA_FILE", help="join supports and ids from this QA file by question text "
-                   "(for details files without them, e.g. the benchmark harness's)")
+    p.add_argument(
+        "--output-dir", help="where <name>_llm_judged.jsonl and <name>_summary.jsonl go (default: beside the input)"
+    )
+    p.add_argument(
+        "--stratify",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="also summarize per value of this record field, e.g. geminon_name (repeatable)",
+    )
+    p.add_argument(
+        "--support-thresholds",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="K",
+        help="also summarize the questions with supports >= K",
+    )
+    p.add_argument(
+        "--qa",
+        metavar="QA_FILE",
+        help="join supports and ids from this QA file by question text "
+        "(for details files without them, e.g. the benchmark harness's)",
+    )
     p.add_argument("--max-records", type=int, metavar="N", help="judge only the first N records")
-    p.add_argument("--keys-file", help="API keys, one per line, used round-robin (default: secrets/gemini_keys.txt "
-                   "if present, else GEMINI_API_KEY or GOOGLE_API_KEY)")
+    p.add_argument(
+        "--keys-file",
+        help="API keys, one per line, used round-robin (default: secrets/gemini_keys.txt "
+        "if present, else GEMINI_API_KEY or GOOGLE_API_KEY)",
+    )
     p.add_argument("--base-url", help="another endpoint for the Gemini API (a proxy, or a local stand-in in tests)")
     p.add_argument("--timeout-seconds", type=float, default=60, help="per request (default: %(default)s)")
-    p.add_argument("--max-attempts", type=int, default=6, help="tries per record on 429, 5xx and timeouts "
-                   "(default: %(default)s)")
-    p.add_argument("--retry-base-seconds", type=float, default=1.0,
-                   help="first backoff; doubles per retry, with jitter (default: %(default)s)")
+    p.add_argument(
+        "--max-attempts", type=int, default=6, help="tries per record on 429, 5xx and timeouts (default: %(default)s)"
+    )
+    p.add_argument(
+        "--retry-base-seconds",
+        type=float,
+        default=1.0,
+        help="first backoff; doubles per retry, with jitter (default: %(default)s)",
+    )
     p.set_defaults(run=judge)
 
-    p = commands.add_parser("plot", help="plot a metric, eval loss and train loss of every run under a folder "
-                            "(cbe's runs, and the benchmark harness's JAX runs: losses only)")
+    p = commands.add_parser(
+        "plot",
+        help="plot a metric, eval loss and train loss of every run under a folder "
+        "(cbe's runs, and the benchmark harness's JAX runs: losses only)",
+    )
     p.add_argument("folder", help="a folder of runs, e.g. outputs/<project>/<task>")
-    p.add_argument("--metric", default="valqa_fuzzy_match", help="any eval_results.jsonl key, e.g. "
-                   "valqa_substring_match (default: %(default)s)")
+    p.add_argument(
+        "--metric",
+        default="valqa_fuzzy_match",
+        help="any eval_results.jsonl key, e.g. valqa_substring_match (default: %(default)s)",
+    )
     p.add_argument("--output", help="the PNG to write (default: <folder>/runs_plot.png)")
     p.set_defaults(run=plot)
     return parser

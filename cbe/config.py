@@ -3,6 +3,7 @@
 Hydra checks key names and types against these dataclasses while composing; `validate` adds the
 rules that span keys, and both report a mistake as one line naming the key.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -139,11 +140,15 @@ def register_configs() -> None:
 
 
 # Keys whose value must be one of a few names.
-CHOICES = {"mode": ("train", "eval"), "eval.parser": tuple(PARSERS),
-           "optimizer.schedule": ("cosine", "linear", "constant"), "model.source": ("hub", "gguf", "init"),
-           # str keys: `true` on the command line becomes "True"
-           "training.torch_compile": ("auto", "True", "False"),
-           "training.gradient_checkpointing": ("auto", "True", "False")}
+CHOICES = {
+    "mode": ("train", "eval"),
+    "eval.parser": tuple(PARSERS),
+    "optimizer.schedule": ("cosine", "linear", "constant"),
+    "model.source": ("hub", "gguf", "init"),
+    # str keys: `true` on the command line becomes "True"
+    "training.torch_compile": ("auto", "True", "False"),
+    "training.gradient_checkpointing": ("auto", "True", "False"),
+}
 
 
 def _positive(cfg: DictConfig, *keys: str) -> None:
@@ -161,8 +166,10 @@ def _refuse_unknown_keys(cfg: DictConfig) -> None:
     """A key no section has (`+training.bogus=1`, `+eval.foo=1`) stops the run, naming the valid keys: Hydra's `+`
     adds keys even to the schema's sections, and the backend's options would only fail when its class is built."""
     sections = {f.name: f.default_factory() for f in fields(Config) if callable(f.default_factory)}
-    allowed = {"": [f.name for f in fields(Config)], **{name: [f.name for f in fields(section)]
-                                                          for name, section in sections.items()}}
+    allowed = {
+        "": [f.name for f in fields(Config)],
+        **{name: [f.name for f in fields(section)] for name, section in sections.items()},
+    }
     backend_options = CONF / "backend" / f"{cfg.backend.name}.yaml"
     if backend_options.is_file():  # the backend's options are the ones its config file declares
         allowed["backend.trainer"] = list(OmegaConf.load(backend_options).backend.trainer)
@@ -185,10 +192,21 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         raise UserError(f"config value {e.full_key} cannot be resolved: {str(e).splitlines()[0]}")
     t = cfg.training
     if t.num_train_steps < 0:
-        raise UserError(f"training.num_train_steps must be 0 (evaluate the start only) or more, got {t.num_train_steps}")
-    _positive(cfg, "training.effective_batch_size", "training.per_device_batch_size", "training.eval_every",
-              "training.save_every", "training.max_checkpoints", "data.sequence_length", "eval.max_new_tokens",
-              "eval.batch_size", "optimizer.lr")
+        raise UserError(
+            f"training.num_train_steps must be 0 (evaluate the start only) or more, got {t.num_train_steps}"
+        )
+    _positive(
+        cfg,
+        "training.effective_batch_size",
+        "training.per_device_batch_size",
+        "training.eval_every",
+        "training.save_every",
+        "training.max_checkpoints",
+        "data.sequence_length",
+        "eval.max_new_tokens",
+        "eval.batch_size",
+        "optimizer.lr",
+    )
     for key, allowed in CHOICES.items():
         if OmegaConf.select(cfg, key) not in allowed:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -197,7 +215,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         raise UserError(
             f"training.effective_batch_size={t.effective_batch_size} is not divisible by "
             f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {world_size}; "
-            f"pick a multiple of {per_step}")
+            f"pick a multiple of {per_step}"
+        )
     if not 0 <= cfg.optimizer.warmup_fraction < 1:
         raise UserError(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1)")
     if cfg.optimizer.max_grad_norm is not None:
@@ -216,9 +235,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         raise UserError("model.architecture: num_key_value_heads must be fewer than num_attention_heads for backend=kd")
     if "{question}" not in cfg.eval.prompt_template:
         raise UserError(f"eval.prompt_template={cfg.eval.prompt_template!r} must contain {{question}}")
-    files = {"data.train_path": cfg.data.train_path, "data.val_path": cfg.data.val_path,
-             "data.valqa_path": cfg.data.valqa_path, "data.testqa_path": cfg.data.testqa_path,
-             **{f"data.extra_qa_paths.{k}": v for k, v in cfg.data.extra_qa_paths.items()}}
+    files = {
+        "data.train_path": cfg.data.train_path,
+        "data.val_path": cfg.data.val_path,
+        "data.valqa_path": cfg.data.valqa_path,
+        "data.testqa_path": cfg.data.testqa_path,
+        **{f"data.extra_qa_paths.{k}": v for k, v in cfg.data.extra_qa_paths.items()},
+    }
     for key in ("prompt_prefix_file", "qa_data"):
         if cfg.eval[key]:
             files[f"eval.{key}"] = cfg.eval[key]

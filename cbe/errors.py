@@ -1,4 +1,5 @@
 """User mistakes end the run with one line that says what to do, never a traceback."""
+
 import functools
 import re
 import sys
@@ -43,6 +44,7 @@ def _user_error_in(error: BaseException) -> UserError | None:
 
 def exit_on_user_error(job):
     """Decorate a Hydra job so a UserError, raised directly or inside instantiate, becomes one line."""
+
     @functools.wraps(job)
     def wrapped(*args, **kwargs):
         try:
@@ -51,6 +53,7 @@ def exit_on_user_error(job):
             if _user_error_in(e) is None:
                 raise
             exit_with(_user_error_in(e))
+
     return wrapped
 
 

@@ -9,6 +9,7 @@ a layer plus one layer's activations; plus a fixed allowance for the CUDA contex
 The activation term is calibrated on one measurement: Gemma 3 4B, full fine-tune, 8 rows of 1024 tokens,
 no checkpointing, about 59 GB. Everything else is an estimate, and says so where it is printed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,12 @@ HEADROOM = 0.9  # plan to use at most this fraction of the card
 
 def parameter_count(arch: Mapping[str, Any]) -> int:
     """Parameters of a Gemma 3 text model: embedding, attention and MLP projections (norms are negligible)."""
-    hidden, heads, kv_heads, head_dim = (arch["hidden_size"], arch["num_attention_heads"],
-                                         arch["num_key_value_heads"], arch["head_dim"])
+    hidden, heads, kv_heads, head_dim = (
+        arch["hidden_size"],
+        arch["num_attention_heads"],
+        arch["num_key_value_heads"],
+        arch["head_dim"],
+    )
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
     mlp = 3 * hidden * arch["intermediate_size"]
     return arch["vocab_size"] * hidden + arch["num_hidden_layers"] * (attention + mlp)
@@ -46,12 +51,15 @@ class MemoryEstimate:
         return self.static_bytes + self.activation_bytes + OVERHEAD_BYTES
 
     def describe(self) -> str:
-        return (f"about {self.total_bytes / GB:.1f} GB per device (estimated: {self.static_bytes / GB:.1f} GB weights "
-                f"and optimizer state, {self.activation_bytes / GB:.1f} GB activations)")
+        return (
+            f"about {self.total_bytes / GB:.1f} GB per device (estimated: {self.static_bytes / GB:.1f} GB weights "
+            f"and optimizer state, {self.activation_bytes / GB:.1f} GB activations)"
+        )
 
 
-def estimate(arch: Mapping[str, Any], lora_rank: int, rows: int, sequence_length: int,
-             gradient_checkpointing: bool) -> MemoryEstimate:
+def estimate(
+    arch: Mapping[str, Any], lora_rank: int, rows: int, sequence_length: int, gradient_checkpointing: bool
+) -> MemoryEstimate:
     """The estimated peak of one training step with `rows` rows of `sequence_length` tokens per device."""
     params = parameter_count(arch)
     trained = 16 * lora_parameter_count(arch, lora_rank) if lora_rank else 6 * params
@@ -71,8 +79,9 @@ class MemoryPlan:
     fits: bool  # the estimate is within the card (always True without an estimate)
 
 
-def plan(arch: Mapping[str, Any], lora_rank: int, rows: int, sequence_length: int, setting: str,
-         card_bytes: float | None) -> MemoryPlan:
+def plan(
+    arch: Mapping[str, Any], lora_rank: int, rows: int, sequence_length: int, setting: str, card_bytes: float | None
+) -> MemoryPlan:
     """Whether to checkpoint (setting auto | True | False) on a card of `card_bytes` (None: no GPU), and what it
     will take. auto turns checkpointing on only where the run would not fit without it; with no GPU it is off,
     and with no architecture to estimate from it is on, as in the benchmark's recipes."""

@@ -9,6 +9,7 @@ later file winning for a repeated step) or else the newest HF trainer_state.json
 A JAX run of the benchmark's own harness is a folder without eval_results.jsonl whose `train/` holds
 TensorBoard scalars `loss` and whose `eval_loss/` holds scalars `eval_loss`: it adds both losses and no metric.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ Series = list[tuple[int, float]]
 @dataclass
 class RunCurves:
     """What one run contributes to the figure."""
+
     name: str  # the run dir relative to the plotted folder
     backend: str  # hf, kd, benchmark-jax, or "?" when neither the config nor the checkpoints tell
     metric: Series
@@ -78,7 +80,6 @@ def read_tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
     # As in cbe.logging: without this marker tensorboard imports TensorFlow when it is installed (~20 s).
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-
     from tensorboard.util.tensor_util import make_ndarray
 
     files = []
@@ -99,8 +100,9 @@ def read_tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
 
 def _trainer_state_loss(run: Path) -> Series:
     """Train loss from the newest HF checkpoint's trainer_state.json log_history."""
-    states = sorted((run / "checkpoints").glob("checkpoint-*/trainer_state.json"),
-                    key=lambda p: int(p.parent.name.split("-")[-1]))
+    states = sorted(
+        (run / "checkpoints").glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1])
+    )
     if not states:
         return []
     history = json.loads(states[-1].read_text()).get("log_history", [])
@@ -115,9 +117,15 @@ def gather_benchmark_jax_run(name: str, run: Path) -> RunCurves:
     """The losses of one JAX run of the benchmark's harness (it keeps no QA metric curve)."""
     train, evaluation = (read_tensorboard_scalars(run / sub).get(tag, {}) for sub, tag in BENCHMARK_LOSSES.items())
     train_loss = _finite(sorted(train.items()))
-    return RunCurves(name=name, backend=BENCHMARK_JAX, metric=[], metric_ci95=[],
-                     eval_loss=_finite(sorted(evaluation.items())), train_loss=train_loss,
-                     train_loss_source="tensorboard" if train_loss else "none")
+    return RunCurves(
+        name=name,
+        backend=BENCHMARK_JAX,
+        metric=[],
+        metric_ci95=[],
+        eval_loss=_finite(sorted(evaluation.items())),
+        train_loss=train_loss,
+        train_loss_source="tensorboard" if train_loss else "none",
+    )
 
 
 def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
@@ -137,7 +145,8 @@ def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
         metric_ci95=[(r["step"], *r[f"{metric}_ci95"]) for r in results if r.get(f"{metric}_ci95")],
         eval_loss=_finite([(r["step"], r.get("eval_loss")) for r in results]),
         train_loss=_finite(train_loss),
-        train_loss_source=source if train_loss else "none")
+        train_loss_source=source if train_loss else "none",
+    )
 
 
 def gather_runs(folder: str | Path, metric: str = DEFAULT_METRIC) -> list[RunCurves]:
@@ -149,15 +158,24 @@ def gather_runs(folder: str | Path, metric: str = DEFAULT_METRIC) -> list[RunCur
     run_dirs = find_runs(folder)
     runs = [gather_run(folder, run, metric) for run in run_dirs]
     if not runs:
-        raise UserError(f"{folder}: no run under it (no metrics/eval_results.jsonl, nor a benchmark JAX run's "
-                        f"train/ or eval_loss/ TensorBoard files)")
+        raise UserError(
+            f"{folder}: no run under it (no metrics/eval_results.jsonl, nor a benchmark JAX run's "
+            f"train/ or eval_loss/ TensorBoard files)"
+        )
     ours = [run for run in run_dirs if not is_benchmark_jax_run(run)]
     if ours and not any(r.metric for r in runs):
-        keys = sorted({k for run in ours for line in read_jsonl(run / "metrics" / "eval_results.jsonl")
-                       for k, v in line.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "timestamp")})
-        raise UserError(f"no run under {folder} has {metric!r} in eval_results.jsonl; try --metric with one of "
-                        f"{', '.join(keys)}")
+        keys = sorted(
+            {
+                k
+                for run in ours
+                for line in read_jsonl(run / "metrics" / "eval_results.jsonl")
+                for k, v in line.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "timestamp")
+            }
+        )
+        raise UserError(
+            f"no run under {folder} has {metric!r} in eval_results.jsonl; try --metric with one of {', '.join(keys)}"
+        )
     return runs
 
 
@@ -194,11 +212,11 @@ def plot_runs(runs: list[RunCurves], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_folder(folder: str | Path, metric: str = DEFAULT_METRIC,
-                output: str | Path | None = None) -> tuple[Path, list[RunCurves]]:
+def plot_folder(
+    folder: str | Path, metric: str = DEFAULT_METRIC, output: str | Path | None = None
+) -> tuple[Path, list[RunCurves]]:
     """Gather every run under `folder` and write the figure (default <folder>/runs_plot.png)."""
     runs = gather_runs(folder, metric)
     path = Path(output) if output else Path(folder) / "runs_plot.png"
     plot_runs(runs, metric, path)
     return path, runs
-

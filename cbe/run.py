@@ -9,6 +9,7 @@ outputs/<project_name>/<run_name>/
     metrics/eval_results.jsonl  one line per evaluation
     eval_details/<set>_step_<NNNNNN>.jsonl
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,11 @@ def is_main_process() -> bool:
 def adopt_slurm_ranks() -> None:
     """In a SLURM job of several tasks launched by submitit, set torch.distributed's RANK, WORLD_SIZE,
     LOCAL_RANK and MASTER_ADDR/PORT from SLURM's variables, as torchrun would."""
-    if (os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-            and "RANK" not in os.environ):
+    if (
+        os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        and "RANK" not in os.environ
+    ):
         from submitit.helpers import TorchDistributedEnvironment
 
         # Every task sees all of the node's GPUs and picks its own by LOCAL_RANK.
@@ -90,8 +94,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 # What a resumed run must share with the run it continues (num_train_steps may grow: runs get extended).
-TRAJECTORY_KEYS = ("data", "model", "adapter", "optimizer", "backend.name",
-                   "training.effective_batch_size", "training.seed")
+TRAJECTORY_KEYS = (
+    "data",
+    "model",
+    "adapter",
+    "optimizer",
+    "backend.name",
+    "training.effective_batch_size",
+    "training.seed",
+)
 
 
 def _select(config: dict[str, Any], dotted: str) -> Any:
@@ -163,7 +174,8 @@ class RunDir:
             if old != new:
                 raise UserError(
                     f"{self.root} holds a run with {key}={old!r}, not {new!r}; re-run with the same settings to "
-                    f"resume it, or pick another logging.run_name")
+                    f"resume it, or pick another logging.run_name"
+                )
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_dir(self, step: int) -> Path:

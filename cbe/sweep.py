@@ -3,6 +3,7 @@
 Hydra calls these callbacks (conf/config.yaml `hydra.callbacks`); `cbe sweep-summary DIR` rebuilds the
 summary by hand, e.g. after the submitting shell was closed while SLURM jobs ran on.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,9 @@ SUMMARY_FILE = "sweep_summary.jsonl"
 
 
 def _is_qa_metric(key: str) -> bool:
-    return key.endswith(("_exact_match", "_substring_match", "_fuzzy_match", "_token_f1")) and "_supports_ge_" not in key
+    return (
+        key.endswith(("_exact_match", "_substring_match", "_fuzzy_match", "_token_f1")) and "_supports_ge_" not in key
+    )
 
 
 def summarize_job(job_dir: Path) -> dict[str, Any]:
@@ -29,8 +32,11 @@ def summarize_job(job_dir: Path) -> dict[str, Any]:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
     results = read_jsonl(job_dir / "metrics" / "eval_results.jsonl")
-    summary: dict[str, Any] = {"job": job_dir.name, "overrides": overrides,
-                               "last_step": results[-1]["step"] if results else None}
+    summary: dict[str, Any] = {
+        "job": job_dir.name,
+        "overrides": overrides,
+        "last_step": results[-1]["step"] if results else None,
+    }
     keys = [k for k in (results[-1] if results else {}) if k == "eval_loss" or _is_qa_metric(k)]
     for key in keys:
         values = [m[key] for m in results if isinstance(m.get(key), (int, float)) and not math.isnan(m[key])]
@@ -40,7 +46,8 @@ def summarize_job(job_dir: Path) -> dict[str, Any]:
 
 
 def summarize_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Summaries of every job under a sweep dir (a folder with .hydra/overrides.yaml), written to sweep_summary.jsonl."""
+    """Summaries of every job under a sweep dir (a folder with .hydra/overrides.yaml), also written to
+    sweep_summary.jsonl."""
     sweep_dir = Path(sweep_dir)
     jobs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
     if not jobs:
@@ -53,8 +60,14 @@ def summarize_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
 def format_table(summaries: list[dict[str, Any]]) -> str:
     """The sweep at a glance: each job's overrides, last step, eval loss and valqa/testqa exact, substring and fuzzy
     match (final / best); a metric no job has gets no column."""
-    columns = [("eval_loss", "eval_loss"), *((f"{qa_set}_{name}_match", f"{qa_set} {name}")
-                                             for qa_set in ("valqa", "testqa") for name in ("exact", "substring", "fuzzy"))]
+    columns = [
+        ("eval_loss", "eval_loss"),
+        *(
+            (f"{qa_set}_{name}_match", f"{qa_set} {name}")
+            for qa_set in ("valqa", "testqa")
+            for name in ("exact", "substring", "fuzzy")
+        ),
+    ]
     columns = [(key, title) for key, title in columns if any(f"final_{key}" in s for s in summaries)]
 
     def cell(value: Any) -> str:
@@ -63,8 +76,13 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
     shared = set.intersection(*(set(s["overrides"]) for s in summaries))  # name jobs by what differs
     rows = [["job", "step", *(f"{title} final/best" for _, title in columns)]]
     for s in summaries:
-        rows.append([" ".join(o for o in s["overrides"] if o not in shared) or s["job"], "-" if s["last_step"] is None else str(s["last_step"]),
-                     *(f"{cell(s.get(f'final_{key}'))} / {cell(s.get(f'best_{key}'))}" for key, _ in columns)])
+        rows.append(
+            [
+                " ".join(o for o in s["overrides"] if o not in shared) or s["job"],
+                "-" if s["last_step"] is None else str(s["last_step"]),
+                *(f"{cell(s.get(f'final_{key}'))} / {cell(s.get(f'best_{key}'))}" for key, _ in columns),
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
 

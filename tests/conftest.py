@@ -1,4 +1,5 @@
 """Shared fixtures: the repo root, a shared token/model cache, and running main.py as a user does."""
+
 from __future__ import annotations
 
 import os
@@ -23,14 +24,21 @@ def main_command(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "main.py"), *overrides]
 
 
-def run_main_under(output_root: Path, cache_dir: Path, *overrides: str, check: bool = True, timeout: float = 600,
-                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_main_under(
+    output_root: Path,
+    cache_dir: Path,
+    *overrides: str,
+    check: bool = True,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run `python main.py overrides...` from the repo root with outputs under output_root (`env` adds variables)."""
     env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m and friends before the overrides
     overrides = [f"output_root={output_root}", *(o for o in overrides if not o.startswith("-"))]
-    proc = subprocess.run(main_command(*flags, *overrides), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        main_command(*flags, *overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -39,9 +47,12 @@ def run_main_under(output_root: Path, cache_dir: Path, *overrides: str, check: b
 @pytest.fixture
 def run_main(tmp_path, cache_dir):
     """Run `python main.py overrides...` from the repo root with outputs under tmp_path."""
-    def run(*overrides: str, check: bool = True, timeout: float = 600,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+
+    def run(
+        *overrides: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         return run_main_under(tmp_path / "outputs", cache_dir, *overrides, check=check, timeout=timeout, env=env)
+
     return run
 
 
@@ -55,19 +66,35 @@ def tiny_wandb_run(tmp_path_factory, cache_dir) -> Path:
     secrets in its environment. Shared by the plot, W&B and logger tests: the only real run they need."""
     output_root = tmp_path_factory.mktemp("wandb_run")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **FAKE_SECRETS}
-    run_main_under(output_root, cache_dir, "logging=tensorboard_wandb", "logging.project_name=cbe-test",
-                   "logging.run_name=sample/tiny", "training.num_train_steps=4", "training.eval_every=2",
-                   "eval.max_questions=4", "logging.log_every_n_steps=1", env=env, timeout=300)
+    run_main_under(
+        output_root,
+        cache_dir,
+        "logging=tensorboard_wandb",
+        "logging.project_name=cbe-test",
+        "logging.run_name=sample/tiny",
+        "training.num_train_steps=4",
+        "training.eval_every=2",
+        "eval.max_questions=4",
+        "logging.log_every_n_steps=1",
+        env=env,
+        timeout=300,
+    )
     return output_root / "cbe-test" / "sample" / "tiny"
 
 
 @pytest.fixture
 def run_main_killed_after_eval(tmp_path, cache_dir):
     """Run `python main.py overrides...` and SIGKILL it as soon as it has written the evaluation of `step`."""
+
     def run(run_dir: Path, step: int, *overrides: str, timeout: float = 600) -> None:
         env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir)}
-        proc = subprocess.Popen(main_command(f"output_root={tmp_path / 'outputs'}", *overrides), cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            main_command(f"output_root={tmp_path / 'outputs'}", *overrides),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         results_file = run_dir / "metrics" / "eval_results.jsonl"
         deadline = time.time() + timeout
         while time.time() < deadline and proc.poll() is None:
@@ -77,4 +104,5 @@ def run_main_killed_after_eval(tmp_path, cache_dir):
             time.sleep(0.02)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
     return run

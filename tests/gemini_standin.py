@@ -1,11 +1,13 @@
 """A local stand-in for the Gemini API on 127.0.0.1, answering the way generativelanguage.googleapis.com does.
 
-It serves `POST /v1beta/models/<model>:generateContent` (and /v1/, the SDK's default version) with the API's JSON (`candidates[0].content.parts[0]
-.text`) and refuses a key it was not given with the API's 400 INVALID_ARGUMENT. Its verdict is deterministic:
-"1" when the prompt's predicted answer contains the gold answer (ignoring case), else "0". Per question it can
-first answer with a scripted list of faults: an HTTP status (429, 500, 503), "garbage" (a verdict that is not
-0 or 1), "empty" (no candidates) or "hang" (answer after `hang_seconds`, past the client's timeout).
+It serves `POST /v1beta/models/<model>:generateContent` (and /v1/, the SDK's default version) with the API's
+JSON (`candidates[0].content.parts[0].text`) and refuses a key it was not given with the API's 400
+INVALID_ARGUMENT. Its verdict is deterministic: "1" when the prompt's predicted answer contains the gold answer
+(ignoring case), else "0". Per question it can first answer with a scripted list of faults: an HTTP status (429,
+500, 503), "garbage" (a verdict that is not 0 or 1), "empty" (no candidates) or "hang" (answer after
+`hang_seconds`, past the client's timeout).
 """
+
 from __future__ import annotations
 
 import http.server
@@ -78,8 +80,10 @@ class GeminiStandIn:
                     pass  # the client gave up (a timeout, or it was killed)
 
             def error(self, status: int, message: str) -> None:
-                self.reply(status, {"error": {"code": status, "message": message,
-                                              "status": STATUS_NAMES.get(status, "UNKNOWN")}})
+                self.reply(
+                    status,
+                    {"error": {"code": status, "message": message, "status": STATUS_NAMES.get(status, "UNKNOWN")}},
+                )
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
@@ -93,9 +97,16 @@ class GeminiStandIn:
                 with standin._lock:
                     faults = standin.faults.get(question, [])
                     fault = faults.pop(0) if faults else None
-                    standin.requests.append({"model": match.group(1), "key": key, "question": question,
-                                             "prediction": prediction, "fault": fault,
-                                             "temperature": body.get("generationConfig", {}).get("temperature")})
+                    standin.requests.append(
+                        {
+                            "model": match.group(1),
+                            "key": key,
+                            "question": question,
+                            "prediction": prediction,
+                            "fault": fault,
+                            "temperature": body.get("generationConfig", {}).get("temperature"),
+                        }
+                    )
                 time.sleep(standin.delay)
                 if key not in standin.keys:
                     return self.error(400, "API key not valid. Please pass a valid API key.")
@@ -106,9 +117,19 @@ class GeminiStandIn:
                 if fault == "empty":
                     return self.reply(200, {"candidates": [], "modelVersion": match.group(1)})
                 verdict = "maybe?" if fault == "garbage" else "1" if gold.lower() in prediction.lower() else "0"
-                self.reply(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": verdict}]},
-                                                 "finishReason": "STOP", "index": 0}],
-                                 "usageMetadata": {"promptTokenCount": 50, "candidatesTokenCount": 1},
-                                 "modelVersion": match.group(1)})
+                self.reply(
+                    200,
+                    {
+                        "candidates": [
+                            {
+                                "content": {"role": "model", "parts": [{"text": verdict}]},
+                                "finishReason": "STOP",
+                                "index": 0,
+                            }
+                        ],
+                        "usageMetadata": {"promptTokenCount": 50, "candidatesTokenCount": 1},
+                        "modelVersion": match.group(1),
+                    },
+                )
 
         return Handler

@@ -6,6 +6,7 @@ Range requests), lists a repo's files and folders (/api/datasets/<repo>/tree/<re
 RepoNotFound / RevisionNotFound / EntryNotFound), and can drop a connection part way through a file or
 stall there, to interrupt a transfer. tests/published_hub.py holds the benchmark's two repos as published.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,7 +83,7 @@ class HubStandIn:
                     return self.tree("/".join(parts[2:at]), parts[at + 1], recursive)
                 if parts[0] == "datasets" and "resolve" in parts:
                     at = parts.index("resolve")
-                    return self.file("/".join(parts[1:at]), parts[at + 1], "/".join(parts[at + 2:]))
+                    return self.file("/".join(parts[1:at]), parts[at + 1], "/".join(parts[at + 2 :]))
                 self.refuse(404, "NotFound", f"no route {path}")
 
             def tree(self, repo, revision, recursive):
@@ -91,10 +92,14 @@ class HubStandIn:
                     return
                 # The hub lists folders as entries of their own; without recursive, only the top level.
                 folders = {"/".join(p.split("/")[:depth]) for p in files for depth in range(1, p.count("/") + 1)}
-                entries = [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()}
-                           for f in sorted(folders)]
-                entries += [{"type": "file", "path": p, "size": len(c), "oid": hashlib.sha1(c).hexdigest()}
-                            for p, c in sorted(files.items())]
+                entries = [
+                    {"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()}
+                    for f in sorted(folders)
+                ]
+                entries += [
+                    {"type": "file", "path": p, "size": len(c), "oid": hashlib.sha1(c).hexdigest()}
+                    for p, c in sorted(files.items())
+                ]
                 body = json.dumps([e for e in entries if recursive or "/" not in e["path"]]).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -120,13 +125,13 @@ class HubStandIn:
                 if self.command == "HEAD":
                     return
                 stop = hub.stall.get(name, hub.cut.pop(name, len(content)))
-                self.wfile.write(content[start:max(start, stop)])
+                self.wfile.write(content[start : max(start, stop)])
                 self.wfile.flush()
                 while name in hub.stall:  # hang mid-file until the test ends
                     time.sleep(0.05)
                 if stop < len(content):
                     self.close_connection = True
                     return
-                self.wfile.write(content[max(start, stop):])
+                self.wfile.write(content[max(start, stop) :])
 
         return Handler

@@ -4,6 +4,7 @@ Written from the cards, not from data/download.yaml, so a recipe that asks for a
 Every file is <config>/<split>.jsonl, at the pinned tag and at `main`, which has grown one record per file
 since (so a test can tell which revision it got). Records carry the published fields with a few records each.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,19 @@ CORPUS = [f"corpus_{size}/{split}.jsonl" for size in SIZES for split in ("train"
 NEWS_QA = ["qa/val.jsonl", "qa/test.jsonl"]
 # Geminon: qa_{small,medium}/{public_val,public_test,sensitive_val,sensitive_test}.jsonl (no qa_large);
 # index/{public,sensitive}.jsonl.
-GEMINON_QA = [f"qa_{size}/{split}.jsonl" for size in ("small", "medium")
-              for split in ("public_val", "public_test", "sensitive_val", "sensitive_test")]
+GEMINON_QA = [
+    f"qa_{size}/{split}.jsonl"
+    for size in ("small", "medium")
+    for split in ("public_val", "public_test", "sensitive_val", "sensitive_test")
+]
 GEMINON_INDEX = ["index/public.jsonl", "index/sensitive.jsonl"]
 
 # article_idx is global across sizes: each (size, split) gets its own block of ids.
-FIRST_IDX = {(size, split): 1000 * s + 100 * p for s, size in enumerate(SIZES)
-             for p, split in enumerate(("train", "val", "test"))}
+FIRST_IDX = {
+    (size, split): 1000 * s + 100 * p
+    for s, size in enumerate(SIZES)
+    for p, split in enumerate(("train", "val", "test"))
+}
 
 
 def jsonl(records: list[dict]) -> bytes:
@@ -38,30 +45,44 @@ def count(path: str, revision: str, base: int) -> int:
 
 
 def news_article(idx: int, size: str) -> dict:
-    body = " ".join(f"Report {idx}, part {n}: the {size} town council met on Tuesday and voted on item {n}."
-                    for n in range(20))
-    return {"url": f"https://news.example.org/{idx}", "hostname": "news.example.org", "title": f"Council vote {idx}",
-            "date": "2025-09-01", "crawl_date": "2025-09-03", "language": "en", "text": body, "article_idx": idx}
+    body = " ".join(
+        f"Report {idx}, part {n}: the {size} town council met on Tuesday and voted on item {n}." for n in range(20)
+    )
+    return {
+        "url": f"https://news.example.org/{idx}",
+        "hostname": "news.example.org",
+        "title": f"Council vote {idx}",
+        "date": "2025-09-01",
+        "crawl_date": "2025-09-03",
+        "language": "en",
+        "text": body,
+        "article_idx": idx,
+    }
 
 
 def news_question(n: int, split: str) -> dict:
     question = f"How many items did council {n} pass in {split}?"
-    return {"question": question, "answer": f"{n + 2} items", "supports": [n, 1000 + n],
-            # the published closedbook_/openbook_ fields hold whole prompts and model outputs
-            "closedbook_prompt": f"Answer briefly.\nQ: {question}\nA:", "closedbook_response": "Three items. " * 20,
-            "openbook_prompt": "Article: " + "The council met. " * 60 + f"\nQ: {question}\nA:",
-            "openbook_response": f"{n + 2} items"}
+    return {
+        "question": question,
+        "answer": f"{n + 2} items",
+        "supports": [n, 1000 + n],
+        # the published closedbook_/openbook_ fields hold whole prompts and model outputs
+        "closedbook_prompt": f"Answer briefly.\nQ: {question}\nA:",
+        "closedbook_response": "Three items. " * 20,
+        "openbook_prompt": "Article: " + "The council met. " * 60 + f"\nQ: {question}\nA:",
+        "openbook_response": f"{n + 2} items",
+    }
 
 
 def news_files(revision: str) -> dict[str, bytes]:
     """Every file of ContinuousBench/News at `revision`."""
     files = {"README.md": b"---\nlicense: cc-by-4.0\n---\n# News\n", ".gitattributes": b"*.jsonl filter=lfs\n"}
     for path in CORPUS:
-        size, split = path[len("corpus_"):-len(".jsonl")].split("/")
+        size, split = path[len("corpus_") : -len(".jsonl")].split("/")
         first = FIRST_IDX[size, split]
         files[path] = jsonl([news_article(first + i, size) for i in range(count(path, revision, 3))])
     for path in NEWS_QA:
-        split = path.split("/")[1][:-len(".jsonl")]
+        split = path.split("/")[1][: -len(".jsonl")]
         files[path] = jsonl([news_question(n, split) for n in range(count(path, revision, 2))])
     return files
 
@@ -69,21 +90,39 @@ def news_files(revision: str) -> dict[str, bytes]:
 def geminon_question(n: int, path: str) -> dict:
     name = f"Zorb{n}"
     if n % 2:  # answers are strings or integers
-        return {"question": f"How many legs has the {name}? ({path})", "answer": 4 + n, "geminon_idx": n,
-                "geminon_name": name, "supports": [n, n + 1]}
-    return {"question": f"What does the {name} eat? ({path})", "answer": "blue moss", "geminon_idx": n,
-            "geminon_name": name, "supports": [n]}
+        return {
+            "question": f"How many legs has the {name}? ({path})",
+            "answer": 4 + n,
+            "geminon_idx": n,
+            "geminon_name": name,
+            "supports": [n, n + 1],
+        }
+    return {
+        "question": f"What does the {name} eat? ({path})",
+        "answer": "blue moss",
+        "geminon_idx": n,
+        "geminon_name": name,
+        "supports": [n],
+    }
 
 
 def geminon_files(revision: str) -> dict[str, bytes]:
     """Every file of ContinuousBench/Geminon at `revision`."""
     files = {"README.md": b"---\nlicense: cc-by-4.0\n---\n# Geminon\n", ".gitattributes": b"*.jsonl filter=lfs\n"}
     for path in CORPUS:
-        size, split = path[len("corpus_"):-len(".jsonl")].split("/")
+        size, split = path[len("corpus_") : -len(".jsonl")].split("/")
         first = FIRST_IDX[size, split]
-        files[path] = jsonl([{"text": f"The Zorb{i} lives in the {size} hollow and eats blue moss. " * 8,
-                              "tag": f"zorb{i}", "type": "habitat", "article_idx": first + i}
-                             for i in range(count(path, revision, 3))])
+        files[path] = jsonl(
+            [
+                {
+                    "text": f"The Zorb{i} lives in the {size} hollow and eats blue moss. " * 8,
+                    "tag": f"zorb{i}",
+                    "type": "habitat",
+                    "article_idx": first + i,
+                }
+                for i in range(count(path, revision, 3))
+            ]
+        )
     for path in GEMINON_QA:
         files[path] = jsonl([geminon_question(n, path) for n in range(count(path, revision, 2))])
     for path in GEMINON_INDEX:
@@ -93,5 +132,7 @@ def geminon_files(revision: str) -> dict[str, bytes]:
 
 def published_repos() -> dict[str, dict[str, dict[str, bytes]]]:
     """Repo -> revision -> path -> content: both repos at their pinned tags and at main."""
-    return {NEWS: {NEWS_TAG: news_files(NEWS_TAG), "main": news_files("main")},
-            GEMINON: {GEMINON_TAG: geminon_files(GEMINON_TAG), "main": geminon_files("main")}}
+    return {
+        NEWS: {NEWS_TAG: news_files(NEWS_TAG), "main": news_files("main")},
+        GEMINON: {GEMINON_TAG: geminon_files(GEMINON_TAG), "main": geminon_files("main")},
+    }

@@ -1,5 +1,6 @@
 """mode=eval of a run's checkpoint: the run's settings are replayed first, a mismatched backend or adapter is one
 line before anything loads, and each evaluation of a checkpoint has a run dir of its own."""
+
 import os
 from pathlib import Path
 
@@ -22,13 +23,31 @@ def make_run(root: Path, overrides: list[str], adapter: str, checkpoint: str) ->
 
 
 def test_the_runs_overrides_go_first_and_the_command_line_wins(tmp_path):
-    latest = make_run(tmp_path / "run", ["task=news", "adapter=lora128", 'eval.prompt_template="A {question}"',
-                                         "output_root=/elsewhere", "logging=none", "optimizer.lr=1e-3"],
-                      "lora128", "checkpoint-4")
+    latest = make_run(
+        tmp_path / "run",
+        [
+            "task=news",
+            "adapter=lora128",
+            'eval.prompt_template="A {question}"',
+            "output_root=/elsewhere",
+            "logging=none",
+            "optimizer.lr=1e-3",
+        ],
+        "lora128",
+        "checkpoint-4",
+    )
     argv = ["-m", "mode=eval", f"checkpoint={latest}", "eval.qa_data=x.jsonl", "task=geminon"]
     assert inherit_run_overrides(argv) == [
-        "-m", "task=news", "adapter=lora128", 'eval.prompt_template="A {question}"', "optimizer.lr=1e-3",
-        "mode=eval", f"checkpoint={latest}", "eval.qa_data=x.jsonl", "task=geminon"]
+        "-m",
+        "task=news",
+        "adapter=lora128",
+        'eval.prompt_template="A {question}"',
+        "optimizer.lr=1e-3",
+        "mode=eval",
+        f"checkpoint={latest}",
+        "eval.qa_data=x.jsonl",
+        "task=geminon",
+    ]
     assert inherit_run_overrides(["mode=eval", "checkpoint=base"]) == ["mode=eval", "checkpoint=base"]
     assert inherit_run_overrides(["task=news", f"checkpoint={latest}"]) == ["task=news", f"checkpoint={latest}"]
     assert inherit_run_overrides(["mode=eval", f'checkpoint="{latest}"'])[0] == "task=news"  # Hydra's quoting
@@ -38,8 +57,11 @@ def test_a_checkpoint_evaluated_by_another_backend_or_adapter_is_one_line(tmp_pa
     latest = make_run(tmp_path / "run", [], "lora128", "checkpoint-4")
     (latest / "adapter_config.json").write_text("{}")
     assert written_by(latest) == ("hf", "lora128")
-    with pytest.raises(UserError, match=r"written by backend=hf adapter=lora128; evaluate it with backend=hf "
-                                        r"adapter=lora128 \(not backend=kd adapter=lora128\)"):
+    with pytest.raises(
+        UserError,
+        match=r"written by backend=hf adapter=lora128; evaluate it with backend=hf "
+        r"adapter=lora128 \(not backend=kd adapter=lora128\)",
+    ):
         check_checkpoint(compose_config("mode=eval", f"checkpoint={latest}", "backend=kd", "adapter=lora128"))
     with pytest.raises(UserError, match=r"\(not backend=hf adapter=full\)"):
         check_checkpoint(compose_config("mode=eval", f"checkpoint={latest}"))
@@ -59,17 +81,32 @@ def test_a_checkpoint_evaluated_by_another_backend_or_adapter_is_one_line(tmp_pa
 
 def test_evaluations_that_ask_different_things_are_named_apart():
     default = evaluation_name(compose_config("mode=eval", "checkpoint=base"))
-    assert default.startswith("valqa+testqa-") and default == evaluation_name(compose_config("mode=eval",
-                                                                                             "checkpoint=base"))
-    others = {evaluation_name(compose_config("mode=eval", "checkpoint=base", *o)) for o in (
-        ["eval.qa_data=data/sample/valqa.jsonl"], ['eval.prompt_template="Q: {question}"'],
-        ["eval.prompt_prefix_file=conf/prompts/news_3shot.txt"], ["eval.max_questions=5"])}
+    assert default.startswith("valqa+testqa-") and default == evaluation_name(
+        compose_config("mode=eval", "checkpoint=base")
+    )
+    others = {
+        evaluation_name(compose_config("mode=eval", "checkpoint=base", *o))
+        for o in (
+            ["eval.qa_data=data/sample/valqa.jsonl"],
+            ['eval.prompt_template="Q: {question}"'],
+            ["eval.prompt_prefix_file=conf/prompts/news_3shot.txt"],
+            ["eval.max_questions=5"],
+        )
+    }
     assert len(others) == 4 and default not in others
-    assert evaluation_name(compose_config("mode=eval", "checkpoint=base", "eval.qa_data=data/sample/valqa.jsonl")) \
-        .startswith("valqa-")
+    assert evaluation_name(
+        compose_config("mode=eval", "checkpoint=base", "eval.qa_data=data/sample/valqa.jsonl")
+    ).startswith("valqa-")
     # The same prompt written with a backslash-n is the same evaluation.
     typed = compose_config("mode=eval", "checkpoint=base", 'eval.prompt_template="Q: {question}\\nA:"')
-    real_newline = compose_config("mode=eval", "checkpoint=base", "task=news", "eval.prompt_prefix_file=null",
-                                  "data.valqa_path=data/sample/valqa.jsonl", "data.testqa_path=data/sample/testqa.jsonl",
-                                  "eval.parser=default", "eval.max_new_tokens=16")  # news's template, on the sample sets
+    real_newline = compose_config(
+        "mode=eval",
+        "checkpoint=base",
+        "task=news",
+        "eval.prompt_prefix_file=null",
+        "data.valqa_path=data/sample/valqa.jsonl",
+        "data.testqa_path=data/sample/testqa.jsonl",
+        "eval.parser=default",
+        "eval.max_new_tokens=16",
+    )  # news's template, on the sample sets
     assert evaluation_name(typed) == evaluation_name(real_newline)

@@ -1,4 +1,5 @@
 """Every option of every group composes and validates; bad overrides fail with one line naming the problem."""
+
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,10 @@ from cbe.config import register_configs, validate
 from cbe.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-          for group in ("task", "model", "adapter", "backend", "logging")}
+GROUPS = {
+    group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    for group in ("task", "model", "adapter", "backend", "logging")
+}
 
 
 def compose_config(*overrides: str):
@@ -41,16 +44,31 @@ def test_experiment_and_launcher_configs_compose():
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         sweep = compose("config", overrides=["experiment=lr_bs_sweep"], return_hydra_config=True)
-        slurm = compose("config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
-                        return_hydra_config=True)
+        slurm = compose(
+            "config",
+            overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
         local = compose("config", overrides=["hydra/launcher=submitit_local"], return_hydra_config=True)
-    assert dict(sweep.hydra.sweeper.params) == {"optimizer.lr": "1e-4,3e-4,1e-3",
-                                                "training.effective_batch_size": "32,64"}
+    assert dict(sweep.hydra.sweeper.params) == {
+        "optimizer.lr": "1e-4,3e-4,1e-3",
+        "training.effective_batch_size": "32,64",
+    }
     assert sweep.logging.run_name == "sample/tiny-full-hf-lr_bs_sweep"
     launcher = slurm.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
-    for key in ("timeout_min", "gpus_per_node", "tasks_per_node", "nodes", "mem_gb", "cpus_per_task", "partition",
-                "account", "array_parallelism", "setup"):
+    for key in (
+        "timeout_min",
+        "gpus_per_node",
+        "tasks_per_node",
+        "nodes",
+        "mem_gb",
+        "cpus_per_task",
+        "partition",
+        "account",
+        "array_parallelism",
+        "setup",
+    ):
         assert key in launcher, key
     assert launcher.max_num_timeout > 0  # timed-out jobs are requeued and resume
     assert local.hydra.launcher._target_.endswith("LocalLauncher")
@@ -58,9 +76,12 @@ def test_experiment_and_launcher_configs_compose():
 
 # The benchmark's published recipes: (task, model) -> (lr, per-device batch) for the full fine-tune and LoRA-128.
 BENCHMARK_RECIPES = {
-    ("news", "gemma3_1b"): ((1e-4, 4), (5e-4, 4)), ("news", "gemma3_4b"): ((5e-5, 4), (1e-4, 2)),
-    ("news", "gemma3_12b"): ((3e-5, 1), (2e-4, 2)), ("geminon", "gemma3_1b"): ((1e-4, 16), (2e-4, 8)),
-    ("geminon", "gemma3_4b"): ((5e-5, 32), (2e-4, 4)), ("geminon", "gemma3_12b"): ((3e-5, 1), (2e-4, 2)),
+    ("news", "gemma3_1b"): ((1e-4, 4), (5e-4, 4)),
+    ("news", "gemma3_4b"): ((5e-5, 4), (1e-4, 2)),
+    ("news", "gemma3_12b"): ((3e-5, 1), (2e-4, 2)),
+    ("geminon", "gemma3_1b"): ((1e-4, 16), (2e-4, 8)),
+    ("geminon", "gemma3_4b"): ((5e-5, 32), (2e-4, 4)),
+    ("geminon", "gemma3_12b"): ((3e-5, 1), (2e-4, 2)),
 }
 SEQUENCE_LENGTH = {"news": 1024, "geminon": 256}
 
@@ -73,15 +94,29 @@ def test_the_design_card_command_composes_the_benchmarks_recipe(task, model, ada
     assert (o.lr, t.per_device_batch_size, cfg.data.sequence_length) == (lr, batch, SEQUENCE_LENGTH[task])
     assert o.max_grad_norm is None  # no clipping
     assert t.gradient_checkpointing == "auto"  # on where the card needs it (tests/test_memory.py)
-    assert (o.weight_decay, o.b1, o.b2, o.warmup_fraction, o.schedule, o.end_lr_fraction) == (0.1, 0.9, 0.995, 0.1,
-                                                                                              "cosine", 0.0)
+    assert (o.weight_decay, o.b1, o.b2, o.warmup_fraction, o.schedule, o.end_lr_fraction) == (
+        0.1,
+        0.9,
+        0.995,
+        0.1,
+        "cosine",
+        0.0,
+    )
     assert (t.effective_batch_size, t.num_train_steps, t.eval_every, t.save_every) == (32, 10_000, 1000, 1000)
     assert t.seed == 42
     assert t.max_checkpoints == (3 if model == "gemma3_12b" else 5) and cfg.logging.log_every_n_steps == 100
     if adapter == "lora128":
         assert cfg.adapter.rank == cfg.adapter.alpha == 128
-    assert compose_config(f"task={task}", f"model={model}", f"adapter={adapter}", "optimizer.lr=7e-6",
-                          "training.per_device_batch_size=2").optimizer.lr == 7e-6  # every key stays overridable
+    assert (
+        compose_config(
+            f"task={task}",
+            f"model={model}",
+            f"adapter={adapter}",
+            "optimizer.lr=7e-6",
+            "training.per_device_batch_size=2",
+        ).optimizer.lr
+        == 7e-6
+    )  # every key stays overridable
 
 
 def test_recipe_defaults():
@@ -102,7 +137,9 @@ def test_recipe_defaults():
 
 
 def test_missing_track_files_say_how_to_get_them():
-    with pytest.raises(UserError, match=r"data.train_path: file data/news/train.jsonl does not exist; run `make download TRACK=news`"):
+    with pytest.raises(
+        UserError, match=r"data.train_path: file data/news/train.jsonl does not exist; run `make download TRACK=news`"
+    ):
         validate(compose_config("task=news"))
 
 
@@ -114,12 +151,17 @@ def test_batch_must_divide_across_devices():
         validate(compose_config("training.effective_batch_size=24", "training.per_device_batch_size=8"), world_size=2)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("+training.bogus=1", "unknown config key 'training.bogus'; training has effective_batch_size, "),
-    ("+eval.foo=1", "unknown config key 'eval.foo'; eval has _target_, prompt_template, "),
-    ("+backend.trainer.foo=2", "unknown config key 'backend.trainer.foo'; backend.trainer has _target_, "
-                               "attn_implementation"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+training.bogus=1", "unknown config key 'training.bogus'; training has effective_batch_size, "),
+        ("+eval.foo=1", "unknown config key 'eval.foo'; eval has _target_, prompt_template, "),
+        (
+            "+backend.trainer.foo=2",
+            "unknown config key 'backend.trainer.foo'; backend.trainer has _target_, attn_implementation",
+        ),
+    ],
+)
 def test_an_unknown_key_inside_a_section_is_refused_naming_the_valid_ones(override, message):
     with pytest.raises(UserError) as refused:
         validate(compose_config(override))
@@ -155,9 +197,11 @@ def test_composing_imports_no_framework():
     import subprocess
     import sys
 
-    code = ("import sys, cbe.config, cbe.run, cbe.data.packing, cbe.data.download, cbe.data.format_news, "
-            "cbe.eval.evaluator, cbe.eval.judge, cbe.logging, cbe.plot, cbe.cli; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'jax', 'tensorflow', 'transformers', 'trl', "
-            "'matplotlib', 'wandb'} | {'google.genai'} & set(sys.modules)))")
+    code = (
+        "import sys, cbe.config, cbe.run, cbe.data.packing, cbe.data.download, cbe.data.format_news, "
+        "cbe.eval.evaluator, cbe.eval.judge, cbe.logging, cbe.plot, cbe.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'jax', 'tensorflow', 'transformers', 'trl', "
+        "'matplotlib', 'wandb'} | {'google.genai'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"

@@ -1,4 +1,5 @@
 """The memory plan: parameter counts of the real shapes, the one measured peak, and what fits a 40 GB card."""
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -14,8 +15,9 @@ def architecture(model):
     return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml").model.architecture)
 
 
-@pytest.mark.parametrize("model,billions", [("gemma3_270m", 0.268), ("gemma3_1b", 1.0), ("gemma3_4b", 3.88),
-                                            ("gemma3_12b", 11.77)])
+@pytest.mark.parametrize(
+    "model,billions", [("gemma3_270m", 0.268), ("gemma3_1b", 1.0), ("gemma3_4b", 3.88), ("gemma3_12b", 11.77)]
+)
 def test_parameter_counts_of_the_text_models(model, billions):
     # Published sizes: 268M (170M embedding + 100M transformer), 1.0B; the 4B and 12B checkpoints' text models
     # (their vision towers, about 0.4B, are not counted).
@@ -51,8 +53,14 @@ def compose_recipe(*overrides):
 def test_every_default_recipe_fits_a_40gb_card_or_is_refused(task, model, adapter):
     cfg = compose_recipe(f"task={task}", f"model={model}", f"adapter={adapter}")
     t = cfg.training
-    plan = memory.plan(OmegaConf.to_container(cfg.model.architecture), cfg.adapter.rank, t.per_device_batch_size,
-                       cfg.data.sequence_length, t.gradient_checkpointing, CARD_40GB)
+    plan = memory.plan(
+        OmegaConf.to_container(cfg.model.architecture),
+        cfg.adapter.rank,
+        t.per_device_batch_size,
+        cfg.data.sequence_length,
+        t.gradient_checkpointing,
+        CARD_40GB,
+    )
     if (model, adapter) == ("gemma3_12b", "full"):  # 12B weights, gradients and AdamW state: no single card holds them
         assert plan.estimate.static_bytes > CARD_40GB
     else:

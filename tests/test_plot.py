@@ -1,6 +1,7 @@
 """`cbe plot`: which runs it finds (ours, and the benchmark harness's JAX run dirs), the curves it reads
 (TensorBoard files merged across a resume, HF trainer_state, eval_results with CIs, a JAX run's tf.summary
 losses) and the PNG it writes."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ from cbe.run import RunDir, read_jsonl
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(root: Path, name: str, results: list[dict], tensorboard_files: list[dict[int, float]] = (),
-             backend: str | None = None, checkpoints: dict[str, dict | None] | None = None) -> RunDir:
+def make_run(
+    root: Path,
+    name: str,
+    results: list[dict],
+    tensorboard_files: list[dict[int, float]] = (),
+    backend: str | None = None,
+    checkpoints: dict[str, dict | None] | None = None,
+) -> RunDir:
     """A run dir as the harness leaves it: eval_results.jsonl, one TensorBoard event file per (re)start."""
     run = RunDir(root / name)
     run.eval_results.parent.mkdir(parents=True)
@@ -61,25 +68,47 @@ def write_benchmark_jax_run(run: Path, train: list[dict[int, float]], eval_loss:
 
 
 def result(step: int, fuzzy: float, eval_loss: float, ci: list[float] | None = None) -> dict:
-    return {"step": step, "timestamp": 0.0, "eval_loss": eval_loss, "valqa_fuzzy_match": fuzzy,
-            "valqa_fuzzy_match_ci95": ci, "valqa_exact_match": fuzzy / 2, "valqa_n": 4}
+    return {
+        "step": step,
+        "timestamp": 0.0,
+        "eval_loss": eval_loss,
+        "valqa_fuzzy_match": fuzzy,
+        "valqa_fuzzy_match_ci95": ci,
+        "valqa_exact_match": fuzzy / 2,
+        "valqa_n": 4,
+    }
 
 
 @pytest.fixture
 def runs_folder(tmp_path) -> Path:
     folder = tmp_path / "outputs" / "cbe" / "sample"
-    make_run(folder, "tiny-full-hf", [result(0, 0.0, 3.0, [0.0, 0.0]), result(2, 0.5, 2.0, [0.25, 0.75]),
-                                      result(4, 1.0, 1.0, [1.0, 1.0])],
-             tensorboard_files=[{1: 4.0, 2: 3.5, 3: 3.0, 4: 2.5}], backend="hf")
+    make_run(
+        folder,
+        "tiny-full-hf",
+        [result(0, 0.0, 3.0, [0.0, 0.0]), result(2, 0.5, 2.0, [0.25, 0.75]), result(4, 1.0, 1.0, [1.0, 1.0])],
+        tensorboard_files=[{1: 4.0, 2: 3.5, 3: 3.0, 4: 2.5}],
+        backend="hf",
+    )
     # Killed after step 4 with a checkpoint at 2, resumed: the second event file rewrites steps 3 and 4.
-    make_run(folder, "tiny-full-kd", [result(0, 0.0, 3.5), result(2, 0.25, 2.5), result(4, 0.75, 1.5)],
-             tensorboard_files=[{1: 9.0, 2: 8.0, 3: 7.0, 4: 6.0}, {3: 2.75, 4: 2.25}],
-             checkpoints={"ckpt_2": None, "ckpt_4": None})
+    make_run(
+        folder,
+        "tiny-full-kd",
+        [result(0, 0.0, 3.5), result(2, 0.25, 2.5), result(4, 0.75, 1.5)],
+        tensorboard_files=[{1: 9.0, 2: 8.0, 3: 7.0, 4: 6.0}, {3: 2.75, 4: 2.25}],
+        checkpoints={"ckpt_2": None, "ckpt_4": None},
+    )
     # A sweep job without TensorBoard: train loss from the newest trainer_state.json; a NaN eval loss is skipped.
-    make_run(folder, "sweep/optimizer.lr=0.001", [result(0, 0.0, float("nan")), result(2, 0.5, 2.0)],
-             checkpoints={"checkpoint-1": {"log_history": [{"loss": 5.0, "step": 1}]},
-                          "checkpoint-2": {"log_history": [{"loss": 5.0, "step": 1}, {"loss": 4.5, "step": 2},
-                                                           {"train_loss": 4.75, "step": 2}]}})
+    make_run(
+        folder,
+        "sweep/optimizer.lr=0.001",
+        [result(0, 0.0, float("nan")), result(2, 0.5, 2.0)],
+        checkpoints={
+            "checkpoint-1": {"log_history": [{"loss": 5.0, "step": 1}]},
+            "checkpoint-2": {
+                "log_history": [{"loss": 5.0, "step": 1}, {"loss": 4.5, "step": 2}, {"train_loss": 4.75, "step": 2}]
+            },
+        },
+    )
     # mode=eval results of a checkpoint live inside the training run: not a run of their own.
     make_run(folder / "tiny-full-hf", "eval/checkpoint-4/valqa+testqa-0a1b2c3d", [result(4, 1.0, 1.0)], backend="hf")
     return folder
@@ -112,17 +141,28 @@ def test_plot_writes_one_png_in_the_folder(runs_folder, capsys):
     assert f"wrote {png}" in out
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty", "no run under it (no metrics/eval_results.jsonl, nor a benchmark JAX run's train/ or eval_loss/ "
-              "TensorBoard files)"),
-    ("missing", "no such folder"),
-    ("metric", "has 'valqa_bleu' in eval_results.jsonl; try --metric with one of eval_loss, valqa_exact_match, "
-               "valqa_fuzzy_match, valqa_n"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "empty",
+            "no run under it (no metrics/eval_results.jsonl, nor a benchmark JAX run's train/ or eval_loss/ "
+            "TensorBoard files)",
+        ),
+        ("missing", "no such folder"),
+        (
+            "metric",
+            "has 'valqa_bleu' in eval_results.jsonl; try --metric with one of eval_loss, valqa_exact_match, "
+            "valqa_fuzzy_match, valqa_n",
+        ),
+    ],
+)
 def test_plot_mistakes_are_one_line(runs_folder, tmp_path, capfd, case, message):
-    args = {"empty": [str(tmp_path / "outputs" / "cbe" / "sample" / "tiny-full-hf" / "logs")],
-            "missing": [str(tmp_path / "nowhere")],
-            "metric": [str(runs_folder), "--metric", "valqa_bleu"]}[case]
+    args = {
+        "empty": [str(tmp_path / "outputs" / "cbe" / "sample" / "tiny-full-hf" / "logs")],
+        "missing": [str(tmp_path / "nowhere")],
+        "metric": [str(runs_folder), "--metric", "valqa_bleu"],
+    }[case]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["plot", *args])
     err = capfd.readouterr().err
@@ -137,20 +177,33 @@ def test_plot_of_a_real_run(tiny_wandb_run, tmp_path):
     (run,) = gather_runs(tiny_wandb_run.parent)
     results = read_jsonl(tiny_wandb_run / "metrics" / "eval_results.jsonl")
     assert (run.name, run.backend) == ("tiny", "hf")
-    assert run.eval_loss == [(r["step"], r["eval_loss"]) for r in results] and [s for s, _ in run.eval_loss] == [0, 2, 4]
+    assert run.eval_loss == [(r["step"], r["eval_loss"]) for r in results] and [s for s, _ in run.eval_loss] == [
+        0,
+        2,
+        4,
+    ]
     assert [s for s, _ in run.train_loss] == [1, 2, 3, 4] and run.train_loss_source == "tensorboard"
     assert all(math.isfinite(v) and 0 < v < 20 for _, v in run.train_loss)
 
 
 def test_benchmark_jax_runs_plot_their_losses_beside_our_runs(tmp_path, capsys):
     folder = tmp_path / "outputs"
-    make_run(folder, "tiny-full-hf", [{"step": 0, "eval_loss": 3.0, "valqa_substring_match": 0.25},
-                                      {"step": 20, "eval_loss": 2.0, "valqa_substring_match": 0.75}],
-             tensorboard_files=[{10: 4.0, 20: 3.5}], backend="hf")
+    make_run(
+        folder,
+        "tiny-full-hf",
+        [
+            {"step": 0, "eval_loss": 3.0, "valqa_substring_match": 0.25},
+            {"step": 20, "eval_loss": 2.0, "valqa_substring_match": 0.75},
+        ],
+        tensorboard_files=[{10: 4.0, 20: 3.5}],
+        backend="hf",
+    )
     # Killed after step 30 and restarted from 20: the second event file rewrites step 30.
-    write_benchmark_jax_run(folder / "benchmark" / "gemma3-1b-news", train=[{10: 3.0, 20: 2.5, 30: 9.5},
-                                                                           {30: 2.0, 40: 1.75}],
-                            eval_loss={20: 2.75, 40: 2.25})
+    write_benchmark_jax_run(
+        folder / "benchmark" / "gemma3-1b-news",
+        train=[{10: 3.0, 20: 2.5, 30: 9.5}, {30: 2.0, 40: 1.75}],
+        eval_loss={20: 2.75, 40: 2.25},
+    )
     cli.main(["plot", str(folder), "--metric", "valqa_substring_match"])
     png = folder / "runs_plot.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
@@ -162,8 +215,10 @@ def test_benchmark_jax_runs_plot_their_losses_beside_our_runs(tmp_path, capsys):
     assert jax.eval_loss == [(20, 2.75), (40, 2.25)]
     assert runs["tiny-full-hf"].metric == [(0, 0.25), (20, 0.75)]
     out = capsys.readouterr().out
-    assert ("benchmark/gemma3-1b-news (benchmark-jax): no valqa_substring_match curve (the benchmark's JAX runs keep "
-            "only losses), 2 eval-loss points, 4 train-loss points from tensorboard") in out
+    assert (
+        "benchmark/gemma3-1b-news (benchmark-jax): no valqa_substring_match curve (the benchmark's JAX runs keep "
+        "only losses), 2 eval-loss points, 4 train-loss points from tensorboard"
+    ) in out
     assert "tiny-full-hf (hf): 2 evaluations, 2 eval-loss points, 2 train-loss points from tensorboard" in out
 
 

@@ -1,6 +1,7 @@
 """`cbe rescore` on details files of both harnesses: the benchmark harness's seven-key files (no supports, its
 fuzzy_match the substring rule), empty generations, supports joined from a QA file, and strata left out
 (with one line saying why) where there are no supports."""
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,13 @@ from cbe import cli
 
 # (question, gold, raw prediction) with our scores under the default parser:
 # exact, substring, fuzzy, token F1.
-CASES = [("Where is the Louvre?", "Paris", " Paris.\nQ: next", (1, 1, 1, 1.0)),
-         ("How many delegates voted?", "49", "149", (0, 1, 0, 0.0)),  # substring is wrong on numbers
-         ("What grows by the shore?", "salt lilies", "the salt lilies of the shore", (0, 1, 1, 2 / 3)),
-         ("What colour was the flag?", "ochre", "", (0, 0, 0, 0.0)),  # EOS at once: an empty generation
-         ("When was the bridge built?", 1717, "1717.", (1, 1, 1, 1.0))]
+CASES = [
+    ("Where is the Louvre?", "Paris", " Paris.\nQ: next", (1, 1, 1, 1.0)),
+    ("How many delegates voted?", "49", "149", (0, 1, 0, 0.0)),  # substring is wrong on numbers
+    ("What grows by the shore?", "salt lilies", "the salt lilies of the shore", (0, 1, 1, 2 / 3)),
+    ("What colour was the flag?", "ochre", "", (0, 0, 0, 0.0)),  # EOS at once: an empty generation
+    ("When was the bridge built?", 1717, "1717.", (1, 1, 1, 1.0)),
+]
 # News QA supports (article ids) per question; the last question is not in the QA file.
 SUPPORTS = [[10], [1, 2, 3], [4, 5], [7, 8], None]
 
@@ -25,9 +28,15 @@ def benchmark_record(question: str, gold, raw: str) -> dict:
     """A details record as the benchmark's own harness writes it: exactly these seven keys, its fuzzy_match the
     substring rule."""
     parsed = raw.strip().split("\n")[0].strip().removesuffix(".") if raw.strip() else ""
-    return {"prompt": f"Q: {question}\nA:", "question": question, "raw_prediction": raw, "parsed_prediction": parsed,
-            "ground_truth": gold, "exact_match": parsed.lower() == str(gold).lower(),
-            "fuzzy_match": str(gold).lower() in parsed.lower()}
+    return {
+        "prompt": f"Q: {question}\nA:",
+        "question": question,
+        "raw_prediction": raw,
+        "parsed_prediction": parsed,
+        "ground_truth": gold,
+        "exact_match": parsed.lower() == str(gold).lower(),
+        "fuzzy_match": str(gold).lower() in parsed.lower(),
+    }
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -42,10 +51,20 @@ def benchmark_details(tmp_path) -> Path:
 
 @pytest.fixture
 def news_qa(tmp_path) -> Path:
-    records = [{"question": q, "answer": gold, "supports": supports, "closedbook_answer": "?", "openbook_answer": "?"}
-               for (q, gold, *_), supports in zip(CASES, SUPPORTS) if supports]
-    records.append({"question": "Who won the race?", "answer": "Ann", "supports": [9], "closedbook_answer": "?",
-                    "openbook_answer": "?"})
+    records = [
+        {"question": q, "answer": gold, "supports": supports, "closedbook_answer": "?", "openbook_answer": "?"}
+        for (q, gold, *_), supports in zip(CASES, SUPPORTS)
+        if supports
+    ]
+    records.append(
+        {
+            "question": "Who won the race?",
+            "answer": "Ann",
+            "supports": [9],
+            "closedbook_answer": "?",
+            "openbook_answer": "?",
+        }
+    )
     return write_jsonl(tmp_path / "val.jsonl", records)
 
 
@@ -57,8 +76,10 @@ def rescore(capsys, *args: str) -> tuple[dict, str]:
 
 def expected(indexes: list[int]) -> dict[str, float]:
     scores = [CASES[i][3] for i in indexes]
-    return {name: pytest.approx(sum(s[column] for s in scores) / len(scores))
-            for column, name in enumerate(("exact_match", "substring_match", "fuzzy_match", "token_f1"))}
+    return {
+        name: pytest.approx(sum(s[column] for s in scores) / len(scores))
+        for column, name in enumerate(("exact_match", "substring_match", "fuzzy_match", "token_f1"))
+    }
 
 
 def test_a_benchmark_file_is_rescored_by_our_rules_and_an_empty_generation_is_wrong(benchmark_details, capsys):
@@ -83,14 +104,26 @@ def test_supports_are_joined_from_a_news_qa_file_by_question(benchmark_details, 
     assert {k: summary[f"{k}_supports_ge_2"] for k in expected([1, 2, 3])} == expected([1, 2, 3])
     assert {k: summary[f"{k}_supports_ge_3"] for k in expected([1])} == expected([1])
     assert {k: summary[k] for k in expected(list(range(5)))} == expected(list(range(5)))
-    assert err == (f"cbe: note: 1 of 5 questions of {benchmark_details} are not in {news_qa}: they count in every "
-                   f"summary but in no support stratum\n")
+    assert err == (
+        f"cbe: note: 1 of 5 questions of {benchmark_details} are not in {news_qa}: they count in every "
+        f"summary but in no support stratum\n"
+    )
 
 
 def test_a_cbe_file_keeps_its_own_supports(tmp_path, capsys):
-    records = [{"question": q, "ground_truth": gold, "supports": n, "geminon_idx": 3, "prompt": "Q:",
-                "raw_prediction": raw, "parsed_prediction": "stale", "exact_match": False}
-               for (q, gold, raw, _), n in zip(CASES, (1, 3, 2, 2, 1))]
+    records = [
+        {
+            "question": q,
+            "ground_truth": gold,
+            "supports": n,
+            "geminon_idx": 3,
+            "prompt": "Q:",
+            "raw_prediction": raw,
+            "parsed_prediction": "stale",
+            "exact_match": False,
+        }
+        for (q, gold, raw, _), n in zip(CASES, (1, 3, 2, 2, 1))
+    ]
     summary, err = rescore(capsys, str(write_jsonl(tmp_path / "d.jsonl", records)), "--support-thresholds", "2")
     assert summary["n_supports_ge_2"] == 3 and summary["exact_match_supports_ge_2"] == 0.0
     assert summary["substring_match_supports_ge_2"] == pytest.approx(2 / 3) and err == ""
@@ -105,12 +138,15 @@ def test_the_question_reaches_the_finegrained_geminon_parser(tmp_path, capsys):
     assert (finegrained["exact_match"], finegrained["substring_match"], finegrained["fuzzy_match"]) == (0.0, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no question in the QA file", "none of the 5 questions of"),
-    ("no prediction", "record 2 has no raw_prediction string; pass an eval_details file"),
-    ("empty file", "no records to rescore"),
-    ("missing QA file", "nope.jsonl: no such file"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no question in the QA file", "none of the 5 questions of"),
+        ("no prediction", "record 2 has no raw_prediction string; pass an eval_details file"),
+        ("empty file", "no records to rescore"),
+        ("missing QA file", "nope.jsonl: no such file"),
+    ],
+)
 def test_rescore_mistakes_are_one_line(benchmark_details, tmp_path, capfd, case, message):
     args = [str(benchmark_details)]
     if case == "no question in the QA file":

@@ -1,4 +1,5 @@
 """The run dir: atomic writes, the latest link, metrics that survive a resume without duplicates."""
+
 import os
 
 import pytest
@@ -14,6 +15,7 @@ def test_write_atomic_leaves_old_content_when_interrupted(tmp_path, monkeypatch)
 
     def crash(*_):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         write_atomic(path, "new")

@@ -11,6 +11,7 @@ loggers=...)` and then:
   ending as `answer_ended` says (or at EOS, or after max_new_tokens).
 - `loss(rows, batch_size) -> float`: mean next-token loss over the trained positions of packed rows.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ def answer_ended(text: str) -> bool:
 class NewlineStop:
     """`answer_ended`'s newline rule per token id, for a decode loop that checks it on the device: a row ends at a
     token that `ends_alone`, or at a `newline` token once an earlier token was not `blank`."""
+
     newline: np.ndarray  # [vocab] bool: the token's text holds a newline
     ends_alone: np.ndarray  # [vocab] bool: ... after non-blank text of its own (" Paris\n")
     blank: np.ndarray  # [vocab] bool: whitespace only, or a special token
@@ -41,8 +43,11 @@ class NewlineStop:
         """The tables of a tokenizer, padded to a model's `vocab_size` (ids past the tokenizer's are plain text)."""
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
         texts += ["x"] * (vocab_size - len(texts))
-        return cls(newline=np.array(["\n" in t for t in texts]), ends_alone=np.array(["\n" in t.lstrip() for t in texts]),
-                   blank=np.array([not t.strip() for t in texts]))
+        return cls(
+            newline=np.array(["\n" in t for t in texts]),
+            ends_alone=np.array(["\n" in t.lstrip() for t in texts]),
+            blank=np.array([not t.strip() for t in texts]),
+        )
 
     def end(self, ids: list[int], eos_id: int) -> int:
         """How many of a row's generated ids the answer keeps: up to and including its EOS or ending newline."""

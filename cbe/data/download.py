@@ -8,6 +8,7 @@ continues from where a killed one stopped. A track's files are checked with the 
 then renamed to their final names together, so an interrupted or bad download never leaves a half file,
 or a mix of old and new files, behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,9 @@ def files_to_fetch(recipe: dict[str, Any], track: str, corpus: str, qa: str) -> 
     spec = recipe[track]
     for kind, size in (("corpus", corpus), ("qa", qa)):
         if size not in spec[kind]:
-            raise UserError(f"track {track} has no --{kind} {size} on the hub; choose --{kind} "
-                            f"{' or '.join(spec[kind])}")
+            raise UserError(
+                f"track {track} has no --{kind} {size} on the hub; choose --{kind} {' or '.join(spec[kind])}"
+            )
     return {**spec["corpus"][corpus], **spec["qa"][qa]}
 
 
@@ -51,27 +53,40 @@ def hub_errors(repo: str, revision: str, what: str) -> Iterator[None]:
     """Turn the hub's failures into one line that says what to do."""
     import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         yield
     except GatedRepoError:
-        raise UserError(f"{repo} is gated: accept its terms at https://huggingface.co/datasets/{repo}, then log in "
-                        "with `hf auth login` (or set HF_TOKEN)")
+        raise UserError(
+            f"{repo} is gated: accept its terms at https://huggingface.co/datasets/{repo}, then log in "
+            "with `hf auth login` (or set HF_TOKEN)"
+        )
     except RepositoryNotFoundError:
-        raise UserError(f"dataset {repo} was not found or your token may not read it (401/404): check "
-                        "data/download.yaml, or log in with `hf auth login` (or set HF_TOKEN)")
+        raise UserError(
+            f"dataset {repo} was not found or your token may not read it (401/404): check "
+            "data/download.yaml, or log in with `hf auth login` (or set HF_TOKEN)"
+        )
     except RevisionNotFoundError:  # a pin the hub dropped; the benchmark's own harness reads main
-        raise UserError(f"dataset {repo} has no revision {revision!r}: try `--revision main` (make download "
-                        "REVISION=main) for its latest files, or fix the pin in data/download.yaml")
+        raise UserError(
+            f"dataset {repo} has no revision {revision!r}: try `--revision main` (make download "
+            "REVISION=main) for its latest files, or fix the pin in data/download.yaml"
+        )
     except RemoteEntryNotFoundError:
         raise UserError(f"{repo}@{revision} has no file {what}; `cbe download --list` shows the files it has")
     except HfHubHTTPError as e:
         raise UserError(f"the hub refused {repo}@{revision} {what}: {str(e).splitlines()[0]}")
     except (OSError, httpx2.TransportError) as e:  # no connection (hf_hub_download says LocalEntryNotFoundError)
-        raise UserError(f"cannot reach the hub at {constants.ENDPOINT} ({type(e).__name__}); check your network "
-                        "or HF_ENDPOINT, and rerun: finished files are kept and a partial one resumes")
+        raise UserError(
+            f"cannot reach the hub at {constants.ENDPOINT} ({type(e).__name__}); check your network "
+            "or HF_ENDPOINT, and rerun: finished files are kept and a partial one resumes"
+        )
 
 
 def list_files(recipe: dict[str, Any], track: str, revision: str | None = None) -> list[str]:
@@ -102,7 +117,9 @@ def fetch(repo: str, remote: str, revision: str, staging: Path, attempts: int = 
             if done >= meta.size:
                 break
             try:
-                with get_session().stream("GET", meta.location, headers={**headers, "Range": f"bytes={done}-"}) as response:
+                with get_session().stream(
+                    "GET", meta.location, headers={**headers, "Range": f"bytes={done}-"}
+                ) as response:
                     hf_raise_for_status(response)
                     resumed = response.status_code == 206  # a server may ignore the Range and send it all
                     if done and not resumed:
@@ -120,8 +137,9 @@ def fetch(repo: str, remote: str, revision: str, staging: Path, attempts: int = 
     return part
 
 
-def download_track(recipe: dict[str, Any], track: str, corpus: str, qa: str, data_dir: str | Path,
-                   revision: str | None = None) -> list[Path]:
+def download_track(
+    recipe: dict[str, Any], track: str, corpus: str, qa: str, data_dir: str | Path, revision: str | None = None
+) -> list[Path]:
     """Fetch, check and place every file of a track at `revision` (default: the pin); return the final paths."""
     repo, revision = source(recipe, track, revision)
     target = Path(data_dir) / track

@@ -26,6 +26,7 @@ headers are not rendered as above, is refused, so it is not silently trained on.
 normalize=True also cleans the scraped title, date and text (normalize_text) before the rules above; it is
 idempotent and leaves clean text exactly as it is.
 """
+
 from __future__ import annotations
 
 import html
@@ -81,8 +82,14 @@ class FormatReport:
         return text
 
 
-def format_news(input_path: str | Path, output_path: str | Path, overwrite: bool = False,
-                normalize: bool = False, skip_bad: bool = False, keep_untitled: bool = False) -> FormatReport:
+def format_news(
+    input_path: str | Path,
+    output_path: str | Path,
+    overwrite: bool = False,
+    normalize: bool = False,
+    skip_bad: bool = False,
+    keep_untitled: bool = False,
+) -> FormatReport:
     """Format the raw news corpus at `input_path` into `output_path` (which may be the same file).
 
     Raises UserError, naming file:line, on a malformed line unless `skip_bad`, which skips and counts it;
@@ -107,8 +114,10 @@ def format_news(input_path: str | Path, output_path: str | Path, overwrite: bool
             why = [f"{report.untitled} untitled dropped; pass --keep-untitled to keep them"] if report.untitled else []
             why += [f"{report.bad_lines} bad lines skipped; first: {report.first_error}"] if report.bad_lines else []
             raise UserError(f"{input_path}: no articles to format" + (f" ({'; '.join(why)})" if why else ""))
-        with open_atomic(output_path, "w", encoding="utf-8", buffering=1 << 20) as out, \
-                tqdm(desc=f"formatting {input_path.name}", unit="article", disable=None) as bar:
+        with (
+            open_atomic(output_path, "w", encoding="utf-8", buffering=1 << 20) as out,
+            tqdm(desc=f"formatting {input_path.name}", unit="article", disable=None) as bar,
+        ):
             for article in itertools.chain([first], articles):
                 out.write(_to_json(article) + "\n")
                 report.articles += 1
@@ -116,8 +125,9 @@ def format_news(input_path: str | Path, output_path: str | Path, overwrite: bool
     return report
 
 
-def _articles(lines: BinaryIO, path: Path, normalize: bool, skip_bad: bool, keep_untitled: bool,
-              report: FormatReport) -> Iterator[dict[str, Any]]:
+def _articles(
+    lines: BinaryIO, path: Path, normalize: bool, skip_bad: bool, keep_untitled: bool, report: FormatReport
+) -> Iterator[dict[str, Any]]:
     """The formatted articles of an open raw corpus, line by line. Stops at once, setting
     report.already_formatted, when the first record is formatted as this module formats; a bad line raises
     or, with skip_bad, is counted in the report and skipped; a dropped untitled article is counted."""
@@ -131,9 +141,11 @@ def _articles(lines: BinaryIO, path: Path, normalize: bool, skip_bad: bool, keep
             if looks_formatted(record):
                 if first:
                     if not rendered_as_benchmark(record["text"]):
-                        raise UserError(f"{where}: formatted by an older cbe, not as the benchmark renders news "
-                                        "(dates as 'Sep 01 (2025-09-01 00:00:00 UTC)' or 'N/A'); format the raw "
-                                        "file again (make download TRACK=news, then make format TRACK=news)")
+                        raise UserError(
+                            f"{where}: formatted by an older cbe, not as the benchmark renders news "
+                            "(dates as 'Sep 01 (2025-09-01 00:00:00 UTC)' or 'N/A'); format the raw "
+                            "file again (make download TRACK=news, then make format TRACK=news)"
+                        )
                     report.already_formatted = True
                     return
                 # Formatting it again would bury a header inside the article text.
@@ -171,9 +183,11 @@ def parse(line: bytes, where: str) -> dict[str, Any]:
 def looks_formatted(record: dict[str, Any]) -> bool:
     """A record this module wrote: none of the raw-only fields, and text laid out as the template."""
     text = record["text"]
-    return (not any(name in record for name in RAW_ONLY_FIELDS)
-            and text.startswith(("Title: ", "Date: ", "Article: "))
-            and (text.startswith("Article: ") or "\nArticle: " in text))
+    return (
+        not any(name in record for name in RAW_ONLY_FIELDS)
+        and text.startswith(("Title: ", "Date: ", "Article: "))
+        and (text.startswith("Article: ") or "\nArticle: " in text)
+    )
 
 
 def rendered_as_benchmark(text: str) -> bool:
@@ -185,8 +199,9 @@ def rendered_as_benchmark(text: str) -> bool:
         if not title or title != collapse_whitespace(title):
             return False
     date = head[0].removeprefix("Date: ")
-    return (head[0].startswith("Date: ") and len(head) > 1 and head[1].startswith("Article: ")
-            and render_date(date) == date)
+    return (
+        head[0].startswith("Date: ") and len(head) > 1 and head[1].startswith("Article: ") and render_date(date) == date
+    )
 
 
 def render(record: dict[str, Any], normalize: bool, where: str, keep_untitled: bool = False) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
 """One loader for every JSONL file the harness reads, with file:line errors a user can act on."""
+
 from __future__ import annotations
 
 import json

@@ -7,6 +7,7 @@ documents stay whole. Each row carries position ids that restart at every chunk:
 into a block-diagonal mask, so attention never crosses documents. Padding (only at row ends) and the
 first token of each chunk have label -100 and are never trained on.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -46,8 +47,10 @@ class PackedRows:
         return 1.0 - float(self.real_tokens) / max(1, self.input_ids.size)
 
     def describe(self, name: str) -> str:
-        return (f"{name}: {len(self)} rows of {self.input_ids.shape[1]} tokens, {self.real_tokens:,} tokens per "
-                f"epoch ({self.trained_tokens:,} trained), padding {self.padding_fraction:.1%}")
+        return (
+            f"{name}: {len(self)} rows of {self.input_ids.shape[1]} tokens, {self.real_tokens:,} tokens per "
+            f"epoch ({self.trained_tokens:,} trained), padding {self.padding_fraction:.1%}"
+        )
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -62,9 +65,10 @@ def tokenize_documents(texts: list[str], tokenizer: Any, batch_size: int = 1000)
     from tqdm.auto import tqdm
 
     docs = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="tokenizing", unit="batch", leave=False,
-                      disable=len(texts) <= batch_size):
-        ids = tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]
+    for start in tqdm(
+        range(0, len(texts), batch_size), desc="tokenizing", unit="batch", leave=False, disable=len(texts) <= batch_size
+    ):
+        ids = tokenizer(texts[start : start + batch_size], add_special_tokens=False)["input_ids"]
         docs += [np.array([tokenizer.bos_token_id, *d, tokenizer.eos_token_id], dtype=np.int32) for d in ids]
     return docs
 
@@ -89,7 +93,7 @@ def split_long(doc: np.ndarray, length: int) -> list[np.ndarray]:
     if len(doc) <= length:
         return [doc]
     stride = length - 1
-    return [doc[start:start + length] for start in range(0, len(doc) - 1, stride)]
+    return [doc[start : start + length] for start in range(0, len(doc) - 1, stride)]
 
 
 def best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
@@ -125,7 +129,7 @@ def pack_documents(docs: list[np.ndarray], length: int, pad_id: int) -> PackedRo
             end = at + len(chunk)
             input_ids[row, at:end] = chunk
             position_ids[row, at:end] = np.arange(len(chunk))
-            labels[row, at + 1:end] = chunk[1:]
+            labels[row, at + 1 : end] = chunk[1:]
             at = end
         position_ids[row, at:] = np.arange(length - at)  # padding is a segment of its own
     return PackedRows(input_ids, position_ids, labels, sum(len(c) for c in chunks))
@@ -162,18 +166,23 @@ def repetition_report(num_rows: int, effective_batch_size: int, num_train_steps:
     memorizing a corpus, which this benchmark measures, repeats it on purpose.
     """
     if num_rows == 0:
-        raise UserError("the training corpus (data.train_path) holds no documents; point data.train_path at a "
-                        "corpus with text")
+        raise UserError(
+            "the training corpus (data.train_path) holds no documents; point data.train_path at a corpus with text"
+        )
     per_step = epochs_seen(1, effective_batch_size, num_rows)
     run = epochs_seen(num_train_steps, effective_batch_size, num_rows)
-    lines = [f"repetition: the training corpus is {_count(num_rows, 'packed row')}; one optimizer step "
-             f"({_count(effective_batch_size, 'row')}) is {_count(per_step, 'epoch')}, the whole run "
-             f"({_count(num_train_steps, 'step')}) {_count(run, 'epoch')}"]
+    lines = [
+        f"repetition: the training corpus is {_count(num_rows, 'packed row')}; one optimizer step "
+        f"({_count(effective_batch_size, 'row')}) is {_count(per_step, 'epoch')}, the whole run "
+        f"({_count(num_train_steps, 'step')}) {_count(run, 'epoch')}"
+    ]
     if num_train_steps and per_step >= 1:
         holds = "the whole training corpus" if per_step == 1 else f"the training corpus {_count(per_step, 'time')} over"
-        lines.append(f"warning: one optimizer step holds {holds} ({_count(effective_batch_size, 'row')} a step, "
-                     f"{_count(num_rows, 'packed row')}), so every step sees every row and the run repeats the corpus "
-                     f"{_count(run, 'time')}; lower training.effective_batch_size or train on a larger corpus")
+        lines.append(
+            f"warning: one optimizer step holds {holds} ({_count(effective_batch_size, 'row')} a step, "
+            f"{_count(num_rows, 'packed row')}), so every step sees every row and the run repeats the corpus "
+            f"{_count(run, 'time')}; lower training.effective_batch_size or train on a larger corpus"
+        )
     return lines
 
 

@@ -6,6 +6,7 @@ raw_prediction, parsed_prediction, ground_truth, exact_match, fuzzy_match): no s
 the substring rule, so its scores are replaced by ours on reading. `--qa FILE` joins supports and ids back in
 from the QA file the questions came from, by question text.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,9 @@ from cbe.data.jsonl import Fields, iter_jsonl, load_qa, strata_fields
 from cbe.errors import UserError
 from cbe.eval.metrics import MATCHES, METRICS
 
-BENCHMARK_KEYS = frozenset({"prompt", "question", "raw_prediction", "parsed_prediction", "ground_truth",
-                            "exact_match", "fuzzy_match"})
+BENCHMARK_KEYS = frozenset(
+    {"prompt", "question", "raw_prediction", "parsed_prediction", "ground_truth", "exact_match", "fuzzy_match"}
+)
 GOLD: Fields = {"ground_truth": (str, int, float)}
 
 
@@ -33,22 +35,26 @@ def with_our_matches(record: dict[str, Any]) -> dict[str, Any]:
     return record | {name: METRICS[name](record["parsed_prediction"], gold) for name in MATCHES}
 
 
-def load_details(path: str | Path, action: str, predictions: Sequence[str],
-                 required: Fields = GOLD) -> list[dict[str, Any]]:
+def load_details(
+    path: str | Path, action: str, predictions: Sequence[str], required: Fields = GOLD
+) -> list[dict[str, Any]]:
     """The records of a details file of either harness, each with the `required` fields and a string in the first
     of `predictions` it has. An empty prediction is kept (a model can emit EOS at once): it scores as wrong."""
     records = [with_our_matches(r) for r in iter_jsonl(path, required)]
     for number, record in enumerate(records, 1):
         if not isinstance(next((record[f] for f in predictions if f in record), None), str):
-            raise UserError(f"{path}: record {number} has no {' or '.join(predictions)} string; pass an "
-                            f"eval_details file of cbe or of the benchmark's harness")
+            raise UserError(
+                f"{path}: record {number} has no {' or '.join(predictions)} string; pass an "
+                f"eval_details file of cbe or of the benchmark's harness"
+            )
     if not records:
         raise UserError(f"{path}: no records to {action}")
     return records
 
 
-def join_qa(records: Sequence[dict[str, Any]], qa_path: str | Path,
-            details_path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
+def join_qa(
+    records: Sequence[dict[str, Any]], qa_path: str | Path, details_path: str | Path
+) -> tuple[list[dict[str, Any]], str | None]:
     """The records with `supports` and the ids (geminon_idx, geminon_name, ...) of the QA record whose question
     they ask, and a note naming how many questions the QA file lacks; UserError if it has none of them.
     Where one question text occurs twice in the QA file, its first record wins."""
@@ -58,15 +64,24 @@ def join_qa(records: Sequence[dict[str, Any]], qa_path: str | Path,
     joined = [record | by_question.get(str(record.get("question", "")).strip(), {}) for record in records]
     missing = sum(str(r.get("question", "")).strip() not in by_question for r in records)
     if missing == len(records):
-        raise UserError(f"{qa_path}: none of the {len(records)} questions of {details_path} is in it; pass the QA "
-                        f"file those questions came from")
-    note = (f"{missing} of {len(records)} questions of {details_path} are not in {qa_path}: they count in every "
-            f"summary but in no support stratum") if missing else None
+        raise UserError(
+            f"{qa_path}: none of the {len(records)} questions of {details_path} is in it; pass the QA "
+            f"file those questions came from"
+        )
+    note = (
+        (
+            f"{missing} of {len(records)} questions of {details_path} are not in {qa_path}: they count in every "
+            f"summary but in no support stratum"
+        )
+        if missing
+        else None
+    )
     return joined, note
 
 
-def support_thresholds_for(records: Sequence[dict[str, Any]], thresholds: Sequence[int],
-                           details_path: str | Path) -> tuple[list[int], str | None]:
+def support_thresholds_for(
+    records: Sequence[dict[str, Any]], thresholds: Sequence[int], details_path: str | Path
+) -> tuple[list[int], str | None]:
     """The thresholds to stratify by, and a note when there are none to use because no record has supports
     (a stratum of nothing would read as n=0, as if no question had that many supports)."""
     if thresholds and not any("supports" in r for r in records):

@@ -1,4 +1,5 @@
 """The QA evaluator: the same prompts, parsing and metrics whichever backend generates."""
+
 from __future__ import annotations
 
 import time
@@ -41,10 +42,23 @@ def qa_paths(data: DictConfig, qa_data: str | None) -> dict[str, str]:
 class QAEvaluator:
     """Asks every QA set's questions, scores the parsed answers and writes eval_details/."""
 
-    def __init__(self, data: DictConfig, run: RunDir, prompt_template: str, prompt_prefix_file: str | None,
-                 max_new_tokens: int, batch_size: int, parser: str, support_thresholds: Sequence[int],
-                 num_examples: int, max_questions: int | None, val_loss_batch_size: int, qa_data: str | None = None,
-                 save_details: str | None = None, loss: bool = True):
+    def __init__(
+        self,
+        data: DictConfig,
+        run: RunDir,
+        prompt_template: str,
+        prompt_prefix_file: str | None,
+        max_new_tokens: int,
+        batch_size: int,
+        parser: str,
+        support_thresholds: Sequence[int],
+        num_examples: int,
+        max_questions: int | None,
+        val_loss_batch_size: int,
+        qa_data: str | None = None,
+        save_details: str | None = None,
+        loss: bool = True,
+    ):
         self.run = run
         self.prompt_template = unescape(prompt_template)
         self.prefix = few_shot_prefix(prompt_prefix_file)
@@ -68,16 +82,27 @@ class QAEvaluator:
         other fields (news's closedbook_*/openbook_*) would make every evaluation hundreds of MB."""
         details = []
         for record, raw in zip(records, raw_predictions):
-            details.append({"question": record["question"], "ground_truth": record["answer"],
-                            **strata_fields(record), "prompt": self.prompt(record), "raw_prediction": raw,
-                            **score_answer(raw, record["answer"], self.parser, record["question"])})
+            details.append(
+                {
+                    "question": record["question"],
+                    "ground_truth": record["answer"],
+                    **strata_fields(record),
+                    "prompt": self.prompt(record),
+                    "raw_prediction": raw,
+                    **score_answer(raw, record["answer"], self.parser, record["question"]),
+                }
+            )
         return details
 
     def evaluate(self, model: Model, step: int, val_rows: Any) -> dict[str, Any]:
         """eval_loss on the validation rows and every QA metric, as one flat dict for the loggers."""
         loss = model.loss(val_rows, self.val_loss_batch_size) if self.loss_data else None
-        metrics: dict[str, Any] = {"step": step, "timestamp": time.time(), "eval_loss": loss,
-                                   "eval_loss_data": self.loss_data}
+        metrics: dict[str, Any] = {
+            "step": step,
+            "timestamp": time.time(),
+            "eval_loss": loss,
+            "eval_loss_data": self.loss_data,
+        }
         if not self.prompt_shown and is_main_process():
             name, records = next(((n, r) for n, r in self.qa_sets.items() if r), ("", []))
             if records:  # the exact text the model sees, newlines shown, once a process
@@ -90,22 +115,31 @@ class QAEvaluator:
                 write_jsonl_atomic(self.run.details_path(name, step), details)
             metrics |= summarize(details, self.support_thresholds, prefix=f"{name}_")
         if self.save_details and is_main_process():
-            write_jsonl_atomic(self.save_details, [{"qa_set": name, **d} for name, details in self.last_details.items()
-                                                   for d in details])
+            write_jsonl_atomic(
+                self.save_details,
+                [{"qa_set": name, **d} for name, details in self.last_details.items() for d in details],
+            )
         return metrics
 
     def report(self, metrics: dict[str, Any]) -> str:
         """A table of every set's metrics with 95% CIs, then eval.num_examples predictions per set marked exact,
         substring, fuzzy or wrong."""
+
         def ci(bounds):
             return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
         width = max([18, *(len(name) + 2 for name in self.qa_sets)])
-        loss = "not measured" if metrics["eval_loss"] is None else \
-            f"{metrics['eval_loss']:.4f} on {metrics['eval_loss_data']}"
-        lines = [f"step {metrics['step']}  eval_loss {loss}",
-                 f"{'set':<{width}}{'n':>6}" + "".join(f"{title:>8}{'95% CI':>16}" for title in
-                                                       ("exact", "substr", "fuzzy")) + f"{'f1':>8}"]
+        loss = (
+            "not measured"
+            if metrics["eval_loss"] is None
+            else f"{metrics['eval_loss']:.4f} on {metrics['eval_loss_data']}"
+        )
+        lines = [
+            f"step {metrics['step']}  eval_loss {loss}",
+            f"{'set':<{width}}{'n':>6}"
+            + "".join(f"{title:>8}{'95% CI':>16}" for title in ("exact", "substr", "fuzzy"))
+            + f"{'f1':>8}",
+        ]
         for name in self.qa_sets:
             n = metrics[f"{name}_n"]
             row = f"{name:<{width}}{n:>6}"
@@ -114,8 +148,9 @@ class QAEvaluator:
                 row += f"{metrics[f'{name}_token_f1']:>8.3f}"
             lines.append(row)
         for name, details in self.last_details.items():
-            for d in details[:self.num_examples]:
+            for d in details[: self.num_examples]:
                 mark = next((m.removesuffix("_match") for m in MATCHES if d[m]), "wrong")
-                lines.append(f"[{mark}] {name}: {d['question']!r} -> {d['parsed_prediction']!r} "
-                             f"(gold {d['ground_truth']!r})")
+                lines.append(
+                    f"[{mark}] {name}: {d['question']!r} -> {d['parsed_prediction']!r} (gold {d['ground_truth']!r})"
+                )
         return "\n".join(lines)

@@ -8,6 +8,7 @@ records, one per support threshold k (supports >= k) and one per value of each s
 the records already judged and asks again for the rest, errors included. A record the judge could not score is
 kept with `llm_judge_error`, never counted as a 0.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -64,8 +65,10 @@ def load_keys(keys_file: str | None) -> list[str]:
     for variable in KEY_VARIABLES:
         if os.environ.get(variable, "").strip():
             return [os.environ[variable].strip()]
-    raise UserError(f"no Gemini API key: put keys one per line in {DEFAULT_KEYS_FILE} (see "
-                    f"{DEFAULT_KEYS_FILE}.example), pass --keys-file, or set GEMINI_API_KEY")
+    raise UserError(
+        f"no Gemini API key: put keys one per line in {DEFAULT_KEYS_FILE} (see "
+        f"{DEFAULT_KEYS_FILE}.example), pass --keys-file, or set GEMINI_API_KEY"
+    )
 
 
 def one_line_text(value: Any) -> str:
@@ -78,8 +81,11 @@ def prediction_of(record: dict[str, Any]) -> str:
 
 
 def judge_prompt(record: dict[str, Any]) -> str:
-    return RUBRIC.format(question=one_line_text(record["question"]), gold=one_line_text(record["ground_truth"]),
-                         prediction=one_line_text(prediction_of(record)))
+    return RUBRIC.format(
+        question=one_line_text(record["question"]),
+        gold=one_line_text(record["ground_truth"]),
+        prediction=one_line_text(prediction_of(record)),
+    )
 
 
 def parse_verdict(text: str | None) -> bool:
@@ -107,14 +113,22 @@ class GeminiJudge:
     """Asks Gemini for one verdict at a time (thread-safe): temperature 0, keys used round-robin, and 429, 5xx,
     timeouts and dropped connections retried with exponential backoff and jitter on the next key."""
 
-    def __init__(self, keys: Sequence[str], model: str, base_url: str | None = None, timeout_seconds: float = 60,
-                 max_attempts: int = 6, retry_base_seconds: float = 1.0):
+    def __init__(
+        self,
+        keys: Sequence[str],
+        model: str,
+        base_url: str | None = None,
+        timeout_seconds: float = 60,
+        max_attempts: int = 6,
+        retry_base_seconds: float = 1.0,
+    ):
         from google import genai
         from google.genai import types
 
         # attempts=1 turns the SDK's own retry off, so that ours (which rotates keys) is the only one.
-        options = types.HttpOptions(base_url=base_url, timeout=int(timeout_seconds * 1000),
-                                    retry_options=types.HttpRetryOptions(attempts=1))
+        options = types.HttpOptions(
+            base_url=base_url, timeout=int(timeout_seconds * 1000), retry_options=types.HttpRetryOptions(attempts=1)
+        )
         self._clients = [genai.Client(api_key=key, http_options=options) for key in keys]
         self._keys = list(keys)
         self._next_client = itertools.cycle(self._clients)
@@ -145,7 +159,7 @@ class GeminiJudge:
             except (*_transport_errors(), errors.UnknownApiResponseError) as e:  # timeouts, resets, a torn body
                 problem = f"{type(e).__name__}: {e}"
             if attempt + 1 < self.max_attempts:
-                time.sleep(min(60.0, self.retry_base_seconds * 2 ** attempt) * random.uniform(0.5, 1.5))
+                time.sleep(min(60.0, self.retry_base_seconds * 2**attempt) * random.uniform(0.5, 1.5))
         raise JudgeError(self.redact(f"gave up after {self.max_attempts} attempts: {problem}"))
 
     def close(self) -> None:
@@ -160,20 +174,26 @@ def output_paths(input_path: Path, output_dir: str | Path | None) -> tuple[Path,
     return folder / f"{input_path.stem}_llm_judged.jsonl", folder / f"{input_path.stem}_summary.jsonl"
 
 
-def load_judge_input(path: Path, qa: str | Path | None = None,
-                     stratify: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
+def load_judge_input(
+    path: Path, qa: str | Path | None = None, stratify: Sequence[str] = ()
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The records to judge (question, ground_truth and a parsed_prediction or raw_prediction string), with the
     supports and ids of their questions in the QA file `qa` when given, and notes for the user."""
-    records = load_details(path, "judge", predictions=("parsed_prediction", "raw_prediction"),
-                           required={"question": (str,), "ground_truth": (str, int, float)})
+    records = load_details(
+        path,
+        "judge",
+        predictions=("parsed_prediction", "raw_prediction"),
+        required={"question": (str,), "ground_truth": (str, int, float)},
+    )
     notes = []
     if qa:
         records, note = join_qa(records, qa, path)
         notes.append(note)
     for name in stratify:
         if not any(name in r for r in records):
-            raise UserError(f"--stratify {name}: no record of {path} has this field "
-                            f"(fields: {', '.join(sorted(records[0]))})")
+            raise UserError(
+                f"--stratify {name}: no record of {path} has this field (fields: {', '.join(sorted(records[0]))})"
+            )
     return records, notes
 
 
@@ -189,10 +209,15 @@ def read_judged(path: Path, records: Sequence[dict[str, Any]]) -> dict[int, dict
                 break
             raise UserError(f"{path}:{number}: malformed JSON; delete the file to judge from scratch")
         index = record.get("index")
-        if not isinstance(index, int) or not 0 <= index < len(records) \
-                or record.get("question") != records[index]["question"]:
-            raise UserError(f"{path}:{number}: does not match the input record {index}; it was judged from "
-                            f"another file: delete it or pick another --output-dir")
+        if (
+            not isinstance(index, int)
+            or not 0 <= index < len(records)
+            or record.get("question") != records[index]["question"]
+        ):
+            raise UserError(
+                f"{path}:{number}: does not match the input record {index}; it was judged from "
+                f"another file: delete it or pick another --output-dir"
+            )
         judged[index] = record
     return judged
 
@@ -234,8 +259,9 @@ def _value_order(value: Any) -> tuple:
     return (value is None, not number, value if number else str(value))
 
 
-def summarize_judged(records: Sequence[dict[str, Any]], stratify: Sequence[str] = (),
-                     support_thresholds: Sequence[int] = ()) -> list[dict[str, Any]]:
+def summarize_judged(
+    records: Sequence[dict[str, Any]], stratify: Sequence[str] = (), support_thresholds: Sequence[int] = ()
+) -> list[dict[str, Any]]:
     """One line for all records, one per support threshold k (group supports_ge, value k: records with
     supports >= k) and one per value of each `stratify` field."""
     lines = [{"group": "all", "value": None, **_stats(records)}]
@@ -261,8 +287,9 @@ class JudgeReport:
     notes: list[str]  # what the user should know about the summary (no supports, questions not in the QA file)
 
 
-def earlier_verdicts(judged_path: Path, records: Sequence[dict[str, Any]], model: str,
-                     resume: bool) -> dict[int, dict[str, Any]]:
+def earlier_verdicts(
+    judged_path: Path, records: Sequence[dict[str, Any]], model: str, resume: bool
+) -> dict[int, dict[str, Any]]:
     """The finished verdicts of a previous run (none without one); UserError if there is one and `resume` is
     off, or it asked another judge model."""
     if not judged_path.exists():
@@ -272,15 +299,24 @@ def earlier_verdicts(judged_path: Path, records: Sequence[dict[str, Any]], model
     done = {i: r for i, r in read_judged(judged_path, records).items() if r.get("llm_match") is not None}
     other_models = sorted({str(r.get("judge_model")) for r in done.values()} - {model})
     if other_models:
-        raise UserError(f"{judged_path} was judged with {', '.join(other_models)}, not {model}; resume "
-                        f"with that --model, or delete the file to judge again")
+        raise UserError(
+            f"{judged_path} was judged with {', '.join(other_models)}, not {model}; resume "
+            f"with that --model, or delete the file to judge again"
+        )
     return done
 
 
-def judge_file(input_path: str | Path, judge: GeminiJudge, output_dir: str | Path | None = None,
-               concurrency: int = 8, resume: bool = False, stratify: Sequence[str] = (),
-               qa: str | Path | None = None, support_thresholds: Sequence[int] = (),
-               max_records: int | None = None) -> JudgeReport:
+def judge_file(
+    input_path: str | Path,
+    judge: GeminiJudge,
+    output_dir: str | Path | None = None,
+    concurrency: int = 8,
+    resume: bool = False,
+    stratify: Sequence[str] = (),
+    qa: str | Path | None = None,
+    support_thresholds: Sequence[int] = (),
+    max_records: int | None = None,
+) -> JudgeReport:
     """Judge the records of an eval_details file (the first `max_records` of them) and write the judged records
     and their summary. The judged file keeps every verdict it has, also those of records past `max_records`."""
     from tqdm import tqdm

@@ -7,6 +7,7 @@
 - fuzzy_match: ours; the SQuAD-normalized gold occurs in the normalized prediction as whole words.
 - token_f1: SQuAD token F1.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,7 +55,7 @@ def fuzzy_match(prediction: str, gold: str) -> bool:
     if not gold_words:
         return False
     n = len(gold_words)
-    return any(pred_words[i:i + n] == gold_words for i in range(len(pred_words) - n + 1))
+    return any(pred_words[i : i + n] == gold_words for i in range(len(pred_words) - n + 1))
 
 
 def token_f1(prediction: str, gold: str) -> float:
@@ -67,8 +68,12 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-METRICS = {"exact_match": exact_match, "substring_match": substring_match, "fuzzy_match": fuzzy_match,
-           "token_f1": token_f1}
+METRICS = {
+    "exact_match": exact_match,
+    "substring_match": substring_match,
+    "fuzzy_match": fuzzy_match,
+    "token_f1": token_f1,
+}
 MATCHES = ("exact_match", "substring_match", "fuzzy_match")  # the yes/no metrics, reported with 95% CIs
 
 
@@ -98,10 +103,12 @@ def bootstrap_ci95(values: Sequence[float], resamples: int = 1000, seed: int = 0
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def summarize(details: Sequence[dict[str, Any]], support_thresholds: Sequence[int] = (),
-              prefix: str = "") -> dict[str, Any]:
+def summarize(
+    details: Sequence[dict[str, Any]], support_thresholds: Sequence[int] = (), prefix: str = ""
+) -> dict[str, Any]:
     """Mean of each metric over scored records, with 95% CIs for the matches, overall and for
     records with supports >= k. Keys are `<prefix><metric>`, e.g. prefix "valqa_" gives valqa_exact_match."""
+
     def means(records, suffix=""):
         out: dict[str, Any] = {f"{prefix}n{suffix}": len(records)}
         for name in METRICS:

@@ -1,4 +1,5 @@
 """Turn a raw generation into the model's answer (the benchmark's published convention)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -14,5 +15,9 @@ def parse_answer(raw: str) -> str:
 # One parser per task, chosen by eval.parser. The tracks share the answer convention; finegrained_geminon
 # also scores "types of" questions type by type (cbe.eval.metrics.score_answer), as the benchmark's parser
 # of that name does.
-PARSERS: dict[str, Callable[[str], str]] = {"default": parse_answer, "news": parse_answer, "geminon": parse_answer,
-                                            "finegrained_geminon": parse_answer}
+PARSERS: dict[str, Callable[[str], str]] = {
+    "default": parse_answer,
+    "news": parse_answer,
+    "geminon": parse_answer,
+    "finegrained_geminon": parse_answer,
+}

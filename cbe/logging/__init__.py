@@ -3,6 +3,7 @@
 Each logger takes `scalars(step, values)` and `close()`; only rank 0 builds real ones. Console lines go out with
 `tqdm.write`, which lifts any active progress bar, so each starts a line of its own in the console and train.log.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,9 @@ class WandbLogger:
         import yaml
 
         config = yaml.safe_load((run.root / "config.yaml").read_text())
-        self._run = wandb.init(project=project, name=name, id=self.run_id(run, name), resume="allow",
-                               dir=str(run.logs), config=config)
+        self._run = wandb.init(
+            project=project, name=name, id=self.run_id(run, name), resume="allow", dir=str(run.logs), config=config
+        )
 
     @staticmethod
     def run_id(run: RunDir, name: str) -> str:
@@ -76,6 +78,7 @@ class WandbLogger:
 
 def format_train_line(values: dict[str, Any]) -> str:
     """The console line of train scalars: HF's dict, with floats as numbers to 4 significant digits, not strings."""
+
     def rounded(v: Any) -> Any:
         finite_fraction = isinstance(v, float) and math.isfinite(v) and not v.is_integer()
         return float(f"{v:.4g}") if finite_fraction else v  # whole numbers (epoch 2.0, token counts) stay whole
@@ -91,8 +94,10 @@ def format_eval_line(metrics: dict[str, Any]) -> str:
     for key, value in metrics.items():
         if key.endswith("_exact_match") and value is not None:
             qa_set = key[: -len("_exact_match")]
-            parts.append(f"{qa_set} exact {value:.3f} substring {metrics[qa_set + '_substring_match']:.3f} "
-                         f"fuzzy {metrics[qa_set + '_fuzzy_match']:.3f}")
+            parts.append(
+                f"{qa_set} exact {value:.3f} substring {metrics[qa_set + '_substring_match']:.3f} "
+                f"fuzzy {metrics[qa_set + '_fuzzy_match']:.3f}"
+            )
     return "eval | " + " | ".join(parts)
 
 

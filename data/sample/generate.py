@@ -20,25 +20,51 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Invented, pronounceable, mutually distinct creature names (none is an English
 # word, so the model cannot lean on prior knowledge).
 CREATURES = [
-    "Zorblat", "Quillimane", "Drovik", "Pellithorn", "Snarvel", "Glimmerhock",
-    "Tazzerine", "Umbrovane", "Krellig", "Wobbleth", "Fennimar", "Oskaloop",
-    "Brastique", "Yurnip", "Clavendrell", "Moxilight", "Thrennit", "Azzuvar",
-    "Gorpentine", "Lirrawell", "Pockalune", "Snivrig", "Halvadon", "Ixtrelle",
+    "Zorblat",
+    "Quillimane",
+    "Drovik",
+    "Pellithorn",
+    "Snarvel",
+    "Glimmerhock",
+    "Tazzerine",
+    "Umbrovane",
+    "Krellig",
+    "Wobbleth",
+    "Fennimar",
+    "Oskaloop",
+    "Brastique",
+    "Yurnip",
+    "Clavendrell",
+    "Moxilight",
+    "Thrennit",
+    "Azzuvar",
+    "Gorpentine",
+    "Lirrawell",
+    "Pockalune",
+    "Snivrig",
+    "Halvadon",
+    "Ixtrelle",
 ]
 
 # Attribute -> (sentence prefix after the name, small value vocabulary).
 # Vocabularies are small and shared across creatures, so each answer is only
 # recoverable by memorizing the creature-value association.
 ATTRIBUTES = [
-    ("lives in", ["the Crystal Caves", "the Whispering Fen", "the Ashen Dunes",
-                  "the Glass Marsh", "the Hollow Peaks", "the Drowned Forest"]),
-    ("eats", ["ember moss", "frost beetles", "salt lilies", "copper snails",
-              "moon figs", "thistle bark"]),
+    (
+        "lives in",
+        [
+            "the Crystal Caves",
+            "the Whispering Fen",
+            "the Ashen Dunes",
+            "the Glass Marsh",
+            "the Hollow Peaks",
+            "the Drowned Forest",
+        ],
+    ),
+    ("eats", ["ember moss", "frost beetles", "salt lilies", "copper snails", "moon figs", "thistle bark"]),
     ("is colored", ["teal", "amber", "violet", "crimson", "silver", "ochre"]),
-    ("sleeps during", ["the winter", "the summer", "the day", "the night",
-                       "thunderstorms", "the full moon"]),
-    ("fears", ["loud bells", "running water", "owls", "sunlight",
-                      "its own reflection"]),
+    ("sleeps during", ["the winter", "the summer", "the day", "the night", "thunderstorms", "the full moon"]),
+    ("fears", ["loud bells", "running water", "owls", "sunlight", "its own reflection"]),
     # The integer attribute: the answer is written to the QA files as a JSON int.
     ("was first seen in", None),
 ]
@@ -72,6 +98,7 @@ for _, q, a in facts:
     for _ in range(rng.choices(support_values, weights)[0] - 1):
         articles.append(sentence(q, a) + "\n")
 rng.shuffle(articles)
+
 
 # 4. Support = number of corpus articles that contain the sentence as a line
 #    (counted from the final corpus, not from the targets above).

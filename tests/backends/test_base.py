@@ -1,4 +1,5 @@
 """Where a generated answer ends: at "Q:" or a newline after its first non-blank text, never at a leading newline."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,10 +10,19 @@ from cbe.backends.hf.trainer import NewlineStopCriteria
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("text,ended", [
-    ("\n", False), ("\n \n", False), ("\nParis", False), ("\nParis\n", True), ("Paris\n", True),
-    (" Paris Q:", True), ("Paris", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "text,ended",
+    [
+        ("\n", False),
+        ("\n \n", False),
+        ("\nParis", False),
+        ("\nParis\n", True),
+        ("Paris\n", True),
+        (" Paris Q:", True),
+        ("Paris", False),
+        ("", False),
+    ],
+)
 def test_answer_ended(text, ended):
     assert answer_ended(text) is ended
 
@@ -29,7 +39,7 @@ def ids(tokenizer, text):
 def test_newline_stop_keeps_an_answer_after_leading_newlines(tokenizer):
     stop = NewlineStop.of(tokenizer)
     generated = ids(tokenizer, "\n\n Paris\nQ: next")
-    kept = generated[:stop.end(generated, tokenizer.eos_token_id)]
+    kept = generated[: stop.end(generated, tokenizer.eos_token_id)]
     assert tokenizer.decode(kept) == "\n\n Paris\n"
     assert stop.end(ids(tokenizer, "\n \n"), tokenizer.eos_token_id) == 3  # blank to the end: all of it
     assert stop.end([*ids(tokenizer, "\n"), tokenizer.eos_token_id, 5], tokenizer.eos_token_id) == 2
@@ -37,8 +47,11 @@ def test_newline_stop_keeps_an_answer_after_leading_newlines(tokenizer):
 
 def test_a_token_with_text_before_its_newline_ends_the_answer_alone():
     # Tokens 0..3: "\n", " Paris", " Paris\n", "  " (some tokenizers merge text and newline into one token).
-    stop = NewlineStop(newline=np.array([True, False, True, False]), ends_alone=np.array([False, False, True, False]),
-                       blank=np.array([True, False, False, True]))
+    stop = NewlineStop(
+        newline=np.array([True, False, True, False]),
+        ends_alone=np.array([False, False, True, False]),
+        blank=np.array([True, False, False, True]),
+    )
     assert stop.end([0, 2, 1], eos_id=9) == 2
     assert stop.end([0, 3, 0, 1, 0], eos_id=9) == 5
 

@@ -1,4 +1,5 @@
 """The training-throughput bench runs both modes through the real HF training path and ends with its ratio."""
+
 import re
 import subprocess
 import sys
@@ -9,9 +10,24 @@ MODE_LINE = re.compile(r"(upstream-style|ours): [\d,]+ useful tok/s, padding \d+
 
 
 def test_train_throughput_prints_both_modes_and_a_positive_ratio():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--batch-size", "4",
-                           "--steps", "2", "--warmup", "1", "--seq", "512"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "train_throughput.py"),
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--seq",
+            "512",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     modes = [m for line in lines if (m := MODE_LINE.fullmatch(line))]

@@ -1,5 +1,6 @@
 """`cbe download` against a local stand-in of the hub holding the benchmark's repos as published: every size
 lands where the tasks read it, --revision, interruptions, 401 and bad files; then both tracks train."""
+
 import json
 import os
 import signal
@@ -14,8 +15,12 @@ from tests.published_hub import GEMINON, GEMINON_TAG, NEWS, NEWS_TAG, SIZES, pub
 
 # Where each published file must land (from the dataset cards and the task configs, not from the recipe).
 NEWS_QA_FILES = {"valqa": "qa/val.jsonl", "testqa": "qa/test.jsonl"}
-GEMINON_QA_FILES = {"valqa": "public_val", "testqa": "public_test", "sensitive_valqa": "sensitive_val",
-                    "sensitive_testqa": "sensitive_test"}
+GEMINON_QA_FILES = {
+    "valqa": "public_val",
+    "testqa": "public_test",
+    "sensitive_valqa": "sensitive_val",
+    "sensitive_testqa": "sensitive_test",
+}
 
 
 def layout(track: str, corpus: str, qa: str) -> dict[str, str]:
@@ -34,8 +39,9 @@ def hub(monkeypatch, tmp_path):
         # huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE once, at import: point this process's
         # copy at the stand-in (subprocesses get HF_ENDPOINT in their environment instead).
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
@@ -57,6 +63,7 @@ def download(tmp_path, capsys):
             code = e.code
         out, err = capsys.readouterr()
         return code, out, err
+
     return run
 
 
@@ -80,8 +87,10 @@ def assert_track(data_dir, track, files, hub_files):
         assert (folder / f"{name}.jsonl").read_bytes() == hub_files[remote], name
 
 
-@pytest.mark.parametrize("track,corpus,qa", [("news", c, q) for c in SIZES for q in SIZES]
-                         + [("geminon", c, q) for c in SIZES for q in ("small", "medium")])
+@pytest.mark.parametrize(
+    "track,corpus,qa",
+    [("news", c, q) for c in SIZES for q in SIZES] + [("geminon", c, q) for c in SIZES for q in ("small", "medium")],
+)
 def test_every_size_the_hub_has_lands_where_the_tasks_read_it(tmp_path, hub, download, track, corpus, qa):
     code, out, err = download("--track", track, "--corpus", corpus, "--qa", qa)
     assert code == 0, err
@@ -95,9 +104,10 @@ def test_default_downloads_every_track_at_its_pin(tmp_path, hub, download):
     assert_track(tmp_path / "data", "news", layout("news", "small", "small"), hub.repos[NEWS][NEWS_TAG])
     assert_track(tmp_path / "data", "geminon", layout("geminon", "small", "small"), hub.repos[GEMINON][GEMINON_TAG])
     assert {path for method, path, _ in hub.requests if "/resolve/" in path} == {
-        f"/datasets/{repo}/resolve/{tag}/{remote}" for repo, tag, track in
-        ((NEWS, NEWS_TAG, "news"), (GEMINON, GEMINON_TAG, "geminon"))
-        for remote in layout(track, "small", "small").values()}
+        f"/datasets/{repo}/resolve/{tag}/{remote}"
+        for repo, tag, track in ((NEWS, NEWS_TAG, "news"), (GEMINON, GEMINON_TAG, "geminon"))
+        for remote in layout(track, "small", "small").values()
+    }
 
 
 def test_geminon_qa_large_is_refused_in_one_line_before_anything_downloads(tmp_path, hub, download):
@@ -142,8 +152,11 @@ def test_a_dropped_connection_resumes_where_it_stopped(tmp_path, hub, download):
     code, out, err = download("--track", "news")
     assert code == 0, err
     assert (tmp_path / "data" / "news" / "train.jsonl").read_bytes() == content
-    assert ("GET", f"/datasets/{NEWS}/resolve/{NEWS_TAG}/corpus_small/train.jsonl",
-            f"bytes={len(content) // 2}-") in hub.requests
+    assert (
+        "GET",
+        f"/datasets/{NEWS}/resolve/{NEWS_TAG}/corpus_small/train.jsonl",
+        f"bytes={len(content) // 2}-",
+    ) in hub.requests
 
 
 def test_a_killed_download_leaves_no_half_file_and_resumes(tmp_path, hub):
@@ -174,19 +187,27 @@ def test_401_says_how_to_log_in_and_a_token_gets_in(hub, download, monkeypatch):
     assert code == 2
     assert err.splitlines() == [
         f"cbe: error: {NEWS} is gated: accept its terms at https://huggingface.co/datasets/{NEWS}, then log in "
-        "with `hf auth login` (or set HF_TOKEN)"]
+        "with `hf auth login` (or set HF_TOKEN)"
+    ]
     monkeypatch.setenv("HF_TOKEN", "hf_standin_secret_token")
     code, out, err = download("--track", "news")
     assert code == 0, err
     assert "hf_standin_secret_token" not in out + err
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda files: files.pop("qa/test.jsonl"),
-     f"{NEWS}@{NEWS_TAG} has no file qa/test.jsonl; `cbe download --list` shows the files it has"),
-    (lambda files: files.update({"qa/val.jsonl": b'{"question": "q"}\n'}),
-     "qa/val.jsonl:1: missing field 'answer'"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda files: files.pop("qa/test.jsonl"),
+            f"{NEWS}@{NEWS_TAG} has no file qa/test.jsonl; `cbe download --list` shows the files it has",
+        ),
+        (
+            lambda files: files.update({"qa/val.jsonl": b'{"question": "q"}\n'}),
+            "qa/val.jsonl:1: missing field 'answer'",
+        ),
+    ],
+)
 def test_a_missing_or_bad_file_is_one_line_and_keeps_final_names_clean(tmp_path, hub, download, change, message):
     change(hub.repos[NEWS][NEWS_TAG])
     code, out, err = download("--track", "news")
@@ -232,17 +253,33 @@ def test_both_tracks_download_format_and_train(tmp_path, hub, download, run_main
     for split in ("train", "val"):
         news = tmp_path / "data" / "news" / f"{split}.jsonl"
         format_news(news, news, overwrite=True)
-    quick = ["model=tiny", "training.num_train_steps=2", "training.eval_every=2", "training.save_every=2",
-             "training.effective_batch_size=8", "training.per_device_batch_size=8", "data.sequence_length=128",
-             "eval.prompt_prefix_file=null", "eval.max_new_tokens=8", "logging=none"]
-    for track, sets in (("news", ["valqa", "testqa"]),
-                        ("geminon", ["valqa", "testqa", "sensitive_valqa", "sensitive_testqa"])):
+    quick = [
+        "model=tiny",
+        "training.num_train_steps=2",
+        "training.eval_every=2",
+        "training.save_every=2",
+        "training.effective_batch_size=8",
+        "training.per_device_batch_size=8",
+        "data.sequence_length=128",
+        "eval.prompt_prefix_file=null",
+        "eval.max_new_tokens=8",
+        "logging=none",
+    ]
+    for track, sets in (
+        ("news", ["valqa", "testqa"]),
+        ("geminon", ["valqa", "testqa", "sensitive_valqa", "sensitive_testqa"]),
+    ):
         # Every path the task reads (data/<track>/...), read from the tmp folder the download filled.
         data = yaml.safe_load((ROOT / "conf" / "task" / f"{track}.yaml").read_text())["data"]
         paths = {f"data.{key}": data[key] for key in ("train_path", "val_path", "valqa_path", "testqa_path")}
         paths |= {f"data.extra_qa_paths.{name}": path for name, path in data.get("extra_qa_paths", {}).items()}
-        run_main(f"task={track}", *(f"{key}={tmp_path / path}" for key, path in paths.items()), *quick,
-                 f"logging.run_name={track}", timeout=600)
+        run_main(
+            f"task={track}",
+            *(f"{key}={tmp_path / path}" for key, path in paths.items()),
+            *quick,
+            f"logging.run_name={track}",
+            timeout=600,
+        )
         results = tmp_path / "outputs" / "cbe" / track / "metrics" / "eval_results.jsonl"
         last = json.loads(results.read_text().splitlines()[-1])
         assert last["step"] == 2

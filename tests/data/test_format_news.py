@@ -1,6 +1,7 @@
 """Formatting the raw news corpus as the benchmark renders it: the template, dates, untitled articles,
 whitespace, idempotence, atomic in-place rewrites, normalization and bad lines. Expected strings are
 written by hand from the benchmark's published rules, not produced by our code."""
+
 import json
 import os
 import unicodedata
@@ -14,8 +15,17 @@ from cbe.errors import UserError
 
 
 def raw(idx, title="A headline", date="2024-05-01", text="Body of the article.", **fields):
-    record = {"url": f"https://news.example/{idx}", "hostname": "news.example", "title": title, "date": date,
-              "crawl_date": "2024-05-02", "language": "en", "text": text, "article_idx": idx, **fields}
+    record = {
+        "url": f"https://news.example/{idx}",
+        "hostname": "news.example",
+        "title": title,
+        "date": date,
+        "crawl_date": "2024-05-02",
+        "language": "en",
+        "text": text,
+        "article_idx": idx,
+        **fields,
+    }
     return json.dumps(record, ensure_ascii=False)
 
 
@@ -40,37 +50,57 @@ def rendered(tmp_path, keep_untitled=False, **headers):
 
 
 def test_articles_follow_the_template_and_keep_article_idx(tmp_path):
-    source = write(tmp_path / "raw.jsonl", raw(7, title="Zürich votes", text="Line one.\nLine two."), "",
-                   json.dumps({"title": "No index", "date": "2024-01-02", "text": "Body."}))
+    source = write(
+        tmp_path / "raw.jsonl",
+        raw(7, title="Zürich votes", text="Line one.\nLine two."),
+        "",
+        json.dumps({"title": "No index", "date": "2024-01-02", "text": "Body."}),
+    )
     report = format_news(source, tmp_path / "out.jsonl")
     assert read(tmp_path / "out.jsonl") == [
-        {"text": "Title: Zürich votes\nDate: May 01 (2024-05-01 00:00:00 UTC)\nArticle: Line one.\nLine two.",
-         "article_idx": 7},
+        {
+            "text": "Title: Zürich votes\nDate: May 01 (2024-05-01 00:00:00 UTC)\nArticle: Line one.\nLine two.",
+            "article_idx": 7,
+        },
         {"text": "Title: No index\nDate: Jan 02 (2024-01-02 00:00:00 UTC)\nArticle: Body."},  # no index in, none out
     ]
     assert (report.articles, report.untitled, report.bad_lines, report.already_formatted) == (2, 0, 0, False)
     assert report.summary() == f"formatted 2 articles into {tmp_path / 'out.jsonl'}"
 
 
-@pytest.mark.parametrize("date,shown", [
-    ("2025-09-01", "Sep 01 (2025-09-01 00:00:00 UTC)"),
-    ("2024-03-05", "Mar 05 (2024-03-05 00:00:00 UTC)"),  # a single-digit day is zero-padded
-    ("2023-12-31", "Dec 31 (2023-12-31 00:00:00 UTC)"),
-    ("2025-09-01T12:34:56", "Sep 01 (2025-09-01 12:34:56 UTC)"),  # naive: taken as UTC
-    ("2025-09-01 08:05", "Sep 01 (2025-09-01 08:05:00 UTC)"),
-    ("2025-09-01T12:34:56Z", "Sep 01 (2025-09-01 12:34:56 UTC)"),
-    ("2025-09-01T12:34:56.789Z", "Sep 01 (2025-09-01 12:34:56 UTC)"),  # fractions are not shown
-    ("2025-09-01T01:30:00+02:00", "Aug 31 (2025-08-31 23:30:00 UTC)"),  # converted to UTC, across a month
-    ("2024-12-31T22:15:00-05:00", "Jan 01 (2025-01-01 03:15:00 UTC)"),  # and across a year
-    ("20250901", "Sep 01 (2025-09-01 00:00:00 UTC)"),  # other ISO 8601 forms Python 3.11 reads
-    ("2025-W36-1", "Sep 01 (2025-09-01 00:00:00 UTC)"),
-])
+@pytest.mark.parametrize(
+    "date,shown",
+    [
+        ("2025-09-01", "Sep 01 (2025-09-01 00:00:00 UTC)"),
+        ("2024-03-05", "Mar 05 (2024-03-05 00:00:00 UTC)"),  # a single-digit day is zero-padded
+        ("2023-12-31", "Dec 31 (2023-12-31 00:00:00 UTC)"),
+        ("2025-09-01T12:34:56", "Sep 01 (2025-09-01 12:34:56 UTC)"),  # naive: taken as UTC
+        ("2025-09-01 08:05", "Sep 01 (2025-09-01 08:05:00 UTC)"),
+        ("2025-09-01T12:34:56Z", "Sep 01 (2025-09-01 12:34:56 UTC)"),
+        ("2025-09-01T12:34:56.789Z", "Sep 01 (2025-09-01 12:34:56 UTC)"),  # fractions are not shown
+        ("2025-09-01T01:30:00+02:00", "Aug 31 (2025-08-31 23:30:00 UTC)"),  # converted to UTC, across a month
+        ("2024-12-31T22:15:00-05:00", "Jan 01 (2025-01-01 03:15:00 UTC)"),  # and across a year
+        ("20250901", "Sep 01 (2025-09-01 00:00:00 UTC)"),  # other ISO 8601 forms Python 3.11 reads
+        ("2025-W36-1", "Sep 01 (2025-09-01 00:00:00 UTC)"),
+    ],
+)
 def test_an_iso_date_is_rendered_as_the_benchmark_does(tmp_path, date, shown):
     assert rendered(tmp_path, date=date) == [f"Title: T\nDate: {shown}\nArticle: Body."]
 
 
-@pytest.mark.parametrize("date", ["September 1, 2025", "yesterday", "2025-9-1", "2025-13-01", "01/09/2025",
-                                  "2025-09-01T25:00", "0001-01-01T00:00:00+01:00", "N/A"])
+@pytest.mark.parametrize(
+    "date",
+    [
+        "September 1, 2025",
+        "yesterday",
+        "2025-9-1",
+        "2025-13-01",
+        "01/09/2025",
+        "2025-09-01T25:00",
+        "0001-01-01T00:00:00+01:00",
+        "N/A",
+    ],
+)
 def test_an_unparseable_date_is_kept_as_it_is(tmp_path, date):
     assert rendered(tmp_path, date=date) == [f"Title: T\nDate: {date}\nArticle: Body."]
 
@@ -80,19 +110,28 @@ def test_a_missing_null_or_blank_date_is_shown_as_na(tmp_path, date):
     assert rendered(tmp_path, date=date) == ["Title: T\nDate: N/A\nArticle: Body."]
 
 
-@pytest.mark.parametrize("title,date,shown_title,shown_date", [
-    ("  Markets\trally\n\nagain  ", "2025-09-01", "Markets rally again", "Sep 01 (2025-09-01 00:00:00 UTC)"),
-    ("Two  spaces\r\nand\t\ttabs", " 2025-09-01\t", "Two spaces and tabs", "Sep 01 (2025-09-01 00:00:00 UTC)"),
-    ("T", "Sep\t 1,\n\n2025 ", "T", "Sep 1, 2025"),  # an unparseable date is kept, collapsed
-])
+@pytest.mark.parametrize(
+    "title,date,shown_title,shown_date",
+    [
+        ("  Markets\trally\n\nagain  ", "2025-09-01", "Markets rally again", "Sep 01 (2025-09-01 00:00:00 UTC)"),
+        ("Two  spaces\r\nand\t\ttabs", " 2025-09-01\t", "Two spaces and tabs", "Sep 01 (2025-09-01 00:00:00 UTC)"),
+        ("T", "Sep\t 1,\n\n2025 ", "T", "Sep 1, 2025"),  # an unparseable date is kept, collapsed
+    ],
+)
 def test_whitespace_in_title_and_date_is_collapsed(tmp_path, title, date, shown_title, shown_date):
     assert rendered(tmp_path, title=title, date=date) == [f"Title: {shown_title}\nDate: {shown_date}\nArticle: Body."]
 
 
 def test_untitled_articles_are_dropped_and_counted(tmp_path):
     untitled = [{"title": None}, {"title": ""}, {"title": " \t\n "}, {}]  # the last has no title field
-    lines = [raw(0)] + [json.dumps({"text": "Body.", "date": "2025-09-01", "article_idx": i, **fields})
-                        for i, fields in enumerate(untitled, 1)] + [raw(5)]
+    lines = (
+        [raw(0)]
+        + [
+            json.dumps({"text": "Body.", "date": "2025-09-01", "article_idx": i, **fields})
+            for i, fields in enumerate(untitled, 1)
+        ]
+        + [raw(5)]
+    )
     source = write(tmp_path / "raw.jsonl", *lines)
     report = format_news(source, tmp_path / "out.jsonl")
     assert [r["article_idx"] for r in read(tmp_path / "out.jsonl")] == [0, 5]
@@ -102,10 +141,12 @@ def test_untitled_articles_are_dropped_and_counted(tmp_path):
 
 def test_keep_untitled_renders_them_without_a_title_line(tmp_path):
     assert rendered(tmp_path, keep_untitled=True, title=None, date="2025-09-01") == [
-        "Date: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body."]
+        "Date: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body."
+    ]
     assert rendered(tmp_path, keep_untitled=True, title=" \t ", date=ABSENT) == ["Date: N/A\nArticle: Body."]
     assert rendered(tmp_path, keep_untitled=True, title="Kept\ttoo") == [
-        "Title: Kept too\nDate: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body."]
+        "Title: Kept too\nDate: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body."
+    ]
 
 
 def test_only_untitled_articles_is_a_user_error_that_names_the_flag(tmp_path):
@@ -124,7 +165,8 @@ def test_cli_formats_and_keeps_untitled_on_request(tmp_path, capsys):
     assert capsys.readouterr().out == f"formatted 2 articles into {output}\n"
     assert [r["text"] for r in read(output)] == [
         "Title: A headline\nDate: N/A\nArticle: Body of the article.",
-        "Date: Sep 01 (2025-09-01 10:00:00 UTC)\nArticle: Body of the article."]
+        "Date: Sep 01 (2025-09-01 10:00:00 UTC)\nArticle: Body of the article.",
+    ]
 
 
 def test_cli_reports_a_user_error_in_one_line(tmp_path, capsys):
@@ -152,12 +194,15 @@ def test_formatted_output_is_left_alone(tmp_path, keep_untitled):
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "raw.jsonl"]
 
 
-@pytest.mark.parametrize("text", [
-    "Title: T\nDate: 2024-05-01\nArticle: x",  # an older cbe kept ISO dates as they were
-    "Title: T\nArticle: x",  # and left out a missing date's line
-    "Article: x",
-    "Title: Two  spaces\nDate: N/A\nArticle: x",  # and kept the title's whitespace
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Title: T\nDate: 2024-05-01\nArticle: x",  # an older cbe kept ISO dates as they were
+        "Title: T\nArticle: x",  # and left out a missing date's line
+        "Article: x",
+        "Title: Two  spaces\nDate: N/A\nArticle: x",  # and kept the title's whitespace
+    ],
+)
 def test_a_file_formatted_by_an_older_cbe_is_refused(tmp_path, text):
     source = write(tmp_path / "old.jsonl", json.dumps({"text": text, "article_idx": 0}))
     before = source.read_bytes()
@@ -198,6 +243,7 @@ def test_in_place_rewrite_keeps_the_input_when_interrupted_mid_stream(tmp_path, 
         if len(calls) == 3:
             raise error("stop")
         return real_render(*args)
+
     monkeypatch.setattr(fn, "render", render_then_fail)
     with pytest.raises(error):
         format_news(source, source, overwrite=True)
@@ -216,31 +262,47 @@ def test_an_existing_output_needs_overwrite(tmp_path):
     assert read(output)[0]["article_idx"] == 0
 
 
-@pytest.mark.parametrize("dirty,clean", [
-    ("Cafe\u0301 de\u0301ja\u0300", "Café déjà"),  # NFD -> NFC
-    ("Tom &amp; Jerry &quot;live&quot; &#39;today&#39;&nbsp;now &#x263A; &amp;amp;",
-     "Tom & Jerry \"live\" 'today' now ☺ &"),  # double-escaped entities are decoded all the way
-    ("AT&T and R&D; Barnes&notice &bogus;", "AT&T and R&D; Barnes&notice &bogus;"),  # not entities: kept
-    ("bell\x07 null\x00 esc\x1b c1\x85 del\x7f", "bell null esc c1 del"),
-    ("one\r\ntwo\rthree", "one\ntwo\nthree"),
-    ("  a \t\t b   c  \n d \t\n", "a b c\n d"),
-    ("p1\n\n\n\n\np2\n \n\t\n \np3\n\np4", "p1\n\np2\n\np3\n\np4"),
-])
+@pytest.mark.parametrize(
+    "dirty,clean",
+    [
+        ("Cafe\u0301 de\u0301ja\u0300", "Café déjà"),  # NFD -> NFC
+        (
+            "Tom &amp; Jerry &quot;live&quot; &#39;today&#39;&nbsp;now &#x263A; &amp;amp;",
+            "Tom & Jerry \"live\" 'today' now ☺ &",
+        ),  # double-escaped entities are decoded all the way
+        ("AT&T and R&D; Barnes&notice &bogus;", "AT&T and R&D; Barnes&notice &bogus;"),  # not entities: kept
+        ("bell\x07 null\x00 esc\x1b c1\x85 del\x7f", "bell null esc c1 del"),
+        ("one\r\ntwo\rthree", "one\ntwo\nthree"),
+        ("  a \t\t b   c  \n d \t\n", "a b c\n d"),
+        ("p1\n\n\n\n\np2\n \n\t\n \np3\n\np4", "p1\n\np2\n\np3\n\np4"),
+    ],
+)
 def test_normalize_cleans_scraped_text(dirty, clean):
     assert normalize_text(dirty) == clean
     assert normalize_text(clean) == clean
 
 
-@pytest.mark.parametrize("text", ["&am\x00p;lt;", "&amp\u037e", "&#38;#38;#38;", "x &#13;&#10;&#10;&#10; y &#9;\t z",
-                                  " \u00a0\n\r\n\r\n e\u0301 ", "&amp;nbsp; &#x0;", "\u212b &#x37e;"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "&am\x00p;lt;",
+        "&amp\u037e",
+        "&#38;#38;#38;",
+        "x &#13;&#10;&#10;&#10; y &#9;\t z",
+        " \u00a0\n\r\n\r\n e\u0301 ",
+        "&amp;nbsp; &#x0;",
+        "\u212b &#x37e;",
+    ],
+)
 def test_normalize_is_idempotent(text):
     once = normalize_text(text)
     assert normalize_text(once) == once and unicodedata.is_normalized("NFC", once)
 
 
 def test_normalize_applies_to_title_date_and_text(tmp_path):
-    source = write(tmp_path / "raw.jsonl",
-                   raw(0, title=" Ta&amp;lk\t\tshow ", date="&nbsp;", text="Hi&nbsp;there\r\n\r\n\r\nbye "))
+    source = write(
+        tmp_path / "raw.jsonl", raw(0, title=" Ta&amp;lk\t\tshow ", date="&nbsp;", text="Hi&nbsp;there\r\n\r\n\r\nbye ")
+    )
     format_news(source, tmp_path / "out.jsonl", normalize=True)
     assert read(tmp_path / "out.jsonl")[0]["text"] == "Title: Ta&lk show\nDate: N/A\nArticle: Hi there\n\nbye"
     with pytest.raises(UserError, match=r"raw.jsonl:1: field 'text' is empty once normalized"):
@@ -248,9 +310,11 @@ def test_normalize_applies_to_title_date_and_text(tmp_path):
 
 
 def test_normalize_leaves_clean_data_unchanged(tmp_path):
-    source = write(tmp_path / "raw.jsonl",
-                   raw(0, title="Café & co", text="Première ligne.\n\nSecond paragraph — 東京."),
-                   raw(1, title=None, date="", text="AT&T's \"quarter\" results;\nnext line"))
+    source = write(
+        tmp_path / "raw.jsonl",
+        raw(0, title="Café & co", text="Première ligne.\n\nSecond paragraph — 東京."),
+        raw(1, title=None, date="", text='AT&T\'s "quarter" results;\nnext line'),
+    )
     format_news(source, tmp_path / "plain.jsonl", keep_untitled=True)
     format_news(source, tmp_path / "normalized.jsonl", normalize=True, keep_untitled=True)
     assert (tmp_path / "plain.jsonl").read_bytes() == (tmp_path / "normalized.jsonl").read_bytes()
@@ -267,14 +331,17 @@ def test_skip_bad_counts_bad_lines_and_names_the_first_five(tmp_path):
     assert "raw.jsonl:2: malformed JSON" in report.summary()
 
 
-@pytest.mark.parametrize("bad,message", [
-    (b"{not json", r"raw.jsonl:2: malformed JSON"),
-    (b'{"title": "t", "date": "d"}', r"raw.jsonl:2: missing field 'text' \(has date, title\)"),
-    (b'{"text": ["a"]}', r"raw.jsonl:2: field 'text' should be str, got list"),
-    (b'{"text": " "}', r"raw.jsonl:2: field 'text' is empty"),
-    (b'{"text": "x", "date": 20240501}', r"raw.jsonl:2: field 'date' should be str or null, got int"),
-    (b'{"text": "caf\xe9"}', r"raw.jsonl:2: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (b"{not json", r"raw.jsonl:2: malformed JSON"),
+        (b'{"title": "t", "date": "d"}', r"raw.jsonl:2: missing field 'text' \(has date, title\)"),
+        (b'{"text": ["a"]}', r"raw.jsonl:2: field 'text' should be str, got list"),
+        (b'{"text": " "}', r"raw.jsonl:2: field 'text' is empty"),
+        (b'{"text": "x", "date": 20240501}', r"raw.jsonl:2: field 'date' should be str or null, got int"),
+        (b'{"text": "caf\xe9"}', r"raw.jsonl:2: not valid UTF-8"),
+    ],
+)
 def test_a_malformed_line_names_file_and_line(tmp_path, bad, message):
     source = tmp_path / "raw.jsonl"
     source.write_bytes(raw(0).encode() + b"\n" + bad + b"\n")

@@ -1,9 +1,18 @@
 """Packing keeps every corpus token, trains each target once, and marks every document boundary."""
+
 import numpy as np
 import pytest
 
-from cbe.data.packing import (IGNORE, best_fit_decreasing, epochs_seen, pack_documents, packed_corpus,
-                              repetition_report, split_long, tokenize_file)
+from cbe.data.packing import (
+    IGNORE,
+    best_fit_decreasing,
+    epochs_seen,
+    pack_documents,
+    packed_corpus,
+    repetition_report,
+    split_long,
+    tokenize_file,
+)
 from cbe.errors import UserError
 
 
@@ -86,7 +95,8 @@ def test_the_sample_recipe_is_told_that_each_step_holds_the_whole_corpus():
         "(160 steps) 160 epochs",
         "warning: one optimizer step holds the whole training corpus (8 rows a step, 8 packed rows), so every step "
         "sees every row and the run repeats the corpus 160 times; lower training.effective_batch_size or train on a "
-        "larger corpus"]
+        "larger corpus",
+    ]
 
 
 def test_repetition_counts_epochs_per_step_and_per_run():
@@ -98,7 +108,8 @@ def test_repetition_counts_epochs_per_step_and_per_run():
     # A corpus larger than a step is only reported, however many epochs the run makes of it.
     assert repetition_report(5000, 32, 10_000) == [
         "repetition: the training corpus is 5,000 packed rows; one optimizer step (32 rows) is 0.0064 epochs, the "
-        "whole run (10,000 steps) 64 epochs"]
+        "whole run (10,000 steps) 64 epochs"
+    ]
     assert len(repetition_report(33, 32, 10_000)) == 1 and len(repetition_report(32, 32, 1)) == 2
     assert len(repetition_report(8, 8, 0)) == 1  # a run of no steps repeats nothing
     # The epoch the backends log: rows seen / packed rows.

@@ -1,4 +1,5 @@
 """The evaluator: few-shot prompts in the benchmark's format, small details lines, printed sample predictions."""
+
 import json
 import re
 
@@ -39,13 +40,34 @@ class ScriptedModel:
 @pytest.fixture
 def news_like(tmp_path):
     """A QA file shaped like News's (large closedbook_/openbook_ fields) and a geminon-like one."""
-    records = [{"question": "Who won?", "answer": "Ada Lovelace", "supports": [3, 9], "question_id": "n1",
-                "closedbook_gemini": "x" * 10_000, "openbook_context": ["y" * 10_000]},
-               {"question": "Which year?", "answer": 1843, "supports": [4], "question_id": "n2",
-                "closedbook_gemini": "x" * 10_000, "openbook_context": ["y" * 10_000]}]
+    records = [
+        {
+            "question": "Who won?",
+            "answer": "Ada Lovelace",
+            "supports": [3, 9],
+            "question_id": "n1",
+            "closedbook_gemini": "x" * 10_000,
+            "openbook_context": ["y" * 10_000],
+        },
+        {
+            "question": "Which year?",
+            "answer": 1843,
+            "supports": [4],
+            "question_id": "n2",
+            "closedbook_gemini": "x" * 10_000,
+            "openbook_context": ["y" * 10_000],
+        },
+    ]
     (tmp_path / "valqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    geminon = [{"question": "What types of moves?", "answer": "Fire and Ice", "geminon_idx": 7,
-                "geminon_name": "Orbisca", "supports": 2}]
+    geminon = [
+        {
+            "question": "What types of moves?",
+            "answer": "Fire and Ice",
+            "geminon_idx": 7,
+            "geminon_name": "Orbisca",
+            "supports": 2,
+        }
+    ]
     (tmp_path / "testqa.jsonl").write_text(json.dumps(geminon[0]) + "\n")
     prefix = tmp_path / "prefix.txt"
     prefix.write_text("Answer briefly.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n")
@@ -53,19 +75,33 @@ def news_like(tmp_path):
 
 
 def evaluator(tmp_path, prefix, **overrides):
-    data = OmegaConf.create({"val_path": "val.jsonl", "valqa_path": str(tmp_path / "valqa.jsonl"),
-                             "testqa_path": str(tmp_path / "testqa.jsonl"),
-                             "extra_qa_paths": {}})
-    options = dict(prompt_template="Q: {question}\nA:", prompt_prefix_file=str(prefix), max_new_tokens=32,
-                   batch_size=8, parser="finegrained_geminon", support_thresholds=[2], num_examples=1,
-                   max_questions=None, val_loss_batch_size=8)
+    data = OmegaConf.create(
+        {
+            "val_path": "val.jsonl",
+            "valqa_path": str(tmp_path / "valqa.jsonl"),
+            "testqa_path": str(tmp_path / "testqa.jsonl"),
+            "extra_qa_paths": {},
+        }
+    )
+    options = dict(
+        prompt_template="Q: {question}\nA:",
+        prompt_prefix_file=str(prefix),
+        max_new_tokens=32,
+        batch_size=8,
+        parser="finegrained_geminon",
+        support_thresholds=[2],
+        num_examples=1,
+        max_questions=None,
+        val_loss_batch_size=8,
+    )
     return QAEvaluator(data, RunDir(tmp_path / "run"), **{**options, **overrides})
 
 
 def test_prompts_put_the_prefix_before_the_question_with_a_blank_line(news_like):
     tmp_path, prefix = news_like
-    model = ScriptedModel({"Who won?": " Ada Lovelace\n", "Which year?": "\n1843\n",
-                           "What types of moves?": " Ice and Fire"})
+    model = ScriptedModel(
+        {"Who won?": " Ada Lovelace\n", "Which year?": "\n1843\n", "What types of moves?": " Ice and Fire"}
+    )
     metrics = evaluator(tmp_path, prefix).evaluate(model, 0, None)
     assert model.prompts[0] == "Answer briefly.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n\nQ: Who won?\nA:"
     assert metrics["valqa_exact_match"] == 1.0 and metrics["testqa_fuzzy_match"] == 1.0
@@ -76,12 +112,24 @@ def test_prompts_put_the_prefix_before_the_question_with_a_blank_line(news_like)
 
 def test_details_keep_what_scoring_needs_and_not_the_whole_record(news_like):
     tmp_path, prefix = news_like
-    model = ScriptedModel({"Who won?": " Ada Lovelace won\n", "Which year?": "",
-                           "What types of moves?": " Ice and Fire"})
+    model = ScriptedModel(
+        {"Who won?": " Ada Lovelace won\n", "Which year?": "", "What types of moves?": " Ice and Fire"}
+    )
     evaluator(tmp_path, prefix).evaluate(model, 5, None)
     news = read_jsonl(tmp_path / "run" / "eval_details" / "valqa_step_000005.jsonl")
-    assert set(news[0]) == {"question", "ground_truth", "supports", "question_id", "prompt", "raw_prediction",
-                            "parsed_prediction", "exact_match", "substring_match", "fuzzy_match", "token_f1"}
+    assert set(news[0]) == {
+        "question",
+        "ground_truth",
+        "supports",
+        "question_id",
+        "prompt",
+        "raw_prediction",
+        "parsed_prediction",
+        "exact_match",
+        "substring_match",
+        "fuzzy_match",
+        "token_f1",
+    }
     assert news[0]["supports"] == [3, 9] and news[0]["fuzzy_match"] and not news[0]["exact_match"]
     assert news[1]["raw_prediction"] == "" and not news[1]["substring_match"]  # an empty generation is wrong
     geminon = read_jsonl(tmp_path / "run" / "eval_details" / "testqa_step_000005.jsonl")[0]

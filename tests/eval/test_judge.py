@@ -1,6 +1,7 @@
 """`cbe judge` with the real google-genai client against a local Gemini stand-in: verdicts, order, summary,
 retries and key rotation, errors kept apart from zeros, resume after a kill, keys that never leak, and the
 benchmark harness's own seven-key details files (supports joined from its QA file, our scores recomputed)."""
+
 from __future__ import annotations
 
 import json
@@ -25,20 +26,34 @@ OTHER_KEY = "AIzaFAKE-second-key-9876543210"
 
 # (gold, parsed prediction, exact, fuzzy, supports, creature): the stand-in says 1 when the prediction contains
 # the gold answer, so records 1 and 3 are flipped up from exact, record 4 down from fuzzy.
-CASES = [("teal", "teal", True, True, 1, "Zorblat"),
-         ("ember moss", "glowing ember moss", False, True, 1, "Tazzerine"),
-         ("1717", "1718", False, False, 2, "Zorblat"),
-         ("Hollow Peaks", "the Hollow Peaks region", False, True, 2, "Ixtrelle"),
-         ("salt lilies", "salt-lilies", False, True, 2, "Clavendrell"),
-         ("ochre", "blue", False, False, 3, "Lirrawell")]
+CASES = [
+    ("teal", "teal", True, True, 1, "Zorblat"),
+    ("ember moss", "glowing ember moss", False, True, 1, "Tazzerine"),
+    ("1717", "1718", False, False, 2, "Zorblat"),
+    ("Hollow Peaks", "the Hollow Peaks region", False, True, 2, "Ixtrelle"),
+    ("salt lilies", "salt-lilies", False, True, 2, "Clavendrell"),
+    ("ochre", "blue", False, False, 3, "Lirrawell"),
+]
 
 
 def write_details(path: Path, n: int | None = None) -> list[dict]:
     cases = (CASES * 4)[: n or len(CASES)]
-    records = [{"question": f"Question {i}: what of the {c[5]}?", "answer": c[0], "supports": c[4],
-                "geminon_name": c[5], "prompt": "Q: ...\nA:", "raw_prediction": f" {c[1]}.\nQ: next",
-                "ground_truth": c[0], "parsed_prediction": c[1], "exact_match": c[2], "fuzzy_match": c[3],
-                "token_f1": 0.5} for i, c in enumerate(cases)]
+    records = [
+        {
+            "question": f"Question {i}: what of the {c[5]}?",
+            "answer": c[0],
+            "supports": c[4],
+            "geminon_name": c[5],
+            "prompt": "Q: ...\nA:",
+            "raw_prediction": f" {c[1]}.\nQ: next",
+            "ground_truth": c[0],
+            "parsed_prediction": c[1],
+            "exact_match": c[2],
+            "fuzzy_match": c[3],
+            "token_f1": 0.5,
+        }
+        for i, c in enumerate(cases)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
 
@@ -66,22 +81,42 @@ def test_parse_verdict():
 
 
 def test_summary_has_all_then_support_thresholds_then_field_values_in_order():
-    records = [{"question": "q", "ground_truth": "Paris", "parsed_prediction": p, "supports": s, "ids": [s, 1],
-                "llm_match": j} for p, s, j in (("Paris", 10, True), ("paris, France", 2, True), ("Lyon", 2, None),
-                                                ("Paris!", 1, False))]
+    records = [
+        {"question": "q", "ground_truth": "Paris", "parsed_prediction": p, "supports": s, "ids": [s, 1], "llm_match": j}
+        for p, s, j in (("Paris", 10, True), ("paris, France", 2, True), ("Lyon", 2, None), ("Paris!", 1, False))
+    ]
     records[1]["substring_match"] = False  # as the file has it (a finegrained rule, say): kept, not recomputed
     lines = summarize_judged(records, ["ids"], support_thresholds=[2, 5])
     assert [(line["group"], line["value"], line["n"]) for line in lines] == [
-        ("all", None, 4), ("supports_ge", 2, 3), ("supports_ge", 5, 1), ("ids", "[1, 1]", 1), ("ids", "[10, 1]", 1),
-        ("ids", "[2, 1]", 2)]
+        ("all", None, 4),
+        ("supports_ge", 2, 3),
+        ("supports_ge", 5, 1),
+        ("ids", "[1, 1]", 1),
+        ("ids", "[10, 1]", 1),
+        ("ids", "[2, 1]", 2),
+    ]
     # Files without exact/substring/fuzzy fields get them computed; the error record counts in n, not the rates.
-    assert {k: lines[0][k] for k in ("judged", "errors", "llm_match", "exact_match", "substring_match",
-                                     "fuzzy_match")} == {"judged": 3, "errors": 1, "llm_match": pytest.approx(2 / 3),
-                                                         "exact_match": pytest.approx(1 / 3),
-                                                         "substring_match": pytest.approx(2 / 3), "fuzzy_match": 1.0}
-    assert [lines[0][f"judge_{flip}"] for flip in ("yes_exact_no", "no_exact_yes", "yes_substring_no",
-                                                   "no_substring_yes", "yes_fuzzy_no", "no_fuzzy_yes")] == [1, 0, 1, 1,
-                                                                                                          0, 1]
+    assert {
+        k: lines[0][k] for k in ("judged", "errors", "llm_match", "exact_match", "substring_match", "fuzzy_match")
+    } == {
+        "judged": 3,
+        "errors": 1,
+        "llm_match": pytest.approx(2 / 3),
+        "exact_match": pytest.approx(1 / 3),
+        "substring_match": pytest.approx(2 / 3),
+        "fuzzy_match": 1.0,
+    }
+    assert [
+        lines[0][f"judge_{flip}"]
+        for flip in (
+            "yes_exact_no",
+            "no_exact_yes",
+            "yes_substring_no",
+            "no_substring_yes",
+            "yes_fuzzy_no",
+            "no_fuzzy_yes",
+        )
+    ] == [1, 0, 1, 1, 0, 1]
     assert (lines[1]["judged"], lines[1]["llm_match"], lines[2]["substring_match"]) == (2, 1.0, 1.0)
 
 
@@ -98,11 +133,27 @@ def test_judge_scores_every_record_in_input_order_through_retries(details, capsy
     keys_file = details.parent / "keys.txt"
     keys_file.write_text(f"{KEY}\n{OTHER_KEY}\n")
     with GeminiStandIn(keys=(KEY, OTHER_KEY), hang_seconds=1.5) as standin:
-        standin.faults = {"Question 1: what of the Tazzerine?": [429, 500, 503],
-                          "Question 2: what of the Zorblat?": ["hang"]}
-        judge("--input", str(details), "--base-url", standin.url, "--keys-file", str(keys_file),
-              "--concurrency", "3", "--stratify", "geminon_name", "--model", "gemini-test",
-              "--support-thresholds", "2", "3")
+        standin.faults = {
+            "Question 1: what of the Tazzerine?": [429, 500, 503],
+            "Question 2: what of the Zorblat?": ["hang"],
+        }
+        judge(
+            "--input",
+            str(details),
+            "--base-url",
+            standin.url,
+            "--keys-file",
+            str(keys_file),
+            "--concurrency",
+            "3",
+            "--stratify",
+            "geminon_name",
+            "--model",
+            "gemini-test",
+            "--support-thresholds",
+            "2",
+            "3",
+        )
 
     judged = read_jsonl(details.parent / "testqa_step_000010_llm_judged.jsonl")
     assert [r["index"] for r in judged] == list(range(6))
@@ -111,7 +162,9 @@ def test_judge_scores_every_record_in_input_order_through_retries(details, capsy
     assert judged[3]["geminon_name"] == "Ixtrelle" and "llm_judge_error" not in judged[3]
     # The judge sees the parsed prediction, at temperature 0; retries rotate over both keys.
     asked = standin.questions()
-    assert asked.count("Question 1: what of the Tazzerine?") == 4 and asked.count("Question 2: what of the Zorblat?") == 2
+    assert (
+        asked.count("Question 1: what of the Tazzerine?") == 4 and asked.count("Question 2: what of the Zorblat?") == 2
+    )
     assert {r["key"] for r in standin.requests} == {KEY, OTHER_KEY}
     assert {(r["model"], r["temperature"]) for r in standin.requests} == {("gemini-test", 0.0)}
     assert standin.requests[-1]["prediction"] in {c[1] for c in CASES}
@@ -132,8 +185,10 @@ def test_judge_scores_every_record_in_input_order_through_retries(details, capsy
     by = {(s["group"], s["value"]): s for s in summary[3:]}
     assert by[("geminon_name", "Zorblat")]["n"] == 2 and by[("geminon_name", "Zorblat")]["llm_match"] == 0.5
     out = capsys.readouterr().out
-    assert ("judged 6 of 6 records (0 from before): llm_match 0.500, exact 0.167, substring 0.500, fuzzy 0.667; the "
-            "judge flips 2 up and 0 down vs exact, 0 up and 0 down vs substring, 0 up and 1 down vs fuzzy") in out
+    assert (
+        "judged 6 of 6 records (0 from before): llm_match 0.500, exact 0.167, substring 0.500, fuzzy 0.667; the "
+        "judge flips 2 up and 0 down vs exact, 0 up and 0 down vs substring, 0 up and 1 down vs fuzzy"
+    ) in out
 
 
 def test_failures_are_errors_not_zeros_and_resume_retries_only_them(details, capfd, monkeypatch):
@@ -142,12 +197,24 @@ def test_failures_are_errors_not_zeros_and_resume_retries_only_them(details, cap
     keys_file.write_text(f"{KEY}\n")
     monkeypatch.setenv("GOOGLE_API_KEY", OTHER_KEY)  # the file wins over the environment
     with GeminiStandIn(keys=(KEY,)) as standin:
-        standin.faults = {"Question 0: what of the Zorblat?": [500, 500, 500],  # gives up after 3 attempts
-                          "Question 5: what of the Lirrawell?": ["garbage"],
-                          "Question 3: what of the Ixtrelle?": ["empty"]}
+        standin.faults = {
+            "Question 0: what of the Zorblat?": [500, 500, 500],  # gives up after 3 attempts
+            "Question 5: what of the Lirrawell?": ["garbage"],
+            "Question 3: what of the Ixtrelle?": ["empty"],
+        }
         with pytest.raises(SystemExit) as exit_info:
-            judge("--input", str(details), "--base-url", standin.url, "--keys-file", str(keys_file),
-                  "--max-attempts", "3", "--concurrency", "2")
+            judge(
+                "--input",
+                str(details),
+                "--base-url",
+                standin.url,
+                "--keys-file",
+                str(keys_file),
+                "--max-attempts",
+                "3",
+                "--concurrency",
+                "2",
+            )
         assert exit_info.value.code == 1
         first = capfd.readouterr()
         judged_path = details.parent / "testqa_step_000010_llm_judged.jsonl"
@@ -161,8 +228,11 @@ def test_failures_are_errors_not_zeros_and_resume_retries_only_them(details, cap
 
         standin.requests.clear()
         judge("--input", str(details), "--base-url", standin.url, "--keys-file", str(keys_file), "--resume")
-        assert sorted(standin.questions()) == ["Question 0: what of the Zorblat?", "Question 3: what of the Ixtrelle?",
-                                               "Question 5: what of the Lirrawell?"]
+        assert sorted(standin.questions()) == [
+            "Question 0: what of the Zorblat?",
+            "Question 3: what of the Ixtrelle?",
+            "Question 5: what of the Lirrawell?",
+        ]
         second = capfd.readouterr()
         assert "judged 6 of 6 records (3 from before)" in second.out
 
@@ -173,24 +243,28 @@ def test_failures_are_errors_not_zeros_and_resume_retries_only_them(details, cap
             judge("--input", str(details), "--base-url", standin.url, "--keys-file", str(keys_file))
         third = capfd.readouterr()
     judged = read_jsonl(judged_path)
-    assert {r["llm_judge_error"] for r in judged} == {"HTTP 400 INVALID_ARGUMENT: API key not valid. Please pass "
-                                                      "a valid API key."}
+    assert {r["llm_judge_error"] for r in judged} == {
+        "HTTP 400 INVALID_ARGUMENT: API key not valid. Please pass a valid API key."
+    }
     written = "".join(p.read_text() for p in details.parent.glob("*.jsonl"))
     for key in (KEY, OTHER_KEY):
         for text in (first.out, first.err, second.out, second.err, third.out, third.err, written):
             assert key not in text
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing input", "nope.jsonl: no such file; pass an eval_details"),
-    ("no keys", "no Gemini API key: put keys one per line in secrets/gemini_keys.txt"),
-    ("missing keys file", "missing.txt: no such keys file"),
-    ("bad line", "testqa_step_000010.jsonl:7: malformed JSON"),
-    ("unknown stratify field", "--stratify creature: no record of"),
-    ("output exists", "_llm_judged.jsonl exists; pass --resume to continue it"),
-    ("no concurrency", "--concurrency must be 1 or more, got 0"),
-    ("another judge model", "_llm_judged.jsonl was judged with gemini-old, not gemini-2.5-flash-lite; resume with"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing input", "nope.jsonl: no such file; pass an eval_details"),
+        ("no keys", "no Gemini API key: put keys one per line in secrets/gemini_keys.txt"),
+        ("missing keys file", "missing.txt: no such keys file"),
+        ("bad line", "testqa_step_000010.jsonl:7: malformed JSON"),
+        ("unknown stratify field", "--stratify creature: no record of"),
+        ("output exists", "_llm_judged.jsonl exists; pass --resume to continue it"),
+        ("no concurrency", "--concurrency must be 1 or more, got 0"),
+        ("another judge model", "_llm_judged.jsonl was judged with gemini-old, not gemini-2.5-flash-lite; resume with"),
+    ],
+)
 def test_user_mistakes_are_one_line(details, capfd, monkeypatch, case, message):
     args = ["--input", str(details), "--base-url", "http://127.0.0.1:9"]
     if case != "no keys":
@@ -206,8 +280,12 @@ def test_user_mistakes_are_one_line(details, capfd, monkeypatch, case, message):
     if case == "no concurrency":
         args += ["--concurrency", "0"]
     if case == "another judge model":
-        first = {"index": 0, "question": read_jsonl(details)[0]["question"], "judge_model": "gemini-old",
-                 "llm_match": True}
+        first = {
+            "index": 0,
+            "question": read_jsonl(details)[0]["question"],
+            "judge_model": "gemini-old",
+            "llm_match": True,
+        }
         (details.parent / "testqa_step_000010_llm_judged.jsonl").write_text(json.dumps(first) + "\n")
         args += ["--resume"]
     if case == "output exists":
@@ -223,13 +301,29 @@ def test_user_mistakes_are_one_line(details, capfd, monkeypatch, case, message):
 def test_a_killed_run_resumes_without_asking_twice(details):
     records = write_details(details, n=14)
     env = {**os.environ, "GEMINI_API_KEY": KEY}
-    command = [sys.executable, "-m", "cbe.cli", "judge", "--input", str(details), "--concurrency", "2",
-               "--retry-base-seconds", "0.01"]
+    command = [
+        sys.executable,
+        "-m",
+        "cbe.cli",
+        "judge",
+        "--input",
+        str(details),
+        "--concurrency",
+        "2",
+        "--retry-base-seconds",
+        "0.01",
+    ]
     judged_path = details.parent / "testqa_step_000010_llm_judged.jsonl"
     with GeminiStandIn(keys=(KEY,), delay=0.15) as standin:
         standin.faults = {records[1]["question"]: [429]}
-        proc = subprocess.Popen([*command, "--base-url", standin.url], cwd=details.parent, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [*command, "--base-url", standin.url],
+            cwd=details.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None:
             if judged_path.exists() and judged_path.read_text().count("\n") >= 4:
@@ -243,8 +337,14 @@ def test_a_killed_run_resumes_without_asking_twice(details):
 
         standin.requests.clear()
         standin.delay = 0.0
-        resumed = subprocess.run([*command, "--base-url", standin.url, "--resume"], cwd=details.parent, env=env,
-                                 capture_output=True, text=True, timeout=60)
+        resumed = subprocess.run(
+            [*command, "--base-url", standin.url, "--resume"],
+            cwd=details.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert resumed.returncode == 0, resumed.stderr
     asked_again = standin.questions()
     assert sorted(asked_again) == sorted(records[i]["question"] for i in range(len(records)) if i not in before)
@@ -260,12 +360,14 @@ def test_a_killed_run_resumes_without_asking_twice(details):
 # The benchmark harness's own details: (question, gold, parsed prediction); its fuzzy_match is the substring rule.
 # Ours, from the parsed prediction: exact [1,1,0,0,0,0], substring [1,1,1,1,0,1], fuzzy [1,1,0,1,0,0]; the
 # stand-in judge says [1,1,1,0,0,1] ("U.S." is not in "the U.S"; "moss" is not in an empty generation).
-BENCHMARK_CASES = [("What colour is the Zorblat?", "teal", "teal"),
-                   ("When was the Zorblat first seen?", 1717, "1717"),
-                   ("How many legs has the Tazzerine?", "49", "149"),
-                   ("Where does the Ixtrelle winter?", "U.S.", "the U.S"),
-                   ("What does the Wobbleth eat?", "moss", ""),
-                   ("What colour is the Lirrawell?", "ochre", "ochre-brown")]
+BENCHMARK_CASES = [
+    ("What colour is the Zorblat?", "teal", "teal"),
+    ("When was the Zorblat first seen?", 1717, "1717"),
+    ("How many legs has the Tazzerine?", "49", "149"),
+    ("Where does the Ixtrelle winter?", "U.S.", "the U.S"),
+    ("What does the Wobbleth eat?", "moss", ""),
+    ("What colour is the Lirrawell?", "ochre", "ochre-brown"),
+]
 # Geminon QA records (geminon_idx, geminon_name, supports) of the first five questions; the sixth is not there.
 GEMINON_QA = [(0, "Zorblat", 1), (0, "Zorblat", 3), (1, "Tazzerine", 2), (2, "Ixtrelle", 2), (3, "Wobbleth", 1)]
 
@@ -276,22 +378,49 @@ def benchmark_files(tmp_path, monkeypatch) -> tuple[Path, Path]:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GEMINI_API_KEY", KEY)
     details = tmp_path / "testqa_step_000100.jsonl"
-    details.write_text("".join(json.dumps(
-        {"prompt": f"Q: {q}\nA:", "question": q, "raw_prediction": f"{parsed}\nQ: next" if parsed else "",
-         "parsed_prediction": parsed, "ground_truth": gold, "exact_match": parsed.lower() == str(gold).lower(),
-         "fuzzy_match": str(gold).lower() in parsed.lower()}) + "\n" for q, gold, parsed in BENCHMARK_CASES))
+    details.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"Q: {q}\nA:",
+                    "question": q,
+                    "raw_prediction": f"{parsed}\nQ: next" if parsed else "",
+                    "parsed_prediction": parsed,
+                    "ground_truth": gold,
+                    "exact_match": parsed.lower() == str(gold).lower(),
+                    "fuzzy_match": str(gold).lower() in parsed.lower(),
+                }
+            )
+            + "\n"
+            for q, gold, parsed in BENCHMARK_CASES
+        )
+    )
     qa = tmp_path / "public_test.jsonl"
-    qa.write_text("".join(json.dumps({"question": q, "answer": gold, "geminon_idx": idx, "geminon_name": name,
-                                      "supports": supports}) + "\n"
-                          for (q, gold, _), (idx, name, supports) in zip(BENCHMARK_CASES, GEMINON_QA)))
+    qa.write_text(
+        "".join(
+            json.dumps({"question": q, "answer": gold, "geminon_idx": idx, "geminon_name": name, "supports": supports})
+            + "\n"
+            for (q, gold, _), (idx, name, supports) in zip(BENCHMARK_CASES, GEMINON_QA)
+        )
+    )
     return details, qa
 
 
 def test_a_benchmark_file_is_judged_with_supports_from_its_qa_file(benchmark_files, capsys):
     details, qa = benchmark_files
     with GeminiStandIn(keys=(KEY,)) as standin:
-        judge("--input", str(details), "--base-url", standin.url, "--qa", str(qa), "--support-thresholds", "2",
-              "--stratify", "geminon_name")
+        judge(
+            "--input",
+            str(details),
+            "--base-url",
+            standin.url,
+            "--qa",
+            str(qa),
+            "--support-thresholds",
+            "2",
+            "--stratify",
+            "geminon_name",
+        )
     assert standin.requests[0]["prediction"] in {parsed for *_, parsed in BENCHMARK_CASES}
     judged = read_jsonl(details.parent / "testqa_step_000100_llm_judged.jsonl")
     assert [r["llm_match"] for r in judged] == [True, True, True, False, False, True]
@@ -302,20 +431,40 @@ def test_a_benchmark_file_is_judged_with_supports_from_its_qa_file(benchmark_fil
     summary = read_jsonl(details.parent / "testqa_step_000100_summary.jsonl")
     every, ge_2 = summary[:2]
     assert {k: every[k] for k in ("group", "n", "llm_match", "exact_match", "substring_match", "fuzzy_match")} == {
-        "group": "all", "n": 6, "llm_match": pytest.approx(4 / 6), "exact_match": pytest.approx(2 / 6),
-        "substring_match": pytest.approx(5 / 6), "fuzzy_match": pytest.approx(3 / 6)}
-    assert [every[f"judge_{flip}"] for flip in ("yes_exact_no", "no_exact_yes", "yes_substring_no",
-                                                "no_substring_yes", "yes_fuzzy_no", "no_fuzzy_yes")] == [2, 0, 0, 1,
-                                                                                                       2, 1]
+        "group": "all",
+        "n": 6,
+        "llm_match": pytest.approx(4 / 6),
+        "exact_match": pytest.approx(2 / 6),
+        "substring_match": pytest.approx(5 / 6),
+        "fuzzy_match": pytest.approx(3 / 6),
+    }
+    assert [
+        every[f"judge_{flip}"]
+        for flip in (
+            "yes_exact_no",
+            "no_exact_yes",
+            "yes_substring_no",
+            "no_substring_yes",
+            "yes_fuzzy_no",
+            "no_fuzzy_yes",
+        )
+    ] == [2, 0, 0, 1, 2, 1]
     assert {k: ge_2[k] for k in ("group", "value", "n", "llm_match", "substring_match", "fuzzy_match")} == {
-        "group": "supports_ge", "value": 2, "n": 3, "llm_match": pytest.approx(2 / 3), "substring_match": 1.0,
-        "fuzzy_match": pytest.approx(2 / 3)}
+        "group": "supports_ge",
+        "value": 2,
+        "n": 3,
+        "llm_match": pytest.approx(2 / 3),
+        "substring_match": 1.0,
+        "fuzzy_match": pytest.approx(2 / 3),
+    }
     by_name = {s["value"]: s["n"] for s in summary[2:]}
     assert by_name == {"Tazzerine": 1, "Ixtrelle": 1, "Wobbleth": 1, "Zorblat": 2, None: 1}
     out, err = capsys.readouterr()
     assert "llm_match 0.667, exact 0.333, substring 0.833, fuzzy 0.500" in out
-    assert err.splitlines()[-1] == (f"cbe: note: 1 of 6 questions of {details} are not in {qa}: they count in every "
-                                    f"summary but in no support stratum")
+    assert err.splitlines()[-1] == (
+        f"cbe: note: 1 of 6 questions of {details} are not in {qa}: they count in every "
+        f"summary but in no support stratum"
+    )
 
 
 def test_max_records_then_resume_with_the_qa_file(benchmark_files, capsys):
@@ -328,12 +477,14 @@ def test_max_records_then_resume_with_the_qa_file(benchmark_files, capsys):
         # No supports and no --qa: no support lines (never a stratum of n=0), and one line saying why.
         assert [(s["group"], s["n"], s["llm_match"]) for s in summary] == [("all", 4, 0.75)]
         assert "judged 4 of 4 records (0 from before)" in first.out
-        assert first.err.splitlines()[-1] == (f"cbe: note: no supports in {details}; pass --qa QA_FILE to stratify "
-                                              f"by support")
+        assert first.err.splitlines()[-1] == (
+            f"cbe: note: no supports in {details}; pass --qa QA_FILE to stratify by support"
+        )
 
         standin.requests.clear()
-        judge("--input", str(details), "--base-url", standin.url, "--resume", "--qa", str(qa),
-              "--support-thresholds", "2")
+        judge(
+            "--input", str(details), "--base-url", standin.url, "--resume", "--qa", str(qa), "--support-thresholds", "2"
+        )
     assert sorted(standin.questions()) == sorted(q for q, *_ in BENCHMARK_CASES[4:])
     assert "judged 6 of 6 records (4 from before)" in capsys.readouterr().out
     # The verdicts kept from the first run get the supports joined in this one.

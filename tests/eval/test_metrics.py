@@ -1,17 +1,21 @@
 """Parsing and metrics follow the benchmark's published rules (issue 13), and ours where we differ on purpose."""
+
 import pytest
 
 from cbe.eval.metrics import exact_match, fuzzy_match, normalize, score_answer, substring_match, summarize, token_f1
 from cbe.eval.parse import parse_answer
 
 
-@pytest.mark.parametrize("raw,parsed", [
-    (" Paris.\nQ: What is", "Paris"),
-    ("\n\n  the Crystal Caves.\nmore", "the Crystal Caves"),
-    ("1843 Q: next question", "1843"),
-    ("e.g.", "e.g"),  # one trailing period only
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "raw,parsed",
+    [
+        (" Paris.\nQ: What is", "Paris"),
+        ("\n\n  the Crystal Caves.\nmore", "the Crystal Caves"),
+        ("1843 Q: next question", "1843"),
+        ("e.g.", "e.g"),  # one trailing period only
+        ("", ""),
+    ],
+)
 def test_parse_answer(raw, parsed):
     assert parse_answer(raw) == parsed
 
@@ -22,10 +26,17 @@ def test_exact_match_ignores_case_and_spaces_only():
     assert exact_match("49", 49)
 
 
-@pytest.mark.parametrize("prediction,gold", [
-    ("U.S", "U.S."), ("Apple Inc", "Apple Inc."), ("Martin Luther King Jr", "Martin Luther King Jr."),
-    ("U.S.", "U.S"), ("U.S.", "U.S."), ("etc..", "etc"),  # trailing periods go from both sides, all of them
-])
+@pytest.mark.parametrize(
+    "prediction,gold",
+    [
+        ("U.S", "U.S."),
+        ("Apple Inc", "Apple Inc."),
+        ("Martin Luther King Jr", "Martin Luther King Jr."),
+        ("U.S.", "U.S"),
+        ("U.S.", "U.S."),
+        ("etc..", "etc"),  # trailing periods go from both sides, all of them
+    ],
+)
 def test_exact_match_strips_trailing_periods_from_both(prediction, gold):
     assert exact_match(prediction, gold)
 
@@ -37,17 +48,20 @@ def test_a_parsed_answer_matches_a_gold_that_ends_in_a_period():
     assert not exact_match("U.S.A", "U.S.")  # only trailing periods, not every period
 
 
-@pytest.mark.parametrize("prediction,gold,substring,fuzzy", [
-    ("149", "49", True, False),  # the benchmark's rule is fooled by digits; ours needs whole words
-    ("It was 49 years", "49", True, True),
-    ("The Beatles", "Beatles", True, True),
-    ("Beatles", "The Beatles", False, True),  # ours drops articles, the benchmark's does not
-    ("1,000 meters", "1000", False, True),  # ours deletes punctuation, as SQuAD does
-    ("the U.S. army", "U.S.", True, True),  # "U.S." stays one word once its periods are deleted
-    ("category", "cat", True, False),
-    ("Paris.", "paris", True, True),
-    ("", "Paris", False, False),  # an empty generation is wrong
-])
+@pytest.mark.parametrize(
+    "prediction,gold,substring,fuzzy",
+    [
+        ("149", "49", True, False),  # the benchmark's rule is fooled by digits; ours needs whole words
+        ("It was 49 years", "49", True, True),
+        ("The Beatles", "Beatles", True, True),
+        ("Beatles", "The Beatles", False, True),  # ours drops articles, the benchmark's does not
+        ("1,000 meters", "1000", False, True),  # ours deletes punctuation, as SQuAD does
+        ("the U.S. army", "U.S.", True, True),  # "U.S." stays one word once its periods are deleted
+        ("category", "cat", True, False),
+        ("Paris.", "paris", True, True),
+        ("", "Paris", False, False),  # an empty generation is wrong
+    ],
+)
 def test_substring_match_is_the_benchmarks_rule_and_fuzzy_is_ours(prediction, gold, substring, fuzzy):
     assert substring_match(prediction, gold) is substring
     assert fuzzy_match(prediction, gold) is fuzzy
@@ -63,12 +77,15 @@ def test_a_leading_newline_does_not_empty_the_answer():
     assert score_answer("\n Paris\n", "Paris")["exact_match"]
 
 
-@pytest.mark.parametrize("prediction,parser,fuzzy", [
-    ("Psychic and Flying", "finegrained_geminon", True),  # types in any order
-    ("Flying, Psychic", "finegrained_geminon", True),
-    ("Flying", "finegrained_geminon", False),  # a type missing
-    ("Psychic and Flying", "geminon", False),  # other parsers keep the whole-gold rule
-])
+@pytest.mark.parametrize(
+    "prediction,parser,fuzzy",
+    [
+        ("Psychic and Flying", "finegrained_geminon", True),  # types in any order
+        ("Flying, Psychic", "finegrained_geminon", True),
+        ("Flying", "finegrained_geminon", False),  # a type missing
+        ("Psychic and Flying", "geminon", False),  # other parsers keep the whole-gold rule
+    ],
+)
 def test_finegrained_geminon_scores_types_in_any_order(prediction, parser, fuzzy):
     question = "What types of moves does Orbisca learn?"
     scores = score_answer(prediction, "Flying and Psychic", parser, question)
@@ -85,15 +102,18 @@ def test_finegrained_geminon_leaves_other_questions_alone():
     assert not scores["fuzzy_match"] and not scores["substring_match"]
 
 
-@pytest.mark.parametrize("prediction,gold,expected", [
-    ("It was 49 years", "49", True),
-    ("149", "49", False),
-    ("category", "cat", False),
-    ("the cat sat", "a Cat!", True),
-    ("Crystal Caves", "the Crystal Caves", True),
-    ("anything", "the", False),  # an empty normalized gold answer never matches
-    ("Ｐａｒｉｓ", "paris", True),  # NFKC
-])
+@pytest.mark.parametrize(
+    "prediction,gold,expected",
+    [
+        ("It was 49 years", "49", True),
+        ("149", "49", False),
+        ("category", "cat", False),
+        ("the cat sat", "a Cat!", True),
+        ("Crystal Caves", "the Crystal Caves", True),
+        ("anything", "the", False),  # an empty normalized gold answer never matches
+        ("Ｐａｒｉｓ", "paris", True),  # NFKC
+    ],
+)
 def test_fuzzy_match_is_whole_word(prediction, gold, expected):
     assert fuzzy_match(prediction, gold) is expected
 
@@ -107,8 +127,10 @@ def test_normalize_and_f1():
 
 
 def test_summarize_stratifies_by_support():
-    details = [{"supports": s, "exact_match": e, "substring_match": f, "fuzzy_match": f, "token_f1": float(f)}
-               for s, e, f in [(1, True, True), ([7, 8], False, True), (3, False, False), ([1, 2, 3], True, True)]]
+    details = [
+        {"supports": s, "exact_match": e, "substring_match": f, "fuzzy_match": f, "token_f1": float(f)}
+        for s, e, f in [(1, True, True), ([7, 8], False, True), (3, False, False), ([1, 2, 3], True, True)]
+    ]
     m = summarize(details, [2, 3], prefix="valqa_")
     assert m["valqa_n"] == 4 and m["valqa_exact_match"] == 0.5 and m["valqa_fuzzy_match"] == 0.75
     assert m["valqa_n_supports_ge_2"] == 3 and m["valqa_exact_match_supports_ge_2"] == pytest.approx(1 / 3)
@@ -116,8 +138,10 @@ def test_summarize_stratifies_by_support():
 
 
 def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
-    details = [{"exact_match": i % 4 == 0, "substring_match": i % 3 == 0, "fuzzy_match": i % 2 == 0, "token_f1": 0.0}
-               for i in range(1000)]
+    details = [
+        {"exact_match": i % 4 == 0, "substring_match": i % 3 == 0, "fuzzy_match": i % 2 == 0, "token_f1": 0.0}
+        for i in range(1000)
+    ]
     m = summarize(details)
     lo, hi = m["exact_match_ci95"]
     assert lo < m["exact_match"] == 0.25 < hi and 0.04 < hi - lo < 0.07  # about +-3 points at n=1000

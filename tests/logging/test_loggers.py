@@ -1,5 +1,6 @@
 """TensorBoard scalars read back with TensorBoard's own reader; eval metrics go to the jsonl and the console; console
 lines are numbers and start lines of their own, also in a real run's train.log."""
+
 import ast
 import io
 import re
@@ -25,8 +26,18 @@ def test_tensorboard_and_jsonl_get_the_same_metrics(tmp_path, capsys):
     run = RunDir(tmp_path)
     loggers = Loggers(run, [TensorBoardLogger(run)])
     loggers.train(5, {"loss": 2.5, "learning_rate": 1e-4, "note": "not a number"})
-    loggers.eval({"step": 10, "timestamp": 0.0, "eval_loss": 1.25, "valqa_exact_match": 0.5,
-                  "valqa_substring_match": 0.625, "valqa_fuzzy_match": 0.75, "valqa_n": 4, "valqa_exact_match_supports_ge_2": None})
+    loggers.eval(
+        {
+            "step": 10,
+            "timestamp": 0.0,
+            "eval_loss": 1.25,
+            "valqa_exact_match": 0.5,
+            "valqa_substring_match": 0.625,
+            "valqa_fuzzy_match": 0.75,
+            "valqa_n": 4,
+            "valqa_exact_match_supports_ge_2": None,
+        }
+    )
     loggers.close()
 
     events = EventAccumulator(str(run.tensorboard))
@@ -35,20 +46,40 @@ def test_tensorboard_and_jsonl_get_the_same_metrics(tmp_path, capsys):
     assert [(e.step, e.value) for e in events.Scalars("eval/valqa_exact_match")] == [(10, 0.5)]
     assert "train/note" not in events.Tags()["scalars"]
     assert read_jsonl(run.eval_results)[0]["eval_loss"] == 1.25
-    assert "eval | step 10 | eval_loss 1.2500 | valqa exact 0.500 substring 0.625 fuzzy 0.750" in capsys.readouterr().out
+    assert (
+        "eval | step 10 | eval_loss 1.2500 | valqa exact 0.500 substring 0.625 fuzzy 0.750" in capsys.readouterr().out
+    )
 
 
 def test_console_line_skips_empty_sets():
-    line = format_eval_line({"step": 0, "eval_loss": 3.0, "valqa_exact_match": None, "testqa_exact_match": 0.25,
-                             "testqa_substring_match": 0.375, "testqa_fuzzy_match": 0.5})
+    line = format_eval_line(
+        {
+            "step": 0,
+            "eval_loss": 3.0,
+            "valqa_exact_match": None,
+            "testqa_exact_match": 0.25,
+            "testqa_substring_match": 0.375,
+            "testqa_fuzzy_match": 0.5,
+        }
+    )
     assert line == "eval | step 0 | eval_loss 3.0000 | testqa exact 0.250 substring 0.375 fuzzy 0.500"
 
 
 def test_train_lines_are_numbers():
-    line = format_train_line({"loss": 5.33712, "learning_rate": 1e-4, "epoch": 2.0, "num_tokens": 123456.0,
-                              "grad_norm": float("nan"), "note": "text"})
-    assert line == "{'loss': 5.337, 'learning_rate': 0.0001, 'epoch': 2.0, 'num_tokens': 123456.0, 'grad_norm': nan, " \
-                   "'note': 'text'}"
+    line = format_train_line(
+        {
+            "loss": 5.33712,
+            "learning_rate": 1e-4,
+            "epoch": 2.0,
+            "num_tokens": 123456.0,
+            "grad_norm": float("nan"),
+            "note": "text",
+        }
+    )
+    assert (
+        line == "{'loss': 5.337, 'learning_rate': 0.0001, 'epoch': 2.0, 'num_tokens': 123456.0, 'grad_norm': nan, "
+        "'note': 'text'}"
+    )
 
 
 def test_console_lines_start_a_line_of_their_own_under_a_progress_bar(tmp_path, monkeypatch):
@@ -75,5 +106,9 @@ def test_a_real_runs_log_and_tensorboard_count_epochs_of_the_corpus(tiny_wandb_r
     # Rows seen / packed rows: one epoch a step (HF itself counted passes over the run's order: 0.25 a step).
     assert [line["epoch"] for line in lines] == [1.0, 2.0, 3.0, 4.0, 4.0]  # the last: HF's end-of-training summary
     assert read_tensorboard_scalars(tiny_wandb_run / "logs" / "tensorboard")["train/epoch"] == {
-        1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+        1: 1.0,
+        2: 2.0,
+        3: 3.0,
+        4: 4.0,
+    }
     assert log.count("eval | step ") == 3 and not GLUED.search(log)

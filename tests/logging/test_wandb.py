@@ -1,6 +1,7 @@
 """logging=tensorboard_wandb with W&B offline: the .wandb file of a real tiny run holds the same scalars as
 TensorBoard and eval_results.jsonl and the resolved config, and no secret reaches the run dir; a resumed run
 continues its W&B run."""
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,10 @@ def wandb_records(path: Path) -> list:
         if BLOCK - position % BLOCK < 7:  # a block's tail too short for a fragment header is padding
             position += BLOCK - position % BLOCK
             continue
-        _checksum, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        _checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
         if kind == 0:
             break
-        fragment += data[position + 7:position + 7 + length]
+        fragment += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a full record, or the last fragment of one
             records.append(wandb_internal_pb2.Record.FromString(fragment))
@@ -115,7 +116,10 @@ def test_a_resumed_run_continues_its_wandb_run_and_another_run_dir_gets_its_own(
     run_id = (run.logs / "wandb_run_id").read_text().strip()
     assert run_id.startswith("sample-tiny-") and first.run_id == second.run_id == run_id
     assert sorted(first_rows) == [1, 2] and sorted(second_rows) == [3, 4]
-    assert second_rows[4] == {"train/loss": 0.25, "_timestamp": second_rows[4]["_timestamp"],
-                              "_runtime": second_rows[4]["_runtime"]}
+    assert second_rows[4] == {
+        "train/loss": 0.25,
+        "_timestamp": second_rows[4]["_timestamp"],
+        "_runtime": second_rows[4]["_runtime"],
+    }
     ((other, _),) = offline_runs(sweep_job.root)
     assert other.run_id != run_id and other.run_id.startswith("sample-tiny-")

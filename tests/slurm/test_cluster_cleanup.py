@@ -2,6 +2,7 @@
 
 The test starts a second cluster.sh beside the one the SLURM tests run on, and checks that the first is left alone.
 """
+
 import os
 import subprocess
 from pathlib import Path
@@ -36,8 +37,12 @@ def processes_of(conf: str) -> dict[int, str]:
 
 def test_a_job_step_still_running_ends_with_its_cluster():
     assert "SLURM_CONF" in os.environ, "run these tests through `make test-slurm` (tests/slurm/cluster.sh)"
-    with subprocess.Popen([str(ROOT / "tests" / "slurm" / "cluster.sh"), "bash", "-c", SUBMIT_A_LONG_STEP],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as cluster:
+    with subprocess.Popen(
+        [str(ROOT / "tests" / "slurm" / "cluster.sh"), "bash", "-c", SUBMIT_A_LONG_STEP],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as cluster:
         conf = cluster.stdout.readline().strip()
         running = processes_of(conf) if conf else {}
         cluster.stdin.close()  # the command ends, and cluster.sh with it

@@ -2,6 +2,7 @@
 
 tests/slurm/cluster.sh starts the cluster and sets SLURM_CONF; `make test` deselects these tests.
 """
+
 import json
 import os
 import re
@@ -17,9 +18,14 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slurm
 
 # The test cluster has CPUs and no GPUs; one thread per job keeps two jobs from fighting over two cores.
-LAUNCHER = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=null",
-            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=null",
-            "hydra.launcher.setup=['export OMP_NUM_THREADS=1']"]
+LAUNCHER = [
+    "hydra/launcher=submitit_slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=null",
+    "hydra.launcher.setup=['export OMP_NUM_THREADS=1']",
+]
 
 
 def eval_steps(run_dir: Path) -> list[int]:
@@ -42,9 +48,24 @@ def start_sweep(tmp_path: Path, cache_dir: Path, *overrides: str) -> subprocess.
     assert "SLURM_CONF" in os.environ, "run these tests through `make test-slurm` (tests/slurm/cluster.sh)"
     env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir)}
     with open(tmp_path / "sweep.out", "w") as out:
-        SWEEPS.append(subprocess.Popen([sys.executable, str(ROOT / "main.py"), "-m", f"output_root={tmp_path / 'outputs'}",
-                                        *LAUNCHER, "logging=none", "eval.max_questions=8", *overrides],
-                                       cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+        SWEEPS.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "main.py"),
+                    "-m",
+                    f"output_root={tmp_path / 'outputs'}",
+                    *LAUNCHER,
+                    "logging=none",
+                    "eval.max_questions=8",
+                    *overrides,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return SWEEPS[-1]
 
 
@@ -62,17 +83,26 @@ STEPS = ["training.num_train_steps=4", "training.eval_every=2", "training.save_e
 def grid(tmp_path_factory, cache_dir) -> tuple[Path, str]:
     """The 2 x 2 lr x batch sweep through SLURM: its folder and what the submitting command printed."""
     tmp_path = tmp_path_factory.mktemp("grid")
-    proc = start_sweep(tmp_path, cache_dir, "logging.run_name=grid", "optimizer.lr=1e-3,3e-3",
-                       "training.effective_batch_size=8,16", *STEPS)
+    proc = start_sweep(
+        tmp_path,
+        cache_dir,
+        "logging.run_name=grid",
+        "optimizer.lr=1e-3,3e-3",
+        "training.effective_batch_size=8,16",
+        *STEPS,
+    )
     return tmp_path / "outputs" / "cbe" / "grid", finish(proc, tmp_path, timeout=900)
 
 
 def test_lr_by_batch_sweep_runs_as_a_slurm_array(grid):
     sweep, output = grid
     jobs = sorted(p.name for p in sweep.iterdir() if not p.name.startswith((".", "sweep_summary", "multirun")))
-    assert jobs == sorted(f"eval.max_questions=8,optimizer.lr={lr},training.effective_batch_size={bs},"
-                          "training.eval_every=2,training.num_train_steps=4,training.save_every=4"
-                          for lr in ("0.001", "0.003") for bs in (8, 16))
+    assert jobs == sorted(
+        f"eval.max_questions=8,optimizer.lr={lr},training.effective_batch_size={bs},"
+        "training.eval_every=2,training.num_train_steps=4,training.save_every=4"
+        for lr in ("0.001", "0.003")
+        for bs in (8, 16)
+    )
     for job in jobs:
         assert eval_steps(sweep / job) == [0, 2, 4]
         assert (sweep / job / "checkpoints" / "latest").resolve().name == "checkpoint-4"
@@ -87,18 +117,29 @@ def test_lr_by_batch_sweep_runs_as_a_slurm_array(grid):
 def test_a_job_of_two_tasks_trains_as_two_ranks_of_one_run(grid, tmp_path, cache_dir):
     """tasks_per_node=2: the two SLURM tasks become torch.distributed ranks (gloo here) of one run, rank 0 alone
     writes, and the result equals the grid's one-process job with the same effective batch (lr 1e-3, batch 8)."""
-    proc = start_sweep(tmp_path, cache_dir, "logging.run_name=ranks", "hydra.launcher.tasks_per_node=2",
-                       "optimizer.lr=1e-3", "training.effective_batch_size=8", "training.per_device_batch_size=4",
-                       *STEPS)
+    proc = start_sweep(
+        tmp_path,
+        cache_dir,
+        "logging.run_name=ranks",
+        "hydra.launcher.tasks_per_node=2",
+        "optimizer.lr=1e-3",
+        "training.effective_batch_size=8",
+        "training.per_device_batch_size=4",
+        *STEPS,
+    )
     finish(proc, tmp_path, timeout=600)
     [ranks] = [p for p in (tmp_path / "outputs" / "cbe" / "ranks").iterdir() if (p / "metrics").exists()]
     assert len(list((ranks.parent / ".submitit").glob("*/*_log.out"))) == 2  # two tasks ran
     assert eval_steps(ranks) == [0, 2, 4]  # one writer: no line twice
     assert (ranks / "logs" / "train.log").read_text().count("eval | step 4") == 1
-    single = grid[0] / ("eval.max_questions=8,optimizer.lr=0.001,training.effective_batch_size=8,training.eval_every=2,"
-                        "training.num_train_steps=4,training.save_every=4")
-    two, one = ([json.loads(line) for line in (run / "metrics" / "eval_results.jsonl").read_text().splitlines()]
-                for run in (ranks, single))
+    single = grid[0] / (
+        "eval.max_questions=8,optimizer.lr=0.001,training.effective_batch_size=8,training.eval_every=2,"
+        "training.num_train_steps=4,training.save_every=4"
+    )
+    two, one = (
+        [json.loads(line) for line in (run / "metrics" / "eval_results.jsonl").read_text().splitlines()]
+        for run in (ranks, single)
+    )
     for a, b in zip(two, one, strict=True):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
         assert a["valqa_exact_match"] == b["valqa_exact_match"]
@@ -123,10 +164,19 @@ def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 300)
 def test_a_job_killed_by_its_time_limit_is_requeued_and_resumes(tmp_path, cache_dir):
     """Lowering a running job's time limit makes SLURM signal it; submitit requeues it and the run resumes
     from `latest`, not from step 0, and ends with every evaluation exactly once."""
-    proc = start_sweep(tmp_path, cache_dir, "logging.run_name=requeue", "optimizer.lr=3e-3",
-                       "hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=3",
-                       "hydra.launcher.cpus_per_task=2", "hydra.launcher.setup=[]",  # one job: both cores
-                       "training.num_train_steps=200", "training.eval_every=50", "training.save_every=10")
+    proc = start_sweep(
+        tmp_path,
+        cache_dir,
+        "logging.run_name=requeue",
+        "optimizer.lr=3e-3",
+        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.max_num_timeout=3",
+        "hydra.launcher.cpus_per_task=2",
+        "hydra.launcher.setup=[]",  # one job: both cores
+        "training.num_train_steps=200",
+        "training.eval_every=50",
+        "training.save_every=10",
+    )
     sweep = tmp_path / "outputs" / "cbe" / "requeue"
     wait_for(lambda: list(sweep.glob("*/checkpoints/latest")), "first checkpoint", proc)
     run = next(sweep.glob("*/checkpoints/latest")).parents[1]

@@ -8,6 +8,7 @@ rebuild a plain model from the config without its `quantization_config`, and sav
 safetensors checkpoint that reloads in seconds and trains like any other. Its weights are the
 Q4_K_M values (exactly, in float32), not the original bf16 release.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,15 +27,17 @@ _PROBE = "Q: What is the capital of France?\nA:"
 
 
 def materialize_gemma3_270m(cache_dir: str | Path) -> Path:
-    """Return a dir holding a normal HF checkpoint (model + tokenizer) of Gemma 3 270M, built once from the offline GGUF."""
+    """A dir holding a normal HF checkpoint (model + tokenizer) of Gemma 3 270M, built once from the offline GGUF."""
     cache_dir = Path(cache_dir).expanduser()
     final = cache_dir / _NAME
     if _complete(final):
         return final
     if final.exists():
         # The final name only ever appears by rename, so a partial one was edited by hand: don't guess, don't delete.
-        raise UserError(f"{final} is an incomplete checkpoint (it lacks one of {', '.join(_FILES)}); delete it "
-                        "and rerun to convert the GGUF again")
+        raise UserError(
+            f"{final} is an incomplete checkpoint (it lacks one of {', '.join(_FILES)}); delete it "
+            "and rerun to convert the GGUF again"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     # A private scratch dir per call, in the same parent so the final rename is atomic, and so that
     # concurrent jobs (a multirun, several ranks) never write the same half-built files.
@@ -84,5 +87,7 @@ def _convert(scratch: Path, out: Path) -> None:
     with torch.no_grad():
         expected, got = dequantized(**inputs).logits, reloaded(**inputs).logits
     if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
-        raise RuntimeError(f"converted Gemma 3 270M disagrees with its GGUF (max logit difference "
-                           f"{(expected - got).abs().max().item():.3g}); not publishing {out}")
+        raise RuntimeError(
+            f"converted Gemma 3 270M disagrees with its GGUF (max logit difference "
+            f"{(expected - got).abs().max().item():.3g}); not publishing {out}"
+        )

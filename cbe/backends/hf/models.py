@@ -1,4 +1,5 @@
 """Load the model and tokenizer a config names, and wrap it with LoRA when the adapter asks for it."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,13 @@ import re
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                     RepositoryNotFoundError)
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, set_seed
 
@@ -35,11 +41,15 @@ def _from_pretrained(loader, name: str, **kwargs):
     except (OSError, HFValidationError) as e:
         cause = e.__cause__ or e
         if isinstance(cause, GatedRepoError):
-            raise UserError(f"{name} is gated: accept its license at https://huggingface.co/{name}, then run "
-                            "`hf auth login` (or set HF_TOKEN)")
+            raise UserError(
+                f"{name} is gated: accept its license at https://huggingface.co/{name}, then run "
+                "`hf auth login` (or set HF_TOKEN)"
+            )
         if isinstance(cause, (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, HFValidationError)):
-            raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]} Check model.name (a short name "
-                            "like gemma3-1b-pt, a hub id or a local dir) and your network")
+            raise UserError(
+                f"cannot load model {name!r}: {str(e).splitlines()[0]} Check model.name (a short name "
+                "like gemma3-1b-pt, a hub id or a local dir) and your network"
+            )
         raise
 
 
@@ -65,8 +75,9 @@ def load_model_and_tokenizer(cfg: DictConfig, attn_implementation: str = "sdpa")
 
             model = PeftModel.from_pretrained(model, checkpoint)
         return model, tokenizer
-    model = _from_pretrained(AutoModelForCausalLM, str(checkpoint), dtype=compute_dtype(),
-                             attn_implementation=attn_implementation)
+    model = _from_pretrained(
+        AutoModelForCausalLM, str(checkpoint), dtype=compute_dtype(), attn_implementation=attn_implementation
+    )
     return model, load_tokenizer(cfg, checkpoint)
 
 
@@ -76,9 +87,13 @@ def load_base_model(cfg: DictConfig, attn: str = "sdpa"):
     if cfg.model.source == "init":
         set_seed(cfg.training.seed)
         tokenizer = load_tokenizer(cfg)
-        config = Gemma3TextConfig(**OmegaConf.to_container(cfg.model.architecture), pad_token_id=tokenizer.pad_token_id,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  attn_implementation=attn)
+        config = Gemma3TextConfig(
+            **OmegaConf.to_container(cfg.model.architecture),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            attn_implementation=attn,
+        )
         # Built where it will train: initializing billions of parameters on the CPU takes minutes.
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             return Gemma3ForCausalLM(config).to(dtype), tokenizer
@@ -100,8 +115,13 @@ def apply_adapter(model, cfg: DictConfig):
 
     # A regex, so the vision tower of the multimodal 4B/12B checkpoints stays untouched.
     targets = rf"^(?!.*(vision_tower|multi_modal_projector)).*\.({'|'.join(cfg.adapter.target_modules)})$"
-    lora = LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, lora_dropout=cfg.adapter.dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.adapter.rank,
+        lora_alpha=cfg.adapter.alpha,
+        lora_dropout=cfg.adapter.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     init_lora_a(model, cfg.training.seed)
     return model

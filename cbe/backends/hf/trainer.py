@@ -4,6 +4,7 @@ Packing happens once in cbe.data (shared with the JAX backend), so TRL gets read
 dataset preparation. Rows carry position ids that restart per document and no attention mask: with
 use_cache=False transformers then builds a block-diagonal causal mask, so documents never see each other.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,14 @@ import torch.distributed as dist
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import (GenerationConfig, PrinterCallback, ProgressCallback, StoppingCriteria, StoppingCriteriaList,
-                          TrainerCallback)
+from transformers import (
+    GenerationConfig,
+    PrinterCallback,
+    ProgressCallback,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TrainerCallback,
+)
 from trl import SFTConfig, SFTTrainer
 
 from cbe import memory
@@ -47,11 +54,12 @@ class NewlineStopCriteria(StoppingCriteria):
 
     def __init__(self, stop: NewlineStop, prompt_length: int, device: torch.device):
         self.prompt_length = prompt_length
-        self.newline, self.ends_alone, self.blank = (torch.from_numpy(a).to(device)
-                                                     for a in (stop.newline, stop.ends_alone, stop.blank))
+        self.newline, self.ends_alone, self.blank = (
+            torch.from_numpy(a).to(device) for a in (stop.newline, stop.ends_alone, stop.blank)
+        )
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_length:]
+        generated = input_ids[:, self.prompt_length :]
         text = (~self.blank[generated]).int()
         text_before = (text.cumsum(1) - text) > 0  # some earlier generated token was not blank
         return (self.ends_alone[generated] | (self.newline[generated] & text_before)).any(1)
@@ -61,22 +69,28 @@ def plan_memory(cfg: DictConfig, card: float | None) -> bool:
     """Whether to checkpoint activations on a GPU of `card` bytes (None: the CPU), decided and said before the
     model loads (cbe.memory); refuses a run whose weights and optimizer state alone exceed the GPU."""
     t, arch = cfg.training, OmegaConf.to_container(cfg.model.architecture)
-    plan = memory.plan(arch, cfg.adapter.rank, t.per_device_batch_size, cfg.data.sequence_length,
-                       t.gradient_checkpointing, card)
+    plan = memory.plan(
+        arch, cfg.adapter.rank, t.per_device_batch_size, cfg.data.sequence_length, t.gradient_checkpointing, card
+    )
     where = f"on this {card / memory.GB:.0f} GB GPU" if card else "on the CPU"
     line = f"memory: gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'} {where}"
     if plan.estimate is None:
         print(f"{line} (no model.architecture to estimate from)", flush=True)
         return plan.gradient_checkpointing
     if card and plan.estimate.static_bytes + memory.OVERHEAD_BYTES > card:
-        raise UserError(f"{cfg.model.name} {cfg.adapter.name}: its weights and optimizer state alone take "
-                        f"{plan.estimate.static_bytes / memory.GB:.0f} GB (estimated), more than this "
-                        f"{card / memory.GB:.0f} GB GPU; use adapter=lora128, or backend=kd over several GPUs (FSDP "
-                        "shards them), or a larger GPU")
+        raise UserError(
+            f"{cfg.model.name} {cfg.adapter.name}: its weights and optimizer state alone take "
+            f"{plan.estimate.static_bytes / memory.GB:.0f} GB (estimated), more than this "
+            f"{card / memory.GB:.0f} GB GPU; use adapter=lora128, or backend=kd over several GPUs (FSDP "
+            "shards them), or a larger GPU"
+        )
     print(f"{line}; {plan.estimate.describe()}", flush=True)
     if not plan.fits:
-        print(f"memory: this may not fit {where}: lower training.per_device_batch_size (gradient accumulation keeps "
-              "training.effective_batch_size) or set training.gradient_checkpointing=true", flush=True)
+        print(
+            f"memory: this may not fit {where}: lower training.per_device_batch_size (gradient accumulation keeps "
+            "training.effective_batch_size) or set training.gradient_checkpointing=true",
+            flush=True,
+        )
     return plan.gradient_checkpointing
 
 
@@ -97,7 +111,8 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
 
 
 def eager():
-    """Evaluation runs the compiled layers eagerly: its shapes vary, and compiling them would cost more than it saves."""
+    """Evaluation runs the compiled layers eagerly: its shapes vary, and compiling them would cost more than it
+    saves."""
     return torch.compiler.set_stance("force_eager")
 
 
@@ -122,8 +137,10 @@ class _SFTTrainer(SFTTrainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             o = self.optimizer_cfg
-            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda step: lr_multiplier(
-                step, num_training_steps, o.warmup_fraction, o.schedule, o.end_lr_fraction))
+            self.lr_scheduler = LambdaLR(
+                optimizer or self.optimizer,
+                lambda step: lr_multiplier(step, num_training_steps, o.warmup_fraction, o.schedule, o.end_lr_fraction),
+            )
         return self.lr_scheduler
 
 
@@ -164,15 +181,19 @@ class _Hooks(TrainerCallback):
 class HFTrainer(Backend):
     """Trains and evaluates one run with transformers/TRL/PEFT."""
 
-    def __init__(self, cfg: DictConfig, run: RunDir, evaluator: QAEvaluator, loggers: Loggers,
-                 attn_implementation: str = "sdpa"):
+    def __init__(
+        self, cfg: DictConfig, run: RunDir, evaluator: QAEvaluator, loggers: Loggers, attn_implementation: str = "sdpa"
+    ):
         self.cfg, self.run, self.evaluator, self.loggers = cfg, run, evaluator, loggers
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if world_size() > 1 and not dist.is_initialized():  # torchrun: evaluation shards over the ranks
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
-            if torch.cuda.is_available() else None
+        card = (
+            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            if torch.cuda.is_available()
+            else None
+        )
         self.gradient_checkpointing = plan_memory(cfg, card) if cfg.mode == "train" else False
         self.model, self.tokenizer = load_model_and_tokenizer(cfg, attn_implementation)
         self.compiled = 0  # decoder layers compiled for training (training.torch_compile)
@@ -210,19 +231,25 @@ class HFTrainer(Backend):
         was_training = self.model.training
         self.model.eval()
         tok = self.tokenizer
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_strings=["Q:"],
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            stop_strings=["Q:"],
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             inputs = tok([prompts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left")
             inputs = inputs.to(self.device)
             newline = NewlineStopCriteria(self.newline_stop, inputs["input_ids"].shape[1], self.device)
             with eager():  # compiled layers would recompile for every generated length
-                output = self.model.generate(**inputs, generation_config=config, tokenizer=tok,
-                                             stopping_criteria=StoppingCriteriaList([newline]))
-            texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                output = self.model.generate(
+                    **inputs, generation_config=config, tokenizer=tok, stopping_criteria=StoppingCriteriaList([newline])
+                )
+            texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(batch, texts):
                 answers[i] = text
         self.model.train(was_training)
@@ -241,8 +268,11 @@ class HFTrainer(Backend):
         total, count = 0.0, 0
         for start in range(rank * batch_size, len(rows), batch_size * world):
             end = start + batch_size
-            batch = {"input_ids": rows.input_ids[start:end], "position_ids": rows.position_ids[start:end],
-                     "labels": rows.labels[start:end]}
+            batch = {
+                "input_ids": rows.input_ids[start:end],
+                "position_ids": rows.position_ids[start:end],
+                "labels": rows.labels[start:end],
+            }
             batch = {k: torch.from_numpy(v.astype(np.int64)).to(self.device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
             with eager():
@@ -262,7 +292,7 @@ class HFTrainer(Backend):
 
     # -- training --------------------------------------------------------------------------------
     def train(self) -> None:
-        cfg, t = self.cfg, self.cfg.training
+        t = self.cfg.training
         resume = self.run.latest_checkpoint()
         if resume is not None:
             self.run.drop_eval_results_after(RunDir.step_of(resume))
@@ -284,21 +314,42 @@ class HFTrainer(Backend):
         if compile_enabled(t.torch_compile) and not self.compiled:
             self.compiled = compile_decoder_layers(self.model)
         args = SFTConfig(
-            output_dir=str(self.run.checkpoints), max_steps=t.num_train_steps, seed=t.seed, data_seed=t.seed,
+            output_dir=str(self.run.checkpoints),
+            max_steps=t.num_train_steps,
+            seed=t.seed,
+            data_seed=t.seed,
             per_device_train_batch_size=t.per_device_batch_size,
             gradient_accumulation_steps=t.effective_batch_size // (t.per_device_batch_size * world_size()),
-            learning_rate=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
-            adam_beta1=cfg.optimizer.b1, adam_beta2=cfg.optimizer.b2,
-            optim="adamw_torch_fused" if on_gpu else "adamw_torch", bf16=on_gpu and torch.cuda.is_bf16_supported(),
+            learning_rate=cfg.optimizer.lr,
+            weight_decay=cfg.optimizer.weight_decay,
+            adam_beta1=cfg.optimizer.b1,
+            adam_beta2=cfg.optimizer.b2,
+            optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+            bf16=on_gpu and torch.cuda.is_bf16_supported(),
             max_grad_norm=cfg.optimizer.max_grad_norm or 0.0,  # 0: no clipping (null in our config)
-            activation_checkpointing=self.gradient_checkpointing, save_strategy="steps", save_steps=t.save_every,
-            save_total_limit=t.max_checkpoints, eval_strategy="no", logging_steps=cfg.logging.log_every_n_steps,
-            report_to="none", dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
-            remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not on_gpu,
+            activation_checkpointing=self.gradient_checkpointing,
+            save_strategy="steps",
+            save_steps=t.save_every,
+            save_total_limit=t.max_checkpoints,
+            eval_strategy="no",
+            logging_steps=cfg.logging.log_every_n_steps,
+            report_to="none",
+            dataset_kwargs={"skip_prepare_dataset": True},
+            max_length=None,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            use_cpu=not on_gpu,
             disable_tqdm=not is_main_process(),
         )
-        trainer = _SFTTrainer(model=self.model, args=args, train_dataset=dataset, data_collator=collate,
-                              processing_class=self.tokenizer, callbacks=callbacks, optimizer_cfg=cfg.optimizer,
-                              order=order)
+        trainer = _SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collate,
+            processing_class=self.tokenizer,
+            callbacks=callbacks,
+            optimizer_cfg=cfg.optimizer,
+            order=order,
+        )
         self.model = trainer.model
         return trainer

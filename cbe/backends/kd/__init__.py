@@ -1,4 +1,5 @@
 """The Kauldron (JAX) backend. Importing it sets up the process for JAX before jax is imported."""
+
 import contextlib
 import os
 import re
@@ -18,8 +19,10 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_cpu_
 
 # TensorFlow's native start-up banners, which TF_CPP_MIN_LOG_LEVEL does not reach on every build (absl logs
 # them before it is initialized). Only these lines are dropped; anything else TensorFlow prints still shows.
-TF_BANNERS = re.compile(r"All log messages before absl::InitializeLog|port\.cc:\d+\] oneDNN custom operations|"
-                        r"cpu_feature_guard\.cc|^To enable the following instructions|rebuild TensorFlow with")
+TF_BANNERS = re.compile(
+    r"All log messages before absl::InitializeLog|port\.cc:\d+\] oneDNN custom operations|"
+    r"cpu_feature_guard\.cc|^To enable the following instructions|rebuild TensorFlow with"
+)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ width D and MLP width F:
 
 Works on numpy arrays, so this module needs neither torch nor jax.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-_NORMS = {"input_layernorm": "pre_attention_norm", "post_attention_layernorm": "post_attention_norm",
-          "pre_feedforward_layernorm": "pre_ffw_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+_NORMS = {
+    "input_layernorm": "pre_attention_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "pre_ffw_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
 
 
 def text_weights(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,8 +40,9 @@ def text_weights(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def hf_to_gemma(state_dict: Mapping[str, np.ndarray], num_layers: int, num_heads: int, num_kv_heads: int,
-                head_dim: int) -> dict[str, Any]:
+def hf_to_gemma(
+    state_dict: Mapping[str, np.ndarray], num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> dict[str, Any]:
     """gemma's param tree from a Gemma 3 state dict (numpy arrays)."""
     sd = text_weights(state_dict)
     N, K, H = num_heads, num_kv_heads, head_dim
@@ -45,20 +51,27 @@ def hf_to_gemma(state_dict: Mapping[str, np.ndarray], num_layers: int, num_heads
         w = sd[name]
         return w.reshape(n, H, w.shape[-1]).transpose(0, 2, 1)
 
-    params: dict[str, Any] = {"embedder": {"input_embedding": sd["model.embed_tokens.weight"]},
-                              "final_norm": {"scale": sd["model.norm.weight"]}}
+    params: dict[str, Any] = {
+        "embedder": {"input_embedding": sd["model.embed_tokens.weight"]},
+        "final_norm": {"scale": sd["model.norm.weight"]},
+    }
     for i in range(num_layers):
         p = f"model.layers.{i}."
         o = sd[p + "self_attn.o_proj.weight"]
         layer = {
-            "attn": {"q_einsum": {"w": heads(p + "self_attn.q_proj.weight", N)},
-                     "kv_einsum": {"w": np.stack([heads(p + "self_attn.k_proj.weight", K),
-                                                  heads(p + "self_attn.v_proj.weight", K)])},
-                     "attn_vec_einsum": {"w": o.T.reshape(N, H, o.shape[0])},
-                     "_query_norm": {"scale": sd[p + "self_attn.q_norm.weight"]},
-                     "_key_norm": {"scale": sd[p + "self_attn.k_norm.weight"]}},
-            "mlp": {"gating_einsum": np.stack([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
-                    "linear": sd[p + "mlp.down_proj.weight"].T},
+            "attn": {
+                "q_einsum": {"w": heads(p + "self_attn.q_proj.weight", N)},
+                "kv_einsum": {
+                    "w": np.stack([heads(p + "self_attn.k_proj.weight", K), heads(p + "self_attn.v_proj.weight", K)])
+                },
+                "attn_vec_einsum": {"w": o.T.reshape(N, H, o.shape[0])},
+                "_query_norm": {"scale": sd[p + "self_attn.q_norm.weight"]},
+                "_key_norm": {"scale": sd[p + "self_attn.k_norm.weight"]},
+            },
+            "mlp": {
+                "gating_einsum": np.stack([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
+                "linear": sd[p + "mlp.down_proj.weight"].T,
+            },
         }
         for hf_name, gemma_name in _NORMS.items():
             layer[gemma_name] = {"scale": sd[p + hf_name + ".weight"]}
@@ -69,8 +82,10 @@ def hf_to_gemma(state_dict: Mapping[str, np.ndarray], num_layers: int, num_heads
 def gemma_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A Gemma3ForCausalLM state dict from gemma params (the inverse of hf_to_gemma)."""
     params = {k: v for k, v in params.items()}
-    sd = {"model.embed_tokens.weight": np.asarray(params["embedder"]["input_embedding"]),
-          "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
+    sd = {
+        "model.embed_tokens.weight": np.asarray(params["embedder"]["input_embedding"]),
+        "model.norm.weight": np.asarray(params["final_norm"]["scale"]),
+    }
     for name, layer in params.items():
         match = re.fullmatch(r"layer_(\d+)", name)
         if not match:
@@ -85,13 +100,17 @@ def gemma_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         kv = np.asarray(attn["kv_einsum"]["w"])
         o = np.asarray(attn["attn_vec_einsum"]["w"])
         gating = np.asarray(mlp["gating_einsum"])
-        sd |= {p + "self_attn.q_proj.weight": rows(attn["q_einsum"]["w"]),
-               p + "self_attn.k_proj.weight": rows(kv[0]), p + "self_attn.v_proj.weight": rows(kv[1]),
-               p + "self_attn.o_proj.weight": o.reshape(-1, o.shape[-1]).T,
-               p + "self_attn.q_norm.weight": np.asarray(attn["_query_norm"]["scale"]),
-               p + "self_attn.k_norm.weight": np.asarray(attn["_key_norm"]["scale"]),
-               p + "mlp.gate_proj.weight": gating[0], p + "mlp.up_proj.weight": gating[1],
-               p + "mlp.down_proj.weight": np.asarray(mlp["linear"]).T}
+        sd |= {
+            p + "self_attn.q_proj.weight": rows(attn["q_einsum"]["w"]),
+            p + "self_attn.k_proj.weight": rows(kv[0]),
+            p + "self_attn.v_proj.weight": rows(kv[1]),
+            p + "self_attn.o_proj.weight": o.reshape(-1, o.shape[-1]).T,
+            p + "self_attn.q_norm.weight": np.asarray(attn["_query_norm"]["scale"]),
+            p + "self_attn.k_norm.weight": np.asarray(attn["_key_norm"]["scale"]),
+            p + "mlp.gate_proj.weight": gating[0],
+            p + "mlp.up_proj.weight": gating[1],
+            p + "mlp.down_proj.weight": np.asarray(mlp["linear"]).T,
+        }
         for hf_name, gemma_name in _NORMS.items():
             sd[p + hf_name + ".weight"] = np.asarray(layer[gemma_name]["scale"])
     return sd

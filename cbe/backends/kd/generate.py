@@ -22,6 +22,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,27 +30,38 @@ import numpy as np
 from cbe.backends.base import NewlineStop
 
 
-def greedy_generate(model, params, prompts: list[list[int]], max_new_tokens: int,
-                    stop: NewlineStop, eos_id: int, pad_id: int, batch_size: int) -> list[list[int]]:
+def greedy_generate(
+    model,
+    params,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop: NewlineStop,
+    eos_id: int,
+    pad_id: int,
+    batch_size: int,
+) -> list[list[int]]:
     """Greedy continuation token ids of every prompt (prompt excluded), each cut where its answer ended."""
     tables = tuple(jnp.asarray(a) for a in (stop.newline, stop.ends_alone, stop.blank))
     # Similar lengths go together so that little of each batch is padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         length = _bucket(max(len(prompts[i]) for i in rows))
         tokens = np.full((batch_size, length), pad_id, np.int32)
         lengths = np.zeros((batch_size,), np.int32)  # dummy rows keep length 0
         for r, i in enumerate(rows):
             if prompts[i]:
-                tokens[r, length - len(prompts[i]):] = prompts[i]
+                tokens[r, length - len(prompts[i]) :] = prompts[i]
             lengths[r] = len(prompts[i])
-        out = np.asarray(_generate_batch(model, params, tokens, lengths, tables, max_new_tokens=max_new_tokens,
-                                         eos_id=eos_id, pad_id=pad_id))
+        out = np.asarray(
+            _generate_batch(
+                model, params, tokens, lengths, tables, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id
+            )
+        )
         for r, i in enumerate(rows):
             ids = out[r].tolist()
-            results[i] = ids[:stop.end(ids, eos_id)]
+            results[i] = ids[: stop.end(ids, eos_id)]
     return results
 
 
@@ -80,16 +92,22 @@ def _generate_batch(model, params, tokens, lengths, tables, *, max_new_tokens, e
 
     # Prefill: each prompt slot sees real slots up to itself. Mask is [B, L-1, C].
     causal = slots[:prefill, None] >= slots[None, :]
-    out = model.apply({"params": params}, tokens[:, :prefill], positions=positions[:, :prefill],
-                      cache=cache, attention_mask=real[:, None, :] & causal[None])
+    out = model.apply(
+        {"params": params},
+        tokens[:, :prefill],
+        positions=positions[:, :prefill],
+        cache=cache,
+        attention_mask=real[:, None, :] & causal[None],
+    )
 
     def step(state):
         t, token, cache, ids, done, text_before = state
         slot = prefill + t
         # Decode mask is [B, 1, C]: real slots written so far, this one included.
         mask = (real & (slots[None, :] <= slot))[:, None, :]
-        out = model.apply({"params": params}, token[:, None], positions=(slot - first)[:, None],
-                          cache=cache, attention_mask=mask)
+        out = model.apply(
+            {"params": params}, token[:, None], positions=(slot - first)[:, None], cache=cache, attention_mask=mask
+        )
         nxt = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)  # finished rows just idle
         ids = ids.at[:, t].set(nxt)

@@ -4,6 +4,7 @@ The HF checkpoint (hub, the offline 270M GGUF, or the tiny model's seeded random
 truth for both backends: its config becomes gemma's TransformerConfig and its weights are converted by
 cbe.backends.kd.convert. `backend.trainer.gemma_params` loads an official gemma checkpoint instead.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,18 +36,29 @@ def gemma_config(hf) -> gm.nn.config.TransformerConfig:
     elif hf.query_pre_attn_scalar == hf.hidden_size // hf.num_attention_heads:
         query_scale = _QUERY_SCALE.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS
     else:
-        raise UserError(f"model: query_pre_attn_scalar={hf.query_pre_attn_scalar} has no gemma equivalent; set it "
-                        f"to head_dim ({hf.head_dim}) in model.architecture")
+        raise UserError(
+            f"model: query_pre_attn_scalar={hf.query_pre_attn_scalar} has no gemma equivalent; set it "
+            f"to head_dim ({hf.head_dim}) in model.architecture"
+        )
     if hf.num_key_value_heads == hf.num_attention_heads:
         # gemma then fuses q, k and v into one qkv_einsum, a layout the real models do not have.
         raise UserError("model.architecture: num_key_value_heads must be fewer than num_attention_heads for backend=kd")
     rope = hf.rope_parameters
     return gm.nn.config.TransformerConfig(
-        num_embed=hf.vocab_size, embed_dim=hf.hidden_size, hidden_dim=hf.intermediate_size,
-        num_heads=hf.num_attention_heads, head_dim=hf.head_dim, num_kv_heads=hf.num_key_value_heads,
-        final_logit_softcap=hf.final_logit_softcapping, attn_logits_soft_cap=hf.attn_logit_softcapping,
-        use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True, query_pre_attn_norm=query_scale,
-        attention_types=tuple(_ATTENTION[t] for t in hf.layer_types), sliding_window_size=hf.sliding_window,
+        num_embed=hf.vocab_size,
+        embed_dim=hf.hidden_size,
+        hidden_dim=hf.intermediate_size,
+        num_heads=hf.num_attention_heads,
+        head_dim=hf.head_dim,
+        num_kv_heads=hf.num_key_value_heads,
+        final_logit_softcap=hf.final_logit_softcapping,
+        attn_logits_soft_cap=hf.attn_logit_softcapping,
+        use_post_attn_norm=True,
+        use_post_ffw_norm=True,
+        use_qk_norm=True,
+        query_pre_attn_norm=query_scale,
+        attention_types=tuple(_ATTENTION[t] for t in hf.layer_types),
+        sliding_window_size=hf.sliding_window,
         transpose_gating_einsum=True,
         local_base_frequency=int(rope["sliding_attention"]["rope_theta"]),
         global_base_frequency=int(rope["full_attention"]["rope_theta"]),

@@ -6,6 +6,7 @@ them is ours, because the harness counts in optimizer steps: one step is `accumu
 (`optax.MultiSteps`), and evaluation, checkpoints and logging happen between optimizer steps, as in HF.
 The rows, their order, the schedule, the evaluator and the run layout are the ones the HF backend uses.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,12 @@ class OrderedRows(grain.RandomAccessDataSource):
 
 def next_token_example(rows: PackedRows, i: int) -> dict[str, np.ndarray]:
     labels = np.append(rows.labels[i, 1:], IGNORE)
-    return {"input_ids": rows.input_ids[i], "position_ids": rows.position_ids[i],
-            "target": np.maximum(labels, 0)[:, None], "loss_mask": (labels != IGNORE)[:, None].astype(np.float32)}
+    return {
+        "input_ids": rows.input_ids[i],
+        "position_ids": rows.position_ids[i],
+        "target": np.maximum(labels, 0)[:, None],
+        "loss_mask": (labels != IGNORE)[:, None].astype(np.float32),
+    }
 
 
 class _Weights(kd.ckpts.AbstractPartialLoader):
@@ -91,29 +96,42 @@ class _FSDP(kd.sharding.FSDPSharding):
 class KDTrainer(Backend):
     """Trains and evaluates one run with Kauldron and gemma."""
 
-    def __init__(self, cfg: DictConfig, run: RunDir, evaluator: QAEvaluator, loggers: Loggers,
-                 gemma_params: str | None = None, fsdp_min_size_mb: float = 4):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run: RunDir,
+        evaluator: QAEvaluator,
+        loggers: Loggers,
+        gemma_params: str | None = None,
+        fsdp_min_size_mb: float = 4,
+    ):
         self.cfg, self.run, self.evaluator, self.loggers = cfg, run, evaluator, loggers
         if world_size() > 1:
-            raise UserError(f"backend=kd runs as one process that drives all of its host's devices, not {world_size()} "
-                            "processes; start it with plain `python main.py` (SLURM: hydra.launcher.tasks_per_node=1, "
-                            "nodes=1); multi-host JAX is not supported yet")
+            raise UserError(
+                f"backend=kd runs as one process that drives all of its host's devices, not {world_size()} "
+                "processes; start it with plain `python main.py` (SLURM: hydra.launcher.tasks_per_node=1, "
+                "nodes=1); multi-host JAX is not supported yet"
+            )
         t = cfg.training
         self.devices = jax.device_count()
         self.rows_per_micro_step = t.per_device_batch_size * self.devices
         if t.effective_batch_size % self.rows_per_micro_step:
-            raise UserError(f"training.effective_batch_size={t.effective_batch_size} is not divisible by "
-                            f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {self.devices}")
+            raise UserError(
+                f"training.effective_batch_size={t.effective_batch_size} is not divisible by "
+                f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {self.devices}"
+            )
         self.accumulation = t.effective_batch_size // self.rows_per_micro_step
         o, steps = cfg.optimizer, max(1, t.num_train_steps)
         # The lr of each optimizer update: the shared schedule, once, for optax and for the log.
-        self.learning_rates = np.array([o.lr * lr_multiplier(s, steps, o.warmup_fraction, o.schedule,
-                                                             o.end_lr_fraction) for s in range(steps)])
+        self.learning_rates = np.array(
+            [o.lr * lr_multiplier(s, steps, o.warmup_fraction, o.schedule, o.end_lr_fraction) for s in range(steps)]
+        )
         hf_config, params, self.tokenizer = load_hf_weights(cfg)
         self.weights = load_gemma_params(gemma_params) if gemma_params else params
         self.model_config = gemma_config(hf_config)
-        self.model = build_model(self.model_config, cfg.adapter.rank,
-                                 tokens="batch.input_ids", positions="batch.position_ids")
+        self.model = build_model(
+            self.model_config, cfg.adapter.rank, tokens="batch.input_ids", positions="batch.position_ids"
+        )
         self.val_rows = self.packed(cfg.data.val_path, "val")
         self.fsdp = _FSDP(min_size_to_shard_mb=fsdp_min_size_mb)
         self.params = None  # set by train() or evaluate_checkpoint()
@@ -144,14 +162,23 @@ class KDTrainer(Backend):
         # At least one step's rows, for the element spec of a run that only evaluates.
         order = training_order(len(rows), max(1, t.num_train_steps) * t.effective_batch_size, t.seed)[start_row:]
         return kd.train.Trainer(
-            seed=t.seed, workdir=str(workdir or self.run.root),
-            train_ds=kd.data.py.DataSource(data_source=OrderedRows(rows, order, t.effective_batch_size), shuffle=False,
-                                           batch_size=self.rows_per_micro_step, num_workers=0, num_epochs=1),
+            seed=t.seed,
+            workdir=str(workdir or self.run.root),
+            train_ds=kd.data.py.DataSource(
+                data_source=OrderedRows(rows, order, t.effective_batch_size),
+                shuffle=False,
+                batch_size=self.rows_per_micro_step,
+                num_workers=0,
+                num_epochs=1,
+            ),
             model=self.model,
             sharding=kd.sharding.ShardingStrategy(params=self.fsdp),
             num_train_steps=t.num_train_steps * self.accumulation,
-            train_losses={"xent": kd.losses.SoftmaxCrossEntropyWithIntLabels(
-                logits="preds.logits", labels="batch.target", mask="batch.loss_mask", normalize_by="values")},
+            train_losses={
+                "xent": kd.losses.SoftmaxCrossEntropyWithIntLabels(
+                    logits="preds.logits", labels="batch.target", mask="batch.loss_mask", normalize_by="values"
+                )
+            },
             optimizer=self._optimizer(),
             checkpointer=kd.ckpts.Checkpointer(save_interval_steps=1, max_to_keep=t.max_checkpoints),
             init_transform=_Weights(self.weights),
@@ -166,8 +193,16 @@ class KDTrainer(Backend):
         """Greedy answers, each cut where `answer_ended` says, or at EOS (as the HF backend's are)."""
         tok = self.tokenizer
         ids = [tok(p)["input_ids"] for p in prompts]
-        outputs = greedy_generate(self.model, self.params, ids, max_new_tokens, self.newline_stop, tok.eos_token_id,
-                                  tok.pad_token_id, batch_size)
+        outputs = greedy_generate(
+            self.model,
+            self.params,
+            ids,
+            max_new_tokens,
+            self.newline_stop,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            batch_size,
+        )
         return [self._cut(out) for out in outputs]
 
     @functools.cached_property
@@ -188,7 +223,8 @@ class KDTrainer(Backend):
         for start in range(0, len(rows), batch_size):
             examples = [next_token_example(rows, i) for i in range(start, min(start + batch_size, len(rows)))]
             examples += [{**examples[0], "loss_mask": np.zeros_like(examples[0]["loss_mask"])}] * (
-                batch_size - len(examples))  # a fixed batch shape keeps it one compiled program
+                batch_size - len(examples)
+            )  # a fixed batch shape keeps it one compiled program
             batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
             batch_total, batch_count = self._loss_sums(self.params, batch)
             total, count = total + float(batch_total), count + float(batch_count)
@@ -215,9 +251,11 @@ class KDTrainer(Backend):
             self.state = checkpointer.restore(self.state, step=start)
         self.params = self.state.params
         sharded = [x for x in jax.tree.leaves(self.params) if not x.sharding.is_fully_replicated]
-        print(f"params: {len(sharded)} of {len(jax.tree.leaves(self.params))} arrays sharded over {self.devices} "
-              f"device(s) (FSDP), accumulation {self.accumulation} micro-batches of {self.rows_per_micro_step} rows",
-              flush=True)
+        print(
+            f"params: {len(sharded)} of {len(jax.tree.leaves(self.params))} arrays sharded over {self.devices} "
+            f"device(s) (FSDP), accumulation {self.accumulation} micro-batches of {self.rows_per_micro_step} rows",
+            flush=True,
+        )
         if resume is None:
             self.run.drop_eval_results_after(-1)
             self.evaluate(0)
@@ -225,8 +263,13 @@ class KDTrainer(Backend):
             return
         batches = iter(self.trainer.train_ds)
         losses = []
-        for step in tqdm(range(start + 1, t.num_train_steps + 1), initial=start, total=t.num_train_steps,
-                         desc="training", unit="step"):
+        for step in tqdm(
+            range(start + 1, t.num_train_steps + 1),
+            initial=start,
+            total=t.num_train_steps,
+            desc="training",
+            unit="step",
+        ):
             for _ in range(self.accumulation):
                 batch = kd.sharding.device_put(next(batches), self.trainer.sharding.ds)
                 self.state, aux = trainstep.step(self.state, batch, return_losses=True)
@@ -234,8 +277,14 @@ class KDTrainer(Backend):
                 losses.append(aux.loss_states["xent"])
             if step % cfg.logging.log_every_n_steps == 0 or step == t.num_train_steps:
                 mean = float(np.mean([loss.compute() for loss in losses]))
-                self.loggers.train(step, {"loss": mean, "learning_rate": float(self.learning_rates[step - 1]),
-                                          "epoch": epochs_seen(step, t.effective_batch_size, len(train_rows))})
+                self.loggers.train(
+                    step,
+                    {
+                        "loss": mean,
+                        "learning_rate": float(self.learning_rates[step - 1]),
+                        "epoch": epochs_seen(step, t.effective_batch_size, len(train_rows)),
+                    },
+                )
                 losses = []
             if step % t.save_every == 0 or step == t.num_train_steps:
                 self.save(step)
@@ -252,8 +301,10 @@ class KDTrainer(Backend):
         else:
             checkpoint = Path(self.cfg.checkpoint).resolve()
             if not checkpoint.name.startswith("ckpt_"):
-                raise UserError(f"checkpoint={self.cfg.checkpoint}: backend=kd evaluates its own checkpoints "
-                                "(checkpoints/ckpt_<step>); evaluate HF checkpoints with backend=hf")
+                raise UserError(
+                    f"checkpoint={self.cfg.checkpoint}: backend=kd evaluates its own checkpoints "
+                    "(checkpoints/ckpt_<step>); evaluate HF checkpoints with backend=hf"
+                )
             step = RunDir.step_of(checkpoint)
             trainer = self._kd_trainer(self.val_rows, workdir=checkpoint.parent.parent)
             self.params = trainer.checkpointer.restore(self._initial_state(trainer, False), step=step).params

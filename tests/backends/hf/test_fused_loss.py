@@ -1,5 +1,6 @@
 """The training loss the HF backend uses (TRL's fused LM head: logits in tiles, never the full vocabulary at
 once) gives the plain full-logits loss and its gradients."""
+
 import copy
 
 import numpy as np
@@ -17,8 +18,10 @@ def test_fused_lm_head_loss_and_gradients_equal_the_plain_path():
     add_fused_lm_head(fused, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer patches the model
     texts = ["The Zorblat lives in the Glass Marsh.", "A second, longer document about nothing much at all."] * 3
     rows = pack_documents(tokenize_documents(texts, tokenizer), length=64, pad_id=tokenizer.pad_token_id)
-    batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in
-             {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}.items()}
+    batch = {
+        k: torch.from_numpy(v.astype(np.int64))
+        for k, v in {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}.items()
+    }
 
     plain_loss = model(**batch, use_cache=False).loss
     fused_loss = fused(**batch, use_cache=False, fused_lm_head=True).loss

@@ -1,9 +1,9 @@
 """Gemma 3 270M converted once from the offline GGUF: a plain, trainable checkpoint that still knows its facts."""
+
 import time
 from pathlib import Path
 
 import pytest
-
 import torch
 import transformers
 
@@ -73,10 +73,12 @@ def test_tokenizer_ids_bos_and_left_padding(tokenizer):
 def test_greedy_answer_knows_paris_also_when_left_padded(model, tokenizer):
     tokenizer.padding_side = "left"
     # The second, longer prompt makes the first one padded: its answer must not change.
-    batch = tokenizer([PROMPT, "Q: What is the largest ocean on Earth, by area?\nA:"], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        [PROMPT, "Q: What is the largest ocean on Earth, by area?\nA:"], return_tensors="pt", padding=True
+    )
     assert batch["attention_mask"][0, 0] == 0
     out = model.generate(**batch, max_new_tokens=8, do_sample=False)
-    answer = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
@@ -102,8 +104,10 @@ def test_harness_answers_a_qa_question_with_the_real_model(checkpoint, cache_dir
     run = RunDir(tmp_path)
     evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
     backend = HFTrainer(cfg, run, evaluator, Loggers(run, []))
-    questions = [{"question": "What is the capital of France?", "answer": "Paris"},
-                 {"question": "What is the largest ocean on Earth, by area?", "answer": "the Pacific Ocean"}]
+    questions = [
+        {"question": "What is the capital of France?", "answer": "Paris"},
+        {"question": "What is the largest ocean on Earth, by area?", "answer": "the Pacific Ocean"},
+    ]
     evaluator.prompt_template = "Q: {question}\nA:"
     raw = backend.generate([evaluator.prompt(q) for q in questions], max_new_tokens=16, batch_size=2)
     paris = evaluator.score(questions, raw)[0]

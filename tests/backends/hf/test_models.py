@@ -1,4 +1,5 @@
 """Model names resolve like the recipes say, and hub failures reach the user as one line."""
+
 import http.server
 import threading
 
@@ -64,7 +65,8 @@ def test_a_name_that_is_neither_repo_nor_dir_is_one_line(tmp_path):
 
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from cbe.config import register_configs
     from tests.conftest import ROOT
@@ -105,10 +107,23 @@ def test_the_memory_plan_is_said_before_loading_and_a_run_that_cannot_fit_is_one
     assert "memory: gradient checkpointing on on this 40 GB GPU; about 33.7 GB per device (estimated" in said
     assert plan_memory(compose("task=news", "model=gemma3_1b"), card=None) is False
     assert "gradient checkpointing off on the CPU" in capsys.readouterr().out
-    with pytest.raises(UserError, match=r"^gemma3-12b-pt full: its weights and optimizer state alone take 94 GB "
-                                        r"\(estimated\), more than this 40 GB GPU; use adapter=lora128"):
+    with pytest.raises(
+        UserError,
+        match=r"^gemma3-12b-pt full: its weights and optimizer state alone take 94 GB "
+        r"\(estimated\), more than this 40 GB GPU; use adapter=lora128",
+    ):
         plan_memory(compose("task=news", "model=gemma3_12b"), card=40e9)
     # A per-device batch too large for the card: a warning with the knob, and the run goes on.
-    assert plan_memory(compose("task=news", "model=gemma3_4b", "training.per_device_batch_size=32",
-                               "training.gradient_checkpointing=false"), card=40e9) is False
+    assert (
+        plan_memory(
+            compose(
+                "task=news",
+                "model=gemma3_4b",
+                "training.per_device_batch_size=32",
+                "training.gradient_checkpointing=false",
+            ),
+            card=40e9,
+        )
+        is False
+    )
     assert "lower training.per_device_batch_size" in capsys.readouterr().out

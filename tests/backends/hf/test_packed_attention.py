@@ -1,4 +1,5 @@
 """A packed row attends only within each document: its logits equal each document's alone."""
+
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -20,8 +21,11 @@ def tiny_model():
 @torch.no_grad()
 def test_packed_row_logits_equal_each_document_alone():
     model, tokenizer = tiny_model()
-    texts = ["The Zorblat lives in the Glass Marsh.", "A second, longer document about nothing much at all.",
-             "Short one."]
+    texts = [
+        "The Zorblat lives in the Glass Marsh.",
+        "A second, longer document about nothing much at all.",
+        "Short one.",
+    ]
     docs = tokenize_documents(texts, tokenizer)
     rows = pack_documents(docs, length=64, pad_id=tokenizer.pad_token_id)
     assert len(rows) == 1  # all three share one row
@@ -31,7 +35,7 @@ def test_packed_row_logits_equal_each_document_alone():
     causal_only = model(input_ids=row, use_cache=False).logits[0]  # what attention across documents gives
 
     bounds = list(np.flatnonzero(rows.position_ids[0] == 0)) + [rows.input_ids.shape[1]]
-    documents = list(zip(bounds, bounds[1:]))[:len(docs)]  # the last segment is padding
+    documents = list(zip(bounds, bounds[1:]))[: len(docs)]  # the last segment is padding
     assert sorted(end - start for start, end in documents) == sorted(len(d) for d in docs)
     crossed = False
     for start, end in documents:

@@ -1,4 +1,5 @@
 """HF <-> gemma weight conversion: exact both ways, and the same logits from both libraries on packed rows."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,9 +13,19 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from cbe.backends.kd.convert import gemma_to_hf, hf_to_gemma, text_weights
 from cbe.backends.kd.models import build_model, gemma_config
 
-ARCH = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
-            layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=256)
+ARCH = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=8,
+    layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    max_position_embeddings=256,
+)
 
 
 def random_hf_model() -> Gemma3ForCausalLM:
@@ -32,8 +43,9 @@ def numpy_state(model) -> dict[str, np.ndarray]:
 
 
 def to_gemma(sd):
-    return hf_to_gemma(sd, ARCH["num_hidden_layers"], ARCH["num_attention_heads"], ARCH["num_key_value_heads"],
-                       ARCH["head_dim"])
+    return hf_to_gemma(
+        sd, ARCH["num_hidden_layers"], ARCH["num_attention_heads"], ARCH["num_key_value_heads"], ARCH["head_dim"]
+    )
 
 
 def test_hf_to_gemma_and_back_is_exact():
@@ -46,9 +58,14 @@ def test_hf_to_gemma_and_back_is_exact():
 
 def test_multimodal_names_map_to_the_text_model():
     w = np.zeros(2)
-    names = text_weights({"model.language_model.layers.0.mlp.up_proj.weight": w,
-                          "model.vision_tower.encoder.x.weight": w, "lm_head.weight": w,
-                          "model.language_model.embed_tokens.weight": w})
+    names = text_weights(
+        {
+            "model.language_model.layers.0.mlp.up_proj.weight": w,
+            "model.vision_tower.encoder.x.weight": w,
+            "lm_head.weight": w,
+            "model.language_model.embed_tokens.weight": w,
+        }
+    )
     assert set(names) == {"model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"}
 
 

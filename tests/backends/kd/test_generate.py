@@ -1,4 +1,5 @@
 """The KD decode loop ends each row where the answer ends: EOS, or a newline after its first non-blank token."""
+
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -10,9 +11,11 @@ from cbe.backends.base import NewlineStop
 from cbe.backends.kd.generate import greedy_generate
 
 # Token ids of a five-word vocabulary: 0 pad, 1 EOS, 2 "\n", 3 " Paris", 4 " Rome".
-STOP = NewlineStop(newline=np.array([False, False, True, False, False]),
-                   ends_alone=np.array([False, False, False, False, False]),
-                   blank=np.array([True, True, True, False, False]))
+STOP = NewlineStop(
+    newline=np.array([False, False, True, False, False]),
+    ends_alone=np.array([False, False, False, False, False]),
+    blank=np.array([True, True, True, False, False]),
+)
 VOCAB = 5
 
 
@@ -20,6 +23,7 @@ VOCAB = 5
 class ScriptedModel:
     """A stand-in for gemma's transformer that emits a fixed script per row: the loop, not the model, is tested.
     Row b's next token after position p is script[b][p - prompt_length + 1]."""
+
     script: tuple[tuple[int, ...], ...]
     prompt_length: int
 
@@ -35,11 +39,14 @@ class ScriptedModel:
 
 
 def test_leading_newlines_do_not_end_the_answer():
-    script = ((2, 2, 3, 2, 4, 4),  # "\n\n Paris\n" then more
-              (3, 1, 4, 4, 4, 4),  # " Paris" EOS
-              (2, 2, 2, 2, 2, 2))  # only newlines: never ends early, stops at max_new_tokens
+    script = (
+        (2, 2, 3, 2, 4, 4),  # "\n\n Paris\n" then more
+        (3, 1, 4, 4, 4, 4),  # " Paris" EOS
+        (2, 2, 2, 2, 2, 2),
+    )  # only newlines: never ends early, stops at max_new_tokens
     params = {"embedder": {"input_embedding": jnp.zeros((VOCAB, 2), jnp.float32)}}
     prompts = [[3, 4, 3]] * 3
-    out = greedy_generate(ScriptedModel(script, 3), params, prompts, max_new_tokens=6, stop=STOP, eos_id=1,
-                          pad_id=0, batch_size=3)
+    out = greedy_generate(
+        ScriptedModel(script, 3), params, prompts, max_new_tokens=6, stop=STOP, eos_id=1, pad_id=0, batch_size=3
+    )
     assert out == [[2, 2, 3, 2], [3, 1], [2, 2, 2, 2, 2, 2]]

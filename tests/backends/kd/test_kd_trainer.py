@@ -1,4 +1,5 @@
 """The Kauldron backend end to end, and its parity with the HF backend: same weights, same data, same metrics."""
+
 import json
 import os
 from pathlib import Path
@@ -16,8 +17,14 @@ pytestmark = pytest.mark.slow
 TF_BANNERS = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog", "cpu_feature_guard")
 
 # Two micro-batches of 4 rows per optimizer step, so gradient accumulation is part of the comparison.
-TINY_STEPS = ["training.num_train_steps=4", "training.eval_every=2", "training.save_every=2",
-              "training.per_device_batch_size=4", "logging.log_every_n_steps=1", "training.max_checkpoints=2"]
+TINY_STEPS = [
+    "training.num_train_steps=4",
+    "training.eval_every=2",
+    "training.save_every=2",
+    "training.per_device_batch_size=4",
+    "logging.log_every_n_steps=1",
+    "training.max_checkpoints=2",
+]
 
 
 def run_both(run_main, tmp_path, *overrides: str) -> dict[str, Path]:
@@ -66,8 +73,9 @@ def test_tiny_kd_run_matches_hf_step_for_step(run_main, tmp_path):
     # The same layout and the same metric keys as HF.
     assert [m["step"] for m in kd] == [m["step"] for m in hf] == [0, 2, 4]
     assert kd[0].keys() == hf[0].keys()
-    assert sorted(p.name for p in (runs["kd"] / "eval_details").iterdir()) == \
-        sorted(p.name for p in (runs["hf"] / "eval_details").iterdir())
+    assert sorted(p.name for p in (runs["kd"] / "eval_details").iterdir()) == sorted(
+        p.name for p in (runs["hf"] / "eval_details").iterdir()
+    )
     assert sorted(p.name for p in (runs["kd"] / "checkpoints").glob("ckpt_*")) == ["ckpt_2", "ckpt_4"]
     assert os.readlink(runs["kd"] / "checkpoints" / "latest") == "ckpt_4"
     assert "params: " in (runs["kd"] / "logs" / "train.log").read_text()
@@ -75,8 +83,10 @@ def test_tiny_kd_run_matches_hf_step_for_step(run_main, tmp_path):
     # The same console: the repetition report, train lines of numbers, eval lines of their own; the same train
     # scalars, among them the epoch as rows seen / packed rows (the sample track's 8 rows, 8 a step).
     logs = {backend: (run / "logs" / "train.log").read_text() for backend, run in runs.items()}
-    reports = {b: [line for line in log.splitlines() if line.startswith(("repetition:", "warning:"))]
-               for b, log in logs.items()}
+    reports = {
+        b: [line for line in log.splitlines() if line.startswith(("repetition:", "warning:"))]
+        for b, log in logs.items()
+    }
     assert reports["kd"] == reports["hf"] and len(reports["kd"]) == 2
     kd_lines = train_lines(logs["kd"])
     assert [line["epoch"] for line in kd_lines] == [1.0, 2.0, 3.0, 4.0] and not GLUED.search(logs["kd"])
@@ -101,8 +111,16 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path):
 
     (The LoRA factors are initialised by each library, B = 0, so both start from the base model's function.)
     """
-    runs = run_both(run_main, tmp_path, "adapter=lora128", "training.num_train_steps=5", "training.eval_every=5",
-                    "training.save_every=5", "logging.log_every_n_steps=1", "optimizer.lr=1e-3")
+    runs = run_both(
+        run_main,
+        tmp_path,
+        "adapter=lora128",
+        "training.num_train_steps=5",
+        "training.eval_every=5",
+        "training.save_every=5",
+        "logging.log_every_n_steps=1",
+        "optimizer.lr=1e-3",
+    )
     kd, hf = train_losses(runs["kd"]), train_losses(runs["hf"])
     assert len(kd) == len(hf) == 5
     assert kd == pytest.approx(hf, rel=0.02)
@@ -110,8 +128,13 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path):
 
 
 def test_killed_kd_run_resumes_from_latest_without_duplicate_metrics(run_main, run_main_killed_after_eval, tmp_path):
-    steps = ["backend=kd", "training.num_train_steps=12", "training.eval_every=3", "training.save_every=6",
-             "logging=none"]
+    steps = [
+        "backend=kd",
+        "training.num_train_steps=12",
+        "training.eval_every=3",
+        "training.save_every=6",
+        "logging=none",
+    ]
     proc = run_main(*steps, "logging.run_name=straight")
     assert not [banner for banner in TF_BANNERS if banner in proc.stderr]
     straight = eval_results(tmp_path / "outputs" / "cbe" / "straight")
@@ -137,8 +160,15 @@ def test_killed_kd_run_resumes_from_latest_without_duplicate_metrics(run_main, r
 
 
 def test_two_devices_shard_the_params_and_match_one_device(run_main, tmp_path, monkeypatch):
-    common = ["backend=kd", "training.num_train_steps=3", "training.eval_every=3", "training.save_every=3",
-              "training.per_device_batch_size=4", "backend.trainer.fsdp_min_size_mb=0", "logging=none"]
+    common = [
+        "backend=kd",
+        "training.num_train_steps=3",
+        "training.eval_every=3",
+        "training.save_every=3",
+        "training.per_device_batch_size=4",
+        "backend.trainer.fsdp_min_size_mb=0",
+        "logging=none",
+    ]
     # 1 device: 2 accumulated micro-batches of 4 rows; 2 devices: 1 micro-batch of 8 rows, FSDP params.
     # Each step's loss is the mean over all its trained tokens, so both compute the same updates.
     run_main(*common, "logging.run_name=one")
@@ -153,8 +183,16 @@ def test_two_devices_shard_the_params_and_match_one_device(run_main, tmp_path, m
 
 def test_zero_steps_gives_the_same_start_in_both_backends_on_gemma3_270m(run_main, tmp_path):
     """The real 270M model, converted from its HF checkpoint: the same step-0 eval loss and greedy answers."""
-    runs = run_both(run_main, tmp_path, "model=gemma3_270m", "training.num_train_steps=0", "eval.max_questions=12",
-                    "eval.max_new_tokens=8", "eval.batch_size=24", "logging=none")
+    runs = run_both(
+        run_main,
+        tmp_path,
+        "model=gemma3_270m",
+        "training.num_train_steps=0",
+        "eval.max_questions=12",
+        "eval.max_new_tokens=8",
+        "eval.batch_size=24",
+        "logging=none",
+    )
     kd, hf = eval_results(runs["kd"]), eval_results(runs["hf"])
     assert kd[0]["eval_loss"] == pytest.approx(hf[0]["eval_loss"], rel=1e-3)
     for qa_set in ("valqa", "testqa"):

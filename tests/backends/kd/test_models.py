@@ -1,5 +1,6 @@
 """gemma's LoRA as the KD backend builds and loads it starts as the benchmark's does: B = 0, A uniform in
 +-sqrt(6 / fan_in), so A's standard deviation is sqrt(6 / fan_in) / sqrt(3)."""
+
 import math
 from dataclasses import dataclass, replace
 from typing import Any
