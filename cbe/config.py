@@ -229,6 +229,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         raise UserError(f"eval.num_examples={cfg.eval.num_examples} must be 0 or more (sample predictions printed)")
     if cfg.eval.max_questions is not None:
         _positive(cfg, "eval.max_questions")
+    if cfg.backend.name == "kd" and world_size > 1:
+        raise UserError(
+            f"backend=kd runs as one process that drives all of its host's devices, not {world_size} processes; "
+            "start it with plain `python main.py` (SLURM: hydra.launcher.tasks_per_node=1, nodes=1); multi-host JAX "
+            "is not supported yet"
+        )
     arch = cfg.model.architecture
     if cfg.backend.name == "kd" and arch and arch.get("num_key_value_heads") == arch.get("num_attention_heads"):
         # gemma would fuse q, k and v into one qkv_einsum, a layout the real models do not have.

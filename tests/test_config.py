@@ -169,6 +169,16 @@ def test_an_unknown_key_inside_a_section_is_refused_naming_the_valid_ones(overri
     validate(compose_config("+data.extra_qa_paths.more=data/sample/valqa.jsonl"))  # free-form sections stay free
 
 
+def test_kd_under_several_processes_is_refused_before_anything_loads():
+    with pytest.raises(
+        UserError,
+        match=r"^backend=kd runs as one process that drives all of its host's devices, "
+        r"not 2 processes",
+    ):
+        validate(compose_config("backend=kd", "training.per_device_batch_size=4"), world_size=2)
+    validate(compose_config("backend=hf", "training.per_device_batch_size=4"), world_size=2)
+
+
 BAD_OVERRIDES = [
     (["optimizer.lrr=1"], "optimizer.lrr"),  # misspelled key
     (["optimizer.lr=fast"], "optimizer.lr"),  # wrong type

@@ -31,7 +31,7 @@ from cbe.data.packing import IGNORE, PackedRows, epochs_seen, training_order
 from cbe.errors import UserError
 from cbe.eval.evaluator import QAEvaluator
 from cbe.logging import Loggers
-from cbe.run import RunDir, world_size
+from cbe.run import RunDir
 
 
 class OrderedRows(grain.RandomAccessDataSource):
@@ -106,12 +106,6 @@ class KDTrainer(Backend):
         fsdp_min_size_mb: float = 4,
     ):
         self.cfg, self.run, self.evaluator, self.loggers = cfg, run, evaluator, loggers
-        if world_size() > 1:
-            raise UserError(
-                f"backend=kd runs as one process that drives all of its host's devices, not {world_size()} "
-                "processes; start it with plain `python main.py` (SLURM: hydra.launcher.tasks_per_node=1, "
-                "nodes=1); multi-host JAX is not supported yet"
-            )
         t = cfg.training
         self.devices = jax.device_count()
         self.rows_per_micro_step = t.per_device_batch_size * self.devices
