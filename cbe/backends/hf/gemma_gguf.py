@@ -43,7 +43,7 @@ def materialize_gemma3_270m(cache_dir: str | Path) -> Path:
     # concurrent jobs (a multirun, several ranks) never write the same half-built files.
     scratch = Path(tempfile.mkdtemp(prefix=f".{_NAME}.tmp-", dir=cache_dir))
     try:
-        print(f"converting Gemma 3 270M GGUF once to {final} (about 2 minutes on CPU)", flush=True)
+        print(f"converting Gemma 3 270M GGUF once to {final} (about 45 s on CPU)", flush=True)
         _convert(scratch, scratch / _NAME)
         try:
             os.replace(scratch / _NAME, final)
