@@ -30,6 +30,8 @@ def main(cfg: DictConfig) -> None:
     cfg = validate(cfg, world_size())
     run = RunDir(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir).create(cfg)
     run.capture_output()
+    if is_main_process():
+        print(f"run dir: {run.root}", flush=True)
     loggers = Loggers(
         run, [instantiate(spec, run=run) for spec in cfg.logging.loggers.values()] if is_main_process() else []
     )

@@ -38,6 +38,7 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
     )
     run = tmp_path / "outputs" / "proj" / "layout"
     assert sorted(os.listdir(ROOT)) == before  # nothing lands in the current directory
+    assert f"run dir: {run}" in proc.stdout
 
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["training"]["num_train_steps"] == 6 and "${" not in (run / "config.yaml").read_text()
