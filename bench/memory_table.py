@@ -21,7 +21,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from cbe import memory
     from cbe.config import register_configs
@@ -37,24 +36,15 @@ def main() -> None:
             for model in ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b"):
                 for adapter in ("full", "lora128"):
                     cfg = compose("config", overrides=[f"task={task}", f"model={model}", f"adapter={adapter}"])
-                    t = cfg.training
-                    plan = memory.plan(
-                        OmegaConf.to_container(cfg.model.architecture),
-                        cfg.adapter.rank,
-                        t.per_device_batch_size,
-                        cfg.data.sequence_length,
-                        t.gradient_checkpointing,
-                        card,
-                    )
+                    plan = memory.plan_run(cfg, card)
                     peak = plan.estimate
-                    refused = peak.static_bytes + memory.OVERHEAD_BYTES > card
                     cell = (
                         f"refused: {peak.static_bytes / memory.GB:.0f} GB of weights and optimizer state"
-                        if refused
+                        if peak.static_exceeds(card)
                         else f"{peak.total_bytes / memory.GB:.1f} GB"
                     )
                     print(
-                        f"| {task} | {model} | {adapter} | {t.per_device_batch_size} | "
+                        f"| {task} | {model} | {adapter} | {cfg.training.per_device_batch_size} | "
                         f"{'on' if plan.gradient_checkpointing else 'off'} | {cell} |"
                     )
 

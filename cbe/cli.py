@@ -162,6 +162,24 @@ def sweep_summary(args: argparse.Namespace) -> None:
     print(f"sweep summary: {args.sweep_dir.rstrip('/')}/{SUMMARY_FILE}")
 
 
+def add_strata_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """--support-thresholds and --qa, which rescore and judge share."""
+    p.add_argument(
+        "--support-thresholds",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="K",
+        help=f"also {verb} the questions with supports >= K",
+    )
+    p.add_argument(
+        "--qa",
+        metavar="QA_FILE",
+        help="join supports and ids from this QA file by question text "
+        "(for details files without them, e.g. the benchmark harness's)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbe", description="Data and result tools for cbe runs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -199,20 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("rescore", help="recompute every metric of a saved eval_details file")
     p.add_argument("details", help="an eval_details/<set>_step_<N>.jsonl file, of cbe or the benchmark's harness")
     p.add_argument("--parser", choices=sorted(PARSERS), default="default", help="how to parse raw_prediction")
-    p.add_argument(
-        "--support-thresholds",
-        type=int,
-        nargs="*",
-        default=[],
-        metavar="K",
-        help="also report questions with supports >= K",
-    )
-    p.add_argument(
-        "--qa",
-        metavar="QA_FILE",
-        help="join supports and ids from this QA file by question text "
-        "(for details files without them, e.g. the benchmark harness's)",
-    )
+    add_strata_options(p, "report")
     p.set_defaults(run=rescore)
 
     p = commands.add_parser("sweep-summary", help="(re)write a multirun's sweep_summary.jsonl and print its table")
@@ -236,20 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD",
         help="also summarize per value of this record field, e.g. geminon_name (repeatable)",
     )
-    p.add_argument(
-        "--support-thresholds",
-        type=int,
-        nargs="*",
-        default=[],
-        metavar="K",
-        help="also summarize the questions with supports >= K",
-    )
-    p.add_argument(
-        "--qa",
-        metavar="QA_FILE",
-        help="join supports and ids from this QA file by question text "
-        "(for details files without them, e.g. the benchmark harness's)",
-    )
+    add_strata_options(p, "summarize")
     p.add_argument("--max-records", type=int, metavar="N", help="judge only the first N records")
     p.add_argument(
         "--keys-file",

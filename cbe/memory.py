@@ -50,6 +50,10 @@ class MemoryEstimate:
     def total_bytes(self) -> float:
         return self.static_bytes + self.activation_bytes + OVERHEAD_BYTES
 
+    def static_exceeds(self, card_bytes: float) -> bool:
+        """Weights and optimizer state alone take more than the card: no batch size makes the run fit."""
+        return self.static_bytes + OVERHEAD_BYTES > card_bytes
+
     def describe(self) -> str:
         return (
             f"about {self.total_bytes / GB:.1f} GB per device (estimated: {self.static_bytes / GB:.1f} GB weights "
@@ -97,3 +101,17 @@ def plan(
         return MemoryPlan(checkpointing, None, True)
     peak = estimate(arch, lora_rank, rows, sequence_length, checkpointing)
     return MemoryPlan(checkpointing, peak, card_bytes is None or peak.total_bytes <= HEADROOM * card_bytes)
+
+
+def plan_run(cfg: Any, card_bytes: float | None) -> MemoryPlan:
+    """`plan` for a composed run config: its model's shape, adapter rank, per-device batch, sequence length and
+    `training.gradient_checkpointing`."""
+    t = cfg.training
+    return plan(
+        cfg.model.architecture,
+        cfg.adapter.rank,
+        t.per_device_batch_size,
+        cfg.data.sequence_length,
+        t.gradient_checkpointing,
+        card_bytes,
+    )

@@ -52,15 +52,7 @@ def compose_recipe(*overrides):
 @pytest.mark.parametrize("adapter", ["full", "lora128"])
 def test_every_default_recipe_fits_a_40gb_card_or_is_refused(task, model, adapter):
     cfg = compose_recipe(f"task={task}", f"model={model}", f"adapter={adapter}")
-    t = cfg.training
-    plan = memory.plan(
-        OmegaConf.to_container(cfg.model.architecture),
-        cfg.adapter.rank,
-        t.per_device_batch_size,
-        cfg.data.sequence_length,
-        t.gradient_checkpointing,
-        CARD_40GB,
-    )
+    plan = memory.plan_run(cfg, CARD_40GB)
     if (model, adapter) == ("gemma3_12b", "full"):  # 12B weights, gradients and AdamW state: no single card holds them
         assert plan.estimate.static_bytes > CARD_40GB
     else:

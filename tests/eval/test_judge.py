@@ -73,6 +73,15 @@ def details(tmp_path, monkeypatch) -> Path:
     return path
 
 
+def flips(line: dict) -> list[int]:
+    """A summary line's flips against exact, substring and fuzzy match: up (judge yes, match no), then down."""
+    return [
+        line[f"judge_{way}_{m}_{no_yes}"]
+        for m in ("exact", "substring", "fuzzy")
+        for way, no_yes in (("yes", "no"), ("no", "yes"))
+    ]
+
+
 def test_parse_verdict():
     assert [parse_verdict(t) for t in ("1", "0", " 1\n", "**0**", "1.")] == [True, False, True, False, True]
     for text in ("yes", "10", "1 or 0", "", None):
@@ -106,17 +115,7 @@ def test_summary_has_all_then_support_thresholds_then_field_values_in_order():
         "substring_match": pytest.approx(2 / 3),
         "fuzzy_match": 1.0,
     }
-    assert [
-        lines[0][f"judge_{flip}"]
-        for flip in (
-            "yes_exact_no",
-            "no_exact_yes",
-            "yes_substring_no",
-            "no_substring_yes",
-            "yes_fuzzy_no",
-            "no_fuzzy_yes",
-        )
-    ] == [1, 0, 1, 1, 0, 1]
+    assert flips(lines[0]) == [1, 0, 1, 1, 0, 1]
     assert (lines[1]["judged"], lines[1]["llm_match"], lines[2]["substring_match"]) == (2, 1.0, 1.0)
 
 
@@ -438,17 +437,7 @@ def test_a_benchmark_file_is_judged_with_supports_from_its_qa_file(benchmark_fil
         "substring_match": pytest.approx(5 / 6),
         "fuzzy_match": pytest.approx(3 / 6),
     }
-    assert [
-        every[f"judge_{flip}"]
-        for flip in (
-            "yes_exact_no",
-            "no_exact_yes",
-            "yes_substring_no",
-            "no_substring_yes",
-            "yes_fuzzy_no",
-            "no_fuzzy_yes",
-        )
-    ] == [2, 0, 0, 1, 2, 1]
+    assert flips(every) == [2, 0, 0, 1, 2, 1]
     assert {k: ge_2[k] for k in ("group", "value", "n", "llm_match", "substring_match", "fuzzy_match")} == {
         "group": "supports_ge",
         "value": 2,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import (
     GenerationConfig,
@@ -68,16 +68,13 @@ class NewlineStopCriteria(StoppingCriteria):
 def plan_memory(cfg: DictConfig, card: float | None) -> bool:
     """Whether to checkpoint activations on a GPU of `card` bytes (None: the CPU), decided and said before the
     model loads (cbe.memory); refuses a run whose weights and optimizer state alone exceed the GPU."""
-    t, arch = cfg.training, OmegaConf.to_container(cfg.model.architecture)
-    plan = memory.plan(
-        arch, cfg.adapter.rank, t.per_device_batch_size, cfg.data.sequence_length, t.gradient_checkpointing, card
-    )
+    plan = memory.plan_run(cfg, card)
     where = f"on this {card / memory.GB:.0f} GB GPU" if card else "on the CPU"
     line = f"memory: gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'} {where}"
     if plan.estimate is None:
         print(f"{line} (no model.architecture to estimate from)", flush=True)
         return plan.gradient_checkpointing
-    if card and plan.estimate.static_bytes + memory.OVERHEAD_BYTES > card:
+    if card and plan.estimate.static_exceeds(card):
         raise UserError(
             f"{cfg.model.name} {cfg.adapter.name}: its weights and optimizer state alone take "
             f"{plan.estimate.static_bytes / memory.GB:.0f} GB (estimated), more than this "
