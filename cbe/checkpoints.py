@@ -93,10 +93,12 @@ def evaluation_name(cfg: Any) -> str:
     from cbe.eval.evaluator import few_shot_prefix, qa_paths, unescape
 
     e, paths = cfg.eval, qa_paths(cfg.data, cfg.eval.qa_data)
+    # A missing prefix file is named by its path here, so that validate() can say so in one line.
+    prefix_file = e.prompt_prefix_file if e.prompt_prefix_file and Path(e.prompt_prefix_file).is_file() else None
     asked = {
         "qa": paths,
         "template": unescape(e.prompt_template),
-        "prefix": few_shot_prefix(e.prompt_prefix_file),
+        "prefix": few_shot_prefix(prefix_file) if prefix_file else (e.prompt_prefix_file or ""),
         "parser": e.parser,
         "max_new_tokens": e.max_new_tokens,
         "max_questions": e.max_questions,

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from cbe.checkpoints import check_checkpoint, evaluation_name, inherit_run_overrides, written_by
+from cbe.config import validate
 from cbe.errors import UserError
 from tests.test_config import compose_config
 
@@ -77,6 +78,13 @@ def test_a_checkpoint_evaluated_by_another_backend_or_adapter_is_one_line(tmp_pa
     assert written_by(loose) == ("hf", "lora128")
     with pytest.raises(UserError, match=r"no such checkpoint dir"):
         check_checkpoint(compose_config("mode=eval", f"checkpoint={tmp_path / 'nothing'}"))
+
+
+def test_a_missing_prefix_file_is_named_by_validate_not_by_the_run_dir():
+    cfg = compose_config("mode=eval", "checkpoint=base", "eval.prompt_prefix_file=no/such/prefix.txt")
+    assert evaluation_name(cfg).startswith("valqa+testqa-")  # the run dir resolves; validate then names the file
+    with pytest.raises(UserError, match=r"^eval.prompt_prefix_file: file no/such/prefix.txt does not exist"):
+        validate(cfg)
 
 
 def test_evaluations_that_ask_different_things_are_named_apart():
