@@ -293,12 +293,7 @@ class KDTrainer(Backend):
             self.model = build_model(self.model_config)
             self.params = jax.tree.map(jnp.asarray, self.weights)
         else:
-            checkpoint = Path(self.cfg.checkpoint).resolve()
-            if not checkpoint.name.startswith("ckpt_"):
-                raise UserError(
-                    f"checkpoint={self.cfg.checkpoint}: backend=kd evaluates its own checkpoints "
-                    "(checkpoints/ckpt_<step>); evaluate HF checkpoints with backend=hf"
-                )
+            checkpoint = Path(self.cfg.checkpoint).resolve()  # a ckpt_<step> dir: validate checked who wrote it
             step = RunDir.step_of(checkpoint)
             trainer = self._kd_trainer(self.val_rows, workdir=checkpoint.parent.parent)
             self.params = trainer.checkpointer.restore(self._initial_state(trainer, False), step=step).params
