@@ -18,6 +18,7 @@ from cbe.checkpoints import inherit_run_overrides
 from cbe.config import register_configs, validate
 from cbe.errors import exit_on_user_error, run_and_report_user_errors
 from cbe.logging import Loggers
+from cbe.loop import Loop, build
 from cbe.run import RunDir, adopt_slurm_ranks, is_main_process, world_size
 
 register_configs()
@@ -28,19 +29,26 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     adopt_slurm_ranks()
     cfg = validate(cfg, world_size())
-    run = RunDir(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir).create(cfg)
-    run.capture_output()
+    run = RunDir(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    if cfg.mode == "train":
+        run.refuse_a_different_run(cfg)
+        steps = run.completed_steps(cfg.training.num_train_steps)
+        if steps is not None:  # a re-submitted sweep or job: leave the finished run as it is
+            print(
+                f"{run.root} is complete: {steps} steps trained and evaluated; raise training.num_train_steps to "
+                "extend it",
+                flush=True,
+            )
+            return
+    run.create(cfg).capture_output()
     if is_main_process():
         print(f"run dir: {run.root}", flush=True)
     loggers = Loggers(
         run, [instantiate(spec, run=run) for spec in cfg.logging.loggers.values()] if is_main_process() else []
     )
-    evaluator = instantiate(cfg.eval, data=cfg.data, run=run)
-    trainer = instantiate(
-        cfg.backend.trainer, _recursive_=False, cfg=cfg, run=run, evaluator=evaluator, loggers=loggers
-    )
+    loop = Loop(cfg, run, *build(cfg, run), loggers)
     try:
-        trainer.train() if cfg.mode == "train" else trainer.evaluate_checkpoint()
+        loop.train() if cfg.mode == "train" else loop.evaluate_checkpoint()
     finally:
         loggers.close()
 

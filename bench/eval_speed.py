@@ -32,11 +32,9 @@ def main() -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from cbe.backends.hf.trainer import HFTrainer
     from cbe.config import register_configs
-    from cbe.eval.evaluator import QAEvaluator
     from cbe.eval.parse import parse_answer
-    from cbe.logging import Loggers
+    from cbe.loop import build
     from cbe.run import RunDir
 
     register_configs()
@@ -44,19 +42,19 @@ def main() -> None:
         f"model={args.model}",
         f"eval.prompt_prefix_file={ROOT / args.prefix if args.prefix != 'none' else 'null'}",
     ]
-    overrides += ["mode=eval", f"checkpoint={args.checkpoint}"] if args.checkpoint else []
+    overrides += ["mode=eval", f"checkpoint={args.checkpoint or 'base'}"]
+    overrides += ["eval.prompt_template='Q: {question}\\nA:'"]  # the real tracks' template (the sample's is bare)
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
-    cfg.eval.prompt_template = "Q: {question}\nA:"  # the real tracks' template (the sample track's is bare)
-    run = RunDir(tempfile.mkdtemp())
-    evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
-    backend = HFTrainer(cfg, run, evaluator, Loggers(run, []))
+    backend, evaluator = build(cfg, RunDir(tempfile.mkdtemp()))
+    backend.load(cfg.checkpoint)
     questions = [q for records in evaluator.qa_sets.values() for q in records][: args.questions]
     prompts = [evaluator.prompt(q) for q in questions]
     model, tok = backend.model.eval(), backend.tokenizer
 
     start = time.perf_counter()
-    ours = [parse_answer(raw) for raw in backend.generate(prompts, args.max_new_tokens, args.batch_size)]
+    raws = backend.generate(prompts, args.max_new_tokens, args.batch_size, evaluator.stop_strings)
+    ours = [parse_answer(raw) for raw in raws]
     ours_s = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Training throughput: the harness's training path against the upstream-style setup, side by side in one run.
 
-Both modes run real optimizer steps through the backend's own trainer (HF: the TRL trainer HFTrainer builds;
-KD: the Kauldron train step KDTrainer builds) on the same synthetic news-like articles (lognormal lengths,
+Both modes run real optimizer steps through the backend (its public train_steps; HF upstream style: its model and
+optimizer on padded rows with their attention mask) on the same synthetic news-like articles (lognormal lengths,
 median 500 tokens, random token ids; throughput does not depend on the weights or the text):
 - upstream style: one article per row, truncated and padded to the sequence length, gradient checkpointing,
   no compilation (HF: sdpa with a padding mask; KD has no checkpointing switch, so its rows are only padded);
@@ -80,7 +80,7 @@ def attention_flops(positions: np.ndarray, useful: np.ndarray, hf_config) -> flo
 def compose_config(args, overrides: list[str], batch_size: int, out: str):
     from hydra import compose, initialize_config_dir
 
-    from cbe.config import register_configs
+    from cbe.config import register_configs, validate
 
     register_configs()
     base = [
@@ -100,7 +100,7 @@ def compose_config(args, overrides: list[str], batch_size: int, out: str):
     if args.model != "tiny":  # random init of the real architecture, with the offline tokenizer
         base += ["model.source=init", "model.tokenizer=cbe/assets/tiny_tokenizer"]
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        return compose("config", overrides=base + overrides)
+        return validate(compose("config", overrides=base + overrides))
 
 
 class Measurement:
@@ -114,42 +114,37 @@ class Measurement:
         self.seconds = 0.0
 
 
-def run_hf(args, cfg, dataset_columns: dict, measurement: Measurement, order: np.ndarray) -> tuple[int, float | None]:
-    """Steps HFTrainer's TRL trainer; returns the base model's parameter count and the peak GPU memory in GB."""
+def run_hf(args, cfg, rows: PackedRows, mask: np.ndarray | None, measurement: Measurement, order: np.ndarray):
+    """Steps the HF backend (ours: its train_steps; upstream style: its model and optimizer on padded rows with
+    their attention mask, as upstream trains); returns the base model's parameter count and the peak GPU memory
+    in GB."""
     import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
 
-    from cbe.backends.hf.trainer import HFTrainer
-    from cbe.eval.evaluator import QAEvaluator
-    from cbe.logging import Loggers
+    from cbe.loop import build
     from cbe.run import RunDir
 
-    class StepClock(TrainerCallback):
-        def on_step_end(self, targs, state, control, **kwargs):
-            control.should_save = False  # a checkpoint of the timed run would only cost time
-            # Synchronize only at the two clock readings: a sync every step would stall the GPU queue in a way the
-            # real training loop does not.
-            if torch.cuda.is_available() and state.global_step in (args.warmup, args.warmup + args.steps):
-                torch.cuda.synchronize()
-            if state.global_step == args.warmup:
-                self.start = time.perf_counter()
-            if state.global_step == args.warmup + args.steps:
-                measurement.seconds = time.perf_counter() - self.start
-
-    run = RunDir(tempfile.mkdtemp())
-    evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
-    backend = HFTrainer(
-        cfg, run, evaluator, Loggers(run, []), **{k: v for k, v in cfg.backend.trainer.items() if k != "_target_"}
-    )
-    model = backend.model
-    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    backend, _ = build(cfg, RunDir(tempfile.mkdtemp()))
+    backend.start(None)
+    base_params = sum(p.numel() for n, p in backend.model.named_parameters() if "lora_" not in n)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = backend.sft_trainer(Dataset.from_dict(dataset_columns).with_format("numpy"), order, [StepClock()])
-    trainer.train()
+    batches = order.reshape(-1, cfg.training.effective_batch_size)
+
+    def steps(first: int, last: int) -> None:
+        if mask is None:
+            backend.train_steps(rows, batches[first:last], np.full(last - first, cfg.optimizer.lr))
+            return
+        for batch in batches[first:last]:
+            inputs = {k: v for k, v in backend.tensors(rows, batch).items() if k != "position_ids"}
+            inputs["attention_mask"] = torch.from_numpy(mask[batch]).to(backend.device)
+            with backend.autocast():
+                backend.model(**inputs, use_cache=False).loss.backward()
+            backend.optimizer.step()
+            backend.optimizer.zero_grad(set_to_none=True)
+
+    measurement.seconds = timed(steps, args, torch.cuda.synchronize if torch.cuda.is_available() else None)
     peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
-    del trainer, backend, model
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -157,38 +152,41 @@ def run_hf(args, cfg, dataset_columns: dict, measurement: Measurement, order: np
     return base_params, peak
 
 
-def run_kd(args, cfg, rows: PackedRows, measurement: Measurement) -> tuple[int, float | None]:
-    """Steps KDTrainer's Kauldron train step (jit, donated state, FSDP); returns as run_hf does."""
+def run_kd(args, cfg, rows: PackedRows, measurement: Measurement, order: np.ndarray) -> tuple[int, float | None]:
+    """Steps the KD backend's train_steps (Kauldron's train step: jit, donated state, FSDP); returns as run_hf."""
     import jax
-    from kauldron import kd
 
-    from cbe.backends.kd.trainer import KDTrainer
-    from cbe.eval.evaluator import QAEvaluator
-    from cbe.logging import Loggers
+    from cbe.loop import build
     from cbe.run import RunDir
 
-    run = RunDir(tempfile.mkdtemp())
-    evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
-    backend = KDTrainer(
-        cfg, run, evaluator, Loggers(run, []), **{k: v for k, v in cfg.backend.trainer.items() if k != "_target_"}
-    )
-    trainer = backend._kd_trainer(rows)
-    state = backend._initial_state(trainer)
-    batches = iter(trainer.train_ds)
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            jax.block_until_ready(state)
-            start = time.perf_counter()
-        state, _ = trainer.trainstep.step(state, kd.sharding.device_put(next(batches), trainer.sharding.ds))
-    jax.block_until_ready(state)
-    measurement.seconds = time.perf_counter() - start
+    backend, _ = build(cfg, RunDir(tempfile.mkdtemp()))
+    backend.start(None)
+    batches = order.reshape(-1, cfg.training.effective_batch_size)
+
+    def steps(first: int, last: int) -> None:
+        backend.train_steps(rows, batches[first:last], np.full(last - first, cfg.optimizer.lr))
+
+    measurement.seconds = timed(steps, args, lambda: jax.block_until_ready(backend.state))
     base_params = sum(
         x.size
-        for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+        for path, x in jax.tree_util.tree_leaves_with_path(backend.params)
         if "lora" not in jax.tree_util.keystr(path)
     )
     stats = jax.devices()[0].memory_stats() if jax.default_backend() == "gpu" else None
     return base_params, stats["peak_bytes_in_use"] / 1e9 if stats else None
+
+
+def timed(steps, args, synchronize) -> float:
+    """Seconds of the timed steps, after the warmup steps (compilation), synchronized only at the two clock readings:
+    a sync every step would stall the device queue in a way training does not."""
+    steps(0, args.warmup)
+    if synchronize:
+        synchronize()
+    start = time.perf_counter()
+    steps(args.warmup, args.warmup + args.steps)
+    if synchronize:
+        synchronize()
+    return time.perf_counter() - start
 
 
 def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bool) -> float:
@@ -204,16 +202,14 @@ def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bo
     docs = news_like_documents(3 * needed, vocab, specials, tok.bos_token_id, tok.eos_token_id)
     if upstream:
         rows, mask = padded_rows(docs[:needed], args.seq, tok.pad_token_id)
-        columns = {"input_ids": rows.input_ids, "attention_mask": mask, "labels": rows.labels}
     else:
-        rows = pack_documents(docs, args.seq, tok.pad_token_id)
-        columns = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}
+        rows, mask = pack_documents(docs, args.seq, tok.pad_token_id), None
     order = training_order(len(rows), needed, cfg.training.seed)
     m = Measurement(args, rows, mask.astype(bool) if upstream else useful_mask(rows), order, batch_size)
     if args.backend == "hf":
-        params, peak = run_hf(args, cfg, columns, m, order)
+        params, peak = run_hf(args, cfg, rows, mask, m, order)
     else:
-        params, peak = run_kd(args, cfg, rows, m)
+        params, peak = run_kd(args, cfg, rows, m, order)
     rate = m.useful_tokens / m.seconds
     line = f"{name}: {rate:,.0f} useful tok/s, padding {m.padding:.1%}, batch {batch_size}"
     if peak is not None:  # on a GPU
@@ -263,9 +259,13 @@ def main() -> None:
         f"{args.warmup} warmup + {args.steps} timed steps",
         flush=True,
     )
-    upstream_overrides = ["training.gradient_checkpointing=true", "training.torch_compile=false"]
+    upstream_overrides = []
     if args.backend == "hf":
-        upstream_overrides.append("backend.trainer.attn_implementation=sdpa")
+        upstream_overrides += [
+            "backend.trainer.gradient_checkpointing=true",
+            "backend.trainer.torch_compile=false",
+            "backend.trainer.attn_implementation=sdpa",
+        ]
     upstream = (
         None
         if args.no_upstream

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from cbe.errors import UserError
+from cbe.run import checkpoint_backend
 
 # The run's overrides that an evaluation does not replay: where it writes, what it evaluates, how it is launched.
 NOT_INHERITED = ("mode", "checkpoint", "output_root", "logging", "hydra", "experiment")
@@ -60,7 +61,7 @@ def written_by(checkpoint: Path) -> tuple[str, str | None]:
     run = run_dir_of(str(checkpoint))
     saved = yaml.safe_load((run / "config.yaml").read_text()) if run and (run / "config.yaml").is_file() else {}
     adapter = (saved.get("adapter") or {}).get("name")
-    if checkpoint.resolve().name.startswith("ckpt_"):
+    if checkpoint_backend(checkpoint) == "kd":
         return "kd", adapter
     if (checkpoint / "adapter_config.json").is_file():
         return "hf", adapter or "lora128"

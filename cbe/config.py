@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from cbe.checkpoints import check_checkpoint, register_resolvers
 from cbe.errors import UserError
@@ -91,10 +91,6 @@ class TrainingConfig:
     save_every: int = 1_000
     max_checkpoints: int = 5
     seed: int = 42
-    # Recompute activations in backward: less memory, slower steps. auto: on where the run would not fit the GPU
-    # without it (cbe.memory), off elsewhere; HF backend (gemma's JAX model has no rematerialization).
-    gradient_checkpointing: str = "auto"  # auto | true | false
-    torch_compile: str = "auto"  # auto (= on a GPU) | true | false: compile each decoder layer (HF backend)
 
 
 @dataclass
@@ -108,7 +104,31 @@ class LoggingConfig:
 @dataclass
 class BackendConfig:
     name: str = MISSING  # hf | kd
-    trainer: dict[str, Any] = field(default_factory=dict)  # {_target_: ..., backend options}
+    trainer: dict[str, Any] = field(default_factory=dict)  # {_target_: ..., the backend's options below}
+
+
+@dataclass
+class HFOptions:
+    """backend.trainer of backend=hf."""
+
+    _target_: str = "cbe.backends.hf.trainer.HFTrainer"
+    attn_implementation: str = "sdpa"
+    torch_compile: str = "auto"  # auto (= on a GPU) | true | false: compile each decoder layer
+    # Recompute activations in backward: less memory, slower steps. auto: on where the run would not fit the GPU
+    # without it (cbe.memory), off elsewhere (gemma's JAX model has no rematerialization, so backend=kd has none).
+    gradient_checkpointing: str = "auto"  # auto | true | false
+
+
+@dataclass
+class KDOptions:
+    """backend.trainer of backend=kd."""
+
+    _target_: str = "cbe.backends.kd.trainer.KDTrainer"
+    gemma_params: Optional[str] = None  # an official gemma checkpoint (orbax) to start from instead of the HF weights
+    fsdp_min_size_mb: float = 4  # arrays smaller than this stay replicated on every device
+
+
+BACKEND_OPTIONS = {"hf": HFOptions, "kd": KDOptions}
 
 
 @dataclass
@@ -146,8 +166,8 @@ CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "model.source": ("hub", "gguf", "init"),
     # str keys: `true` on the command line becomes "True"
-    "training.torch_compile": ("auto", "True", "False"),
-    "training.gradient_checkpointing": ("auto", "True", "False"),
+    "backend.trainer.torch_compile": ("auto", "True", "False"),
+    "backend.trainer.gradient_checkpointing": ("auto", "True", "False"),
 }
 
 
@@ -159,20 +179,18 @@ def _positive(cfg: DictConfig, *keys: str) -> None:
 
 # Sections whose keys are free: names of QA sets, a model's shape, logger specs.
 FREE_FORM = ("data.extra_qa_paths", "model.architecture", "logging.loggers")
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _refuse_unknown_keys(cfg: DictConfig) -> None:
-    """A key no section has (`+training.bogus=1`, `+eval.foo=1`) stops the run, naming the valid keys: Hydra's `+`
-    adds keys even to the schema's sections, and the backend's options would only fail when its class is built."""
+    """A key no section has (`+training.bogus=1`, `+eval.foo=1`, `backend.trainer.torch_compile` of backend=kd)
+    stops the run, naming the valid keys: Hydra's `+` adds keys even to the schema's sections."""
     sections = {f.name: f.default_factory() for f in fields(Config) if callable(f.default_factory)}
     allowed = {
         "": [f.name for f in fields(Config)],
         **{name: [f.name for f in fields(section)] for name, section in sections.items()},
     }
-    backend_options = CONF / "backend" / f"{cfg.backend.name}.yaml"
-    if backend_options.is_file():  # the backend's options are the ones its config file declares
-        allowed["backend.trainer"] = list(OmegaConf.load(backend_options).backend.trainer)
+    if cfg.backend.name in BACKEND_OPTIONS:
+        allowed["backend.trainer"] = [f.name for f in fields(BACKEND_OPTIONS[cfg.backend.name])]
     for where, known in allowed.items():
         node = OmegaConf.select(cfg, where) if where else cfg
         unknown = sorted(set(node) - set(known)) if where not in FREE_FORM else []
@@ -181,9 +199,22 @@ def _refuse_unknown_keys(cfg: DictConfig) -> None:
             raise UserError(f"unknown config key {key!r}; {where or 'the top level'} has {', '.join(known)}")
 
 
+def _typed_backend_options(cfg: DictConfig) -> None:
+    """backend.trainer with every option of the backend, its defaults filled in and each value of its type."""
+    schema = BACKEND_OPTIONS.get(cfg.backend.name)
+    if schema is None:
+        raise UserError(f"backend.name={cfg.backend.name!r} is not one of {', '.join(BACKEND_OPTIONS)}")
+    try:
+        options = OmegaConf.merge(OmegaConf.structured(schema), cfg.backend.trainer)
+    except ValidationError as e:
+        raise UserError(f"backend.trainer.{e.key}: {str(e).splitlines()[0]}")
+    cfg.backend.trainer = OmegaConf.to_container(options)
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """Check the rules that span keys and that every value is set; return the resolved config."""
     _refuse_unknown_keys(cfg)
+    _typed_backend_options(cfg)
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as e:
@@ -208,7 +239,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         "optimizer.lr",
     )
     for key, allowed in CHOICES.items():
-        if OmegaConf.select(cfg, key) not in allowed:
+        if OmegaConf.select(cfg, key, default=allowed[0]) not in allowed:  # a key of the other backend is absent
             raise UserError(f"{key}={OmegaConf.select(cfg, key)!r} is not one of {', '.join(allowed)}")
     per_step = t.per_device_batch_size * world_size
     if cfg.mode == "train" and t.effective_batch_size % per_step:

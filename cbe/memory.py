@@ -1,6 +1,6 @@
 """Peak GPU memory of an HF training run, estimated from the config before any model loads.
 
-It decides `training.gradient_checkpointing=auto` (off where the run fits without it: faster steps) and
+It decides `backend.trainer.gradient_checkpointing=auto` (off where the run fits without it: faster steps) and
 refuses, in one line, a run whose weights and optimizer state alone exceed the card. The model: bf16 weights
 (2 bytes a parameter); a full fine-tune adds bf16 gradients and AdamW's two bf16 moments (6 more), LoRA
 adds fp32 adapter weights, gradients and moments (16 a LoRA parameter); activations take
@@ -103,15 +103,15 @@ def plan(
     return MemoryPlan(checkpointing, peak, card_bytes is None or peak.total_bytes <= HEADROOM * card_bytes)
 
 
-def plan_run(cfg: Any, card_bytes: float | None) -> MemoryPlan:
-    """`plan` for a composed run config: its model's shape, adapter rank, per-device batch, sequence length and
-    `training.gradient_checkpointing`."""
+def plan_run(cfg: Any, card_bytes: float | None, gradient_checkpointing: str = "auto") -> MemoryPlan:
+    """`plan` for a composed run config (its model's shape, adapter rank, per-device batch and sequence length) and
+    the HF backend's `backend.trainer.gradient_checkpointing` setting."""
     t = cfg.training
     return plan(
         cfg.model.architecture,
         cfg.adapter.rank,
         t.per_device_batch_size,
         cfg.data.sequence_length,
-        t.gradient_checkpointing,
+        gradient_checkpointing,
         card_bytes,
     )

@@ -4,7 +4,7 @@ A cbe run is a folder with metrics/eval_results.jsonl. The metric (any eval_resu
 valqa_fuzzy_match, or valqa_substring_match, testqa_exact_match, ...; with its 95% band where eval_results has
 `<metric>_ci95`) and eval loss come from eval_results.jsonl, which a resumed run keeps free of duplicates;
 train loss comes from logs/tensorboard/ (`train/loss`, merged over the event files a resumed run leaves, the
-later file winning for a repeated step) or else the newest HF trainer_state.json.
+later file winning for a repeated step).
 
 A JAX run of the benchmark's own harness is a folder without eval_results.jsonl whose `train/` holds
 TensorBoard scalars `loss` and whose `eval_loss/` holds scalars `eval_loss`: it adds both losses and no metric.
@@ -12,7 +12,6 @@ TensorBoard scalars `loss` and whose `eval_loss/` holds scalars `eval_loss`: it 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from cbe.errors import UserError
-from cbe.run import open_atomic, read_jsonl
+from cbe.run import RunDir, checkpoint_backend, open_atomic, read_jsonl
 
 DEFAULT_METRIC = "valqa_fuzzy_match"
 BENCHMARK_JAX = "benchmark-jax"  # the backend label of a JAX run of the benchmark's own harness
@@ -40,7 +39,7 @@ class RunCurves:
     metric_ci95: list[tuple[int, float, float]]
     eval_loss: Series
     train_loss: Series
-    train_loss_source: str = field(default="none")  # tensorboard, trainer_state or none
+    train_loss_source: str = field(default="none")  # tensorboard or none
 
 
 def find_runs(folder: Path) -> list[Path]:
@@ -64,12 +63,7 @@ def backend_of(run: Path) -> str:
         name = ((yaml.safe_load(config_path.read_text()) or {}).get("backend") or {}).get("name")
         if name:
             return str(name)
-    names = [p.name for p in (run / "checkpoints").glob("*")]
-    if any(n.startswith("checkpoint-") for n in names):
-        return "hf"
-    if any(n.startswith("ckpt_") for n in names):
-        return "kd"
-    return "?"
+    return next(filter(None, map(checkpoint_backend, RunDir(run).saved_checkpoints())), "?")
 
 
 def read_tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
@@ -98,17 +92,6 @@ def read_tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
     return scalars
 
 
-def _trainer_state_loss(run: Path) -> Series:
-    """Train loss from the newest HF checkpoint's trainer_state.json log_history."""
-    states = sorted(
-        (run / "checkpoints").glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1])
-    )
-    if not states:
-        return []
-    history = json.loads(states[-1].read_text()).get("log_history", [])
-    return sorted((h["step"], float(h["loss"])) for h in history if "loss" in h and "step" in h)
-
-
 def _finite(points: Series) -> Series:
     return [(s, v) for s, v in points if v is not None and math.isfinite(v)]
 
@@ -135,9 +118,7 @@ def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
         return gather_benchmark_jax_run(name, run)
     results = sorted(read_jsonl(run / "metrics" / "eval_results.jsonl"), key=lambda r: r["step"])
     scalars = read_tensorboard_scalars(run / "logs" / "tensorboard")
-    train_loss, source = sorted(scalars.get("train/loss", {}).items()), "tensorboard"
-    if not train_loss:
-        train_loss, source = _trainer_state_loss(run), "trainer_state"
+    train_loss = sorted(scalars.get("train/loss", {}).items())
     return RunCurves(
         name=name,
         backend=backend_of(run),
@@ -145,7 +126,7 @@ def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
         metric_ci95=[(r["step"], *r[f"{metric}_ci95"]) for r in results if r.get(f"{metric}_ci95")],
         eval_loss=_finite([(r["step"], r.get("eval_loss")) for r in results]),
         train_loss=_finite(train_loss),
-        train_loss_source=source if train_loss else "none",
+        train_loss_source="tensorboard" if train_loss else "none",
     )
 
 

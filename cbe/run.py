@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -93,6 +94,37 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# The checkpoint dir names of each backend: HF's Trainer layout and Kauldron's (orbax) one.
+CHECKPOINT_NAMES = {"hf": "checkpoint-{step}", "kd": "ckpt_{step}"}
+
+
+def checkpoint_backend(checkpoint: Path) -> str | None:
+    """The backend whose name a checkpoint dir has (`latest` resolved), or None for another dir."""
+    name = checkpoint.resolve().name
+    return next((b for b, f in CHECKPOINT_NAMES.items() if re.fullmatch(f.format(step=r"\d+"), name)), None)
+
+
+def step_of(checkpoint: Path) -> int:
+    """The optimizer step of a checkpoint dir; 0 for a dir named otherwise (an adapter saved by hand)."""
+    match = re.search(r"[-_](\d+)$", checkpoint.resolve().name)
+    return int(match.group(1)) if match else 0
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A temporary dir to fill that becomes `path` only if the block finishes (replacing an older `path`)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)  # a checkpoint of a step re-run after a kill
+    os.replace(tmp, path)
+
+
 # What a resumed run must share with the run it continues (num_train_steps may grow: runs get extended).
 TRAJECTORY_KEYS = (
     "data",
@@ -142,18 +174,16 @@ class RunDir:
         self.eval_details = self.root / "eval_details"
 
     def create(self, cfg) -> "RunDir":
-        """Make the folders and save the resolved config (refusing to mix two experiments in one folder)."""
+        """Make the folders and save the resolved config."""
         from omegaconf import OmegaConf
 
         if is_main_process():
-            config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-            self._refuse_a_different_run(yaml.safe_load(config_yaml))
             for folder in (self.logs, self.eval_results.parent, self.eval_details):
                 folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.root / "config.yaml", config_yaml)
+            write_atomic(self.root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return self
 
-    def capture_output(self) -> None:
+    def capture_output(self) -> "RunDir":
         """Copy everything this process prints to logs/train.log (appending, so a resumed run keeps its history)."""
         if is_main_process():
             log = open(self.logs / "train.log", "a", buffering=1)
@@ -162,13 +192,17 @@ class RunDir:
             if isinstance(sys.stdout, _Tee):
                 sys.stdout.log.close()
             sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        return self
 
-    def _refuse_a_different_run(self, config: dict[str, Any]) -> None:
-        """Re-running a command resumes its run; resuming with another trajectory would mix two experiments."""
+    def refuse_a_different_run(self, cfg) -> None:
+        """Re-running a command resumes its run; resuming with another trajectory would mix two experiments. Any
+        earlier start counts (its config.yaml), checkpointed or not, so a change is refused the same either way."""
+        from omegaconf import OmegaConf
+
         saved_path = self.root / "config.yaml"
-        if self.latest_checkpoint() is None or not saved_path.exists():
+        if not saved_path.exists():
             return
-        saved = yaml.safe_load(saved_path.read_text())
+        saved, config = yaml.safe_load(saved_path.read_text()), yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
         for key in TRAJECTORY_KEYS:
             old, new = _select(saved, key), _select(config, key)
             if old != new:
@@ -177,9 +211,19 @@ class RunDir:
                     f"resume it, or pick another logging.run_name"
                 )
 
+    def completed_steps(self, num_train_steps: int) -> int | None:
+        """The steps a finished run trained (its last checkpoint at or past num_train_steps, or for a run of 0
+        steps its step-0 evaluation), else None."""
+        latest = self.latest_checkpoint()
+        if latest is not None:
+            step = step_of(latest)
+            return step if step >= num_train_steps else None
+        done = num_train_steps == 0 and any(m["step"] == 0 for m in read_jsonl(self.eval_results))
+        return 0 if done else None
+
     # -- checkpoints ---------------------------------------------------------------------------
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.checkpoints / f"checkpoint-{step}"
+    def checkpoint_dir(self, step: int, backend: str) -> Path:
+        return self.checkpoints / CHECKPOINT_NAMES[backend].format(step=step)
 
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint a re-run resumes from, or None for a fresh run."""
@@ -193,12 +237,29 @@ class RunDir:
         tmp.symlink_to(checkpoint.name)
         os.replace(tmp, self.checkpoints / "latest")
 
-    @staticmethod
-    def step_of(checkpoint: Path) -> int:
-        """The optimizer step of checkpoint-<step> (HF) or ckpt_<step> (KD); 0 for a dir named otherwise
-        (an adapter saved by hand)."""
-        match = re.search(r"[-_](\d+)$", checkpoint.name)
-        return int(match.group(1)) if match else 0
+    def saved_checkpoints(self) -> list[Path]:
+        """The checkpoint dirs of the run, oldest first (not `latest`, not a temporary dir)."""
+        if not self.checkpoints.is_dir():
+            return []
+        saved = [p for p in self.checkpoints.iterdir() if not p.is_symlink() and checkpoint_backend(p)]
+        return sorted(saved, key=step_of)
+
+    def drop_checkpoints_after(self, step: int) -> None:
+        """On resume, delete checkpoints newer than `latest` (saved by a run killed before it marked them): their
+        steps are trained again and saved anew."""
+        if is_main_process():
+            for path in self.saved_checkpoints():
+                if step_of(path) > step:
+                    shutil.rmtree(path)
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Delete all but the newest `keep` checkpoints (never the one `latest` points at)."""
+        if not is_main_process():
+            return
+        saved = self.saved_checkpoints()
+        for old in saved[: max(0, len(saved) - keep)]:
+            if old != self.latest_checkpoint():
+                shutil.rmtree(old)
 
     # -- metrics -------------------------------------------------------------------------------
     def append_eval_result(self, metrics: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """`cbe plot`: which runs it finds (ours, and the benchmark harness's JAX run dirs), the curves it reads
-(TensorBoard files merged across a resume, HF trainer_state, eval_results with CIs, a JAX run's tf.summary
+(TensorBoard files merged across a resume, eval_results with CIs, a JAX run's tf.summary
 losses) and the PNG it writes."""
 
 from __future__ import annotations
@@ -97,17 +97,12 @@ def runs_folder(tmp_path) -> Path:
         tensorboard_files=[{1: 9.0, 2: 8.0, 3: 7.0, 4: 6.0}, {3: 2.75, 4: 2.25}],
         checkpoints={"ckpt_2": None, "ckpt_4": None},
     )
-    # A sweep job without TensorBoard: train loss from the newest trainer_state.json; a NaN eval loss is skipped.
+    # A sweep job without TensorBoard (logging=none): no train loss; a NaN eval loss is skipped.
     make_run(
         folder,
         "sweep/optimizer.lr=0.001",
         [result(0, 0.0, float("nan")), result(2, 0.5, 2.0)],
-        checkpoints={
-            "checkpoint-1": {"log_history": [{"loss": 5.0, "step": 1}]},
-            "checkpoint-2": {
-                "log_history": [{"loss": 5.0, "step": 1}, {"loss": 4.5, "step": 2}, {"train_loss": 4.75, "step": 2}]
-            },
-        },
+        checkpoints={"checkpoint-1": None, "checkpoint-2": None},
     )
     # mode=eval results of a checkpoint live inside the training run: not a run of their own.
     make_run(folder / "tiny-full-hf", "eval/checkpoint-4/valqa+testqa-0a1b2c3d", [result(4, 1.0, 1.0)], backend="hf")
@@ -126,7 +121,7 @@ def test_gather_reads_every_run_with_merged_event_files(runs_folder):
     assert kd.train_loss == [(1, 9.0), (2, 8.0), (3, 2.75), (4, 2.25)]
     assert kd.metric_ci95 == []
     assert sweep.eval_loss == [(2, 2.0)]
-    assert sweep.train_loss == [(1, 5.0), (2, 4.5)] and sweep.train_loss_source == "trainer_state"
+    assert sweep.train_loss == [] and sweep.train_loss_source == "none"
     exact = {r.name: r for r in gather_runs(runs_folder, "valqa_exact_match")}["tiny-full-hf"]
     assert exact.metric == [(0, 0.0), (2, 0.25), (4, 0.5)] and exact.metric_ci95 == []
 

@@ -1,32 +1,52 @@
-"""The contract every backend fulfils, so data, evaluation, logging and the run layout are shared.
-
-A backend trainer is built by `hydra.utils.instantiate(cfg.backend.trainer, cfg=..., run=..., evaluator=...,
-loggers=...)` and then:
-- `train()`: loads the model and tokenizer, packs the corpus with `cbe.data.packing.packed_corpus`, resumes
-  from `run.latest_checkpoint()` if there is one (after `run.drop_eval_results_after(step)`), evaluates at
-  step 0 of a fresh run, every `training.eval_every` optimizer steps and at the end by handing
-  `evaluator.evaluate(self, step, val_rows)` to `loggers.eval`, saves `run.checkpoint_dir(step)` every
-  `training.save_every` steps and at the end, then `run.mark_latest(...)`.
-- `generate(prompts, max_new_tokens, batch_size) -> list[str]`: greedy continuations, prompt excluded, each
-  ending as `answer_ended` says (or at EOS, or after max_new_tokens).
-- `loss(rows, batch_size) -> float`: mean next-token loss over the trained positions of packed rows.
-"""
+"""The contract every backend fulfils, so the loop (cbe.loop), data, evaluation, logging and the run layout are
+shared: a backend only holds a model and its state, and does the model's work."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from cbe.data.packing import PackedRows, packed_corpus, repetition_report
+from cbe.data.packing import PackedRows
 
 
-def answer_ended(text: str) -> bool:
-    """A generated answer is complete at "Q:" (a re-emitted question) or at a newline after its first
-    non-blank text; a newline before it is not an end, so an answer that starts with "\n" is not empty."""
-    return "Q:" in text or "\n" in text.lstrip()
+class Backend(Protocol):
+    """What cbe.loop asks of a backend; `hydra.utils.instantiate(cfg.backend.trainer, cfg=..., run=...)` builds one,
+    with its own typed options (the other keys of `backend.trainer`)."""
+
+    tokenizer: Any  # set by start() or load()
+
+    def start(self, checkpoint: Path | None) -> None:
+        """The training state: the base model with the adapter and a fresh optimizer, or the state saved in
+        `checkpoint` (a dir `save` wrote)."""
+
+    def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[float]:
+        """One optimizer step per row of `batches` ([steps, effective batch] indices into `rows`), at the given
+        learning rates; returns each step's mean loss over its trained tokens."""
+
+    def save(self, step: int) -> Path:
+        """Write the training state to `run.checkpoint_dir(step, backend)`, complete before it returns."""
+
+    def load(self, checkpoint: str) -> None:
+        """mode=eval: the model of a checkpoint dir, or the base model for `base`."""
+
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
+    ) -> list[str]:
+        """Greedy continuations, prompt excluded, each ending as `answer_ended` says (or at EOS, or after
+        max_new_tokens)."""
+
+    def loss(self, rows: PackedRows, batch_size: int) -> float:
+        """Mean next-token loss over the trained positions of packed rows."""
+
+
+def answer_ended(text: str, stop_strings: Sequence[str]) -> bool:
+    """A generated answer is complete at a stop string (the template's question marker, e.g. "Q:": the model asks
+    itself the next question) or at a newline after its first non-blank text; a newline before it is not an end,
+    so an answer that starts with "\n" is not empty."""
+    return any(s in text for s in stop_strings) or "\n" in text.lstrip()
 
 
 @dataclass(frozen=True)
@@ -57,46 +77,3 @@ class NewlineStop:
                 return n + 1
             text_before = text_before or not self.blank[t]
         return len(ids)
-
-
-def lr_multiplier(step: int, total_steps: int, warmup_fraction: float, schedule: str, end_fraction: float) -> float:
-    """The learning rate at an optimizer step as a fraction of the peak: linear warmup, then the schedule.
-
-    Both backends use this function, so `optimizer.*` means the same thing everywhere.
-    """
-    warmup = int(warmup_fraction * total_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return end_fraction + (1 - end_fraction) * decay
-
-
-class Backend:
-    """What both trainers do the same way; each sets cfg, run, evaluator, loggers, tokenizer and val_rows."""
-
-    def packed(self, path: str, name: str) -> PackedRows:
-        """One corpus file, tokenized (cached) and packed, with its size printed to the run log."""
-        rows = packed_corpus(path, self.tokenizer, self.cfg.data.sequence_length, self.cfg.data.cache_dir)
-        print(rows.describe(name), flush=True)
-        return rows
-
-    def packed_train(self) -> PackedRows:
-        """The training corpus, packed, with how often the run repeats it printed to the run log, once at the start."""
-        rows = self.packed(self.cfg.data.train_path, "train")
-        t = self.cfg.training
-        print("\n".join(repetition_report(len(rows), t.effective_batch_size, t.num_train_steps)), flush=True)
-        return rows
-
-    def evaluate(self, step: int) -> dict[str, Any]:
-        metrics = self.evaluator.evaluate(self, step, self.val_rows)
-        self.loggers.eval(metrics)
-        return metrics
-
-    def report_checkpoint(self, step: int) -> None:
-        """mode=eval: evaluate the loaded checkpoint once and print the report table."""
-        self.run.drop_eval_results_after(step - 1)  # evaluating the same checkpoint again replaces its line
-        print(self.evaluator.report(self.evaluate(step)), flush=True)
-        print(f"wrote {self.run.root}", flush=True)

@@ -16,7 +16,9 @@ from cbe.run import RunDir, is_main_process, write_jsonl_atomic
 class Model(Protocol):
     """What the evaluator needs from a backend."""
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]: ...
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
+    ) -> list[str]: ...
 
     def loss(self, rows: Any, batch_size: int) -> float: ...
 
@@ -30,6 +32,13 @@ def unescape(template: str) -> str:
     """A prompt template with `\\n` and `\\t` as a newline and a tab: a shell cannot pass the characters themselves
     (eval.prompt_template="Q: {question}\\nA:"), and no real template needs a literal backslash-n."""
     return template.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def stop_strings(template: str) -> list[str]:
+    """Where an answer ends besides a newline: the template's text before the question ("Q:" of
+    "Q: {question}\nA:"), which the model writes when it goes on to ask itself the next question."""
+    marker = template.split("{question}")[0].strip()
+    return [marker] if marker else []
 
 
 def qa_paths(data: DictConfig, qa_data: str | None) -> dict[str, str]:
@@ -61,6 +70,7 @@ class QAEvaluator:
     ):
         self.run = run
         self.prompt_template = unescape(prompt_template)
+        self.stop_strings = stop_strings(self.prompt_template)
         self.prefix = few_shot_prefix(prompt_prefix_file)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.parser = parser
@@ -109,7 +119,9 @@ class QAEvaluator:
                 print(f"prompt of the first {name} question: {self.prompt(records[0])!r}", flush=True)
             self.prompt_shown = True
         for name, records in self.qa_sets.items():
-            raw = model.generate([self.prompt(r) for r in records], self.max_new_tokens, self.batch_size)
+            raw = model.generate(
+                [self.prompt(r) for r in records], self.max_new_tokens, self.batch_size, self.stop_strings
+            )
             details = self.last_details[name] = self.score(records, raw)
             if is_main_process():
                 write_jsonl_atomic(self.run.details_path(name, step), details)

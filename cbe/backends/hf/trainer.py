@@ -1,52 +1,34 @@
-"""The HuggingFace backend: transformers + TRL's SFTTrainer + PEFT over the shared packed rows.
+"""The HuggingFace backend: a transformers model (PEFT LoRA where adapted), stepped by our own optimizer loop.
 
-Packing happens once in cbe.data (shared with the JAX backend), so TRL gets ready rows and skips its own
-dataset preparation. Rows carry position ids that restart per document and no attention mask: with
-use_cache=False transformers then builds a block-diagonal causal mask, so documents never see each other.
+cbe.loop hands it each optimizer step's packed rows and learning rate. Rows carry position ids that restart per
+document and no attention mask: with use_cache=False transformers then builds a block-diagonal causal mask, so
+documents never see each other. The loss is TRL's fused LM head (logits in tiles, never the whole vocabulary at
+once), summed over the step's trained tokens and divided by their count on every rank, so a step's gradient is the
+same however its rows are split into micro-batches and processes (DDP averages over processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from datasets import Dataset
 from omegaconf import DictConfig
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import (
-    GenerationConfig,
-    PrinterCallback,
-    ProgressCallback,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TrainerCallback,
-)
-from trl import SFTConfig, SFTTrainer
+from safetensors.torch import load_file
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from trl.trainer.utils import add_fused_lm_head
 
 from cbe import memory
-from cbe.backends.base import Backend, NewlineStop, lr_multiplier
+from cbe.backends.base import NewlineStop
 from cbe.backends.hf.models import load_model_and_tokenizer
-from cbe.data.packing import IGNORE, PackedRows, epochs_seen, training_order
+from cbe.data.packing import IGNORE, PackedRows
 from cbe.errors import UserError
-from cbe.eval.evaluator import QAEvaluator
-from cbe.logging import Loggers
-from cbe.run import RunDir, is_main_process, world_size
-
-# PEFT and TRL still read transformers' deprecated alias on every LoRA run; the warning is theirs to act on, not
-# the user's. Only this message is silenced.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-def as_dataset(rows: PackedRows) -> Dataset:
-    """Packed rows as the dataset TRL batches (numpy-formatted, so batching does not go through lists)."""
-    columns = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}
-    return Dataset.from_dict(columns).with_format("numpy")
+from cbe.run import RunDir, atomic_dir, is_main_process, world_size
 
 
 class NewlineStopCriteria(StoppingCriteria):
@@ -65,10 +47,10 @@ class NewlineStopCriteria(StoppingCriteria):
         return (self.ends_alone[generated] | (self.newline[generated] & text_before)).any(1)
 
 
-def plan_memory(cfg: DictConfig, card: float | None) -> bool:
+def plan_memory(cfg: DictConfig, card: float | None, setting: str) -> bool:
     """Whether to checkpoint activations on a GPU of `card` bytes (None: the CPU), decided and said before the
     model loads (cbe.memory); refuses a run whose weights and optimizer state alone exceed the GPU."""
-    plan = memory.plan_run(cfg, card)
+    plan = memory.plan_run(cfg, card, setting)
     where = f"on this {card / memory.GB:.0f} GB GPU" if card else "on the CPU"
     line = f"memory: gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'} {where}"
     if plan.estimate is None:
@@ -85,14 +67,14 @@ def plan_memory(cfg: DictConfig, card: float | None) -> bool:
     if not plan.fits:
         print(
             f"memory: this may not fit {where}: lower training.per_device_batch_size (gradient accumulation keeps "
-            "training.effective_batch_size) or set training.gradient_checkpointing=true",
+            "training.effective_batch_size) or set backend.trainer.gradient_checkpointing=true",
             flush=True,
         )
     return plan.gradient_checkpointing
 
 
 def compile_enabled(setting: str) -> bool:
-    """training.torch_compile: `auto` compiles on a GPU only (on a CPU, compiling the tiny model costs more than
+    """backend.trainer.torch_compile: `auto` compiles on a GPU only (on a CPU, compiling the tiny model costs more than
     it saves)."""
     return torch.cuda.is_available() if setting == "auto" else setting == "True"
 
@@ -113,125 +95,174 @@ def eager():
     return torch.compiler.set_stance("force_eager")
 
 
-def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(np.stack([e[key] for e in examples]).astype(np.int64)) for key in examples[0]}
+def no_decay(name: str) -> bool:
+    """Norm scales and biases are not decayed (as in HF's Trainer, and gemma's `scale` in the KD backend)."""
+    return "norm" in name or name.endswith(".bias")
 
 
-class _SFTTrainer(SFTTrainer):
-    """SFTTrainer with the harness's learning-rate schedule (shared with the JAX backend)."""
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Put a checkpoint's saved weights (a full model's or a LoRA adapter's) into the model built for training."""
+    if (checkpoint / "adapter_config.json").exists():
+        from peft import set_peft_model_state_dict
 
-    def __init__(self, *args, optimizer_cfg: DictConfig, order: np.ndarray, **kwargs):
-        self.optimizer_cfg, self.order = optimizer_cfg, order
-        super().__init__(*args, **kwargs)
-        # The harness prints the train line itself (cbe.logging.Loggers.train: numbers, alike for both backends).
-        if self.pop_callback(ProgressCallback):
-            self.add_callback(_ProgressBar)
-        self.remove_callback(PrinterCallback)
-
-    def _get_train_sampler(self, train_dataset=None):
-        return self.order.tolist()  # cbe.data.packing.training_order: the same batches as the JAX backend
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is None:
-            o = self.optimizer_cfg
-            self.lr_scheduler = LambdaLR(
-                optimizer or self.optimizer,
-                lambda step: lr_multiplier(step, num_training_steps, o.warmup_fraction, o.schedule, o.end_lr_fraction),
-            )
-        return self.lr_scheduler
+        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+        return
+    saved = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        saved |= load_file(shard)
+    missing = set(model.load_state_dict(saved, strict=False).missing_keys)
+    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
+    if missing - tied:
+        raise UserError(f"{checkpoint} lacks {sorted(missing - tied)[:3]}: it is not a checkpoint of this model")
 
 
-class _ProgressBar(ProgressCallback):
-    """HF's training bar, without its printing of the logs (which shows floats as strings)."""
+class HFTrainer:
+    """One run's model with transformers/PEFT: training steps, checkpoints, generation and loss (cbe.backends.base).
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
+    Options (backend.trainer): attn_implementation, torch_compile (auto|true|false: compile each decoder layer;
+    auto = on a GPU) and gradient_checkpointing (auto|true|false; auto = where the run would not fit the GPU
+    without it, cbe.memory).
+    """
 
-
-class _Hooks(TrainerCallback):
-    """Evaluates, logs and marks checkpoints at the moments the harness defines."""
-
-    def __init__(self, backend: "HFTrainer", train_rows: int):
-        self.backend, self.train_rows = backend, train_rows
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:  # the untrained baseline; a resumed run has it already
-            self.backend.evaluate(0)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.backend.cfg.training.eval_every == 0 or state.global_step >= state.max_steps:
-            self.backend.evaluate(state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        # HF's epoch counts passes over the sampler, which is the whole run's order (training_order), so it reads
-        # 1 at every run's end; the harness's epoch is rows seen / packed rows, as the KD backend logs it.
-        # TRL's num_tokens counts one row length a micro-batch for rows without an attention mask: dropped.
-        epoch = epochs_seen(state.global_step, self.backend.cfg.training.effective_batch_size, self.train_rows)
-        logs = {k: v for k, v in (logs or {}).items() if k != "num_tokens"}
-        self.backend.loggers.train(state.global_step, {**logs, "epoch": epoch})
-
-    def on_save(self, args, state, control, **kwargs):
-        if is_main_process():
-            self.backend.run.mark_latest(self.backend.run.checkpoint_dir(state.global_step))
-
-
-class HFTrainer(Backend):
-    """Trains and evaluates one run with transformers/TRL/PEFT."""
+    name = "hf"
 
     def __init__(
-        self, cfg: DictConfig, run: RunDir, evaluator: QAEvaluator, loggers: Loggers, attn_implementation: str = "sdpa"
+        self,
+        cfg: DictConfig,
+        run: RunDir,
+        attn_implementation: str = "sdpa",
+        torch_compile: str = "auto",
+        gradient_checkpointing: str = "auto",
     ):
-        self.cfg, self.run, self.evaluator, self.loggers = cfg, run, evaluator, loggers
+        self.cfg, self.run = cfg, run
+        self.attn_implementation, self.torch_compile = attn_implementation, torch_compile
+        self.gradient_checkpointing = gradient_checkpointing
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if world_size() > 1 and not dist.is_initialized():  # torchrun: evaluation shards over the ranks
+        if world_size() > 1 and not dist.is_initialized():  # torchrun: training and evaluation shard over the ranks
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        card = (
-            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            if torch.cuda.is_available()
-            else None
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.device = self.device or torch.device("cpu")
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    # -- state -------------------------------------------------------------------------------------
+    def start(self, checkpoint: Path | None) -> None:
+        cfg = self.cfg
+        card = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        checkpointing = plan_memory(cfg, card, self.gradient_checkpointing)
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg, self.attn_implementation)
+        peft = hasattr(self.model, "get_base_model")
+        add_fused_lm_head(self.model.get_base_model() if peft else self.model)  # before compiling the layers
+        self.model.to(self.device)
+        if checkpoint is not None:
+            load_weights(self.model, checkpoint)
+        if checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile_enabled(self.torch_compile):
+            compile_decoder_layers(self.model)
+        trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        o = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for n, p in trained if not no_decay(n)], "weight_decay": o.weight_decay},
+                {"params": [p for n, p in trained if no_decay(n)], "weight_decay": 0.0},
+            ],
+            lr=o.lr,
+            betas=(o.b1, o.b2),
+            eps=1e-8,
+            fused=self.device.type == "cuda",
         )
-        self.gradient_checkpointing = plan_memory(cfg, card) if cfg.mode == "train" else False
-        self.model, self.tokenizer = load_model_and_tokenizer(cfg, attn_implementation)
-        self.compiled = 0  # decoder layers compiled for training (training.torch_compile)
-        if torch.cuda.is_available():
-            self.model.to(torch.cuda.current_device())
-        self.val_rows = self.packed(cfg.data.val_path, "val")
+        if checkpoint is not None:
+            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.device))
+        self.stepped = self.model
+        if self.world > 1:
+            self.stepped = torch.nn.parallel.DistributedDataParallel(self.model)
 
-    # -- the evaluator's view of this backend ----------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def load(self, checkpoint: str) -> None:
+        self.model, self.tokenizer = load_model_and_tokenizer(self.cfg, self.attn_implementation)
+        self.model.to(self.device)
 
-    @staticmethod
-    def _rank_and_world() -> tuple[int, int]:
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    def save(self, step: int) -> Path:
+        """checkpoints/checkpoint-<step>: the model (or adapter) as `from_pretrained` reads it, its tokenizer and
+        the optimizer state, written whole or not at all."""
+        path = self.run.checkpoint_dir(step, self.name)
+        if is_main_process():
+            with atomic_dir(path) as tmp:
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        if self.world > 1:
+            dist.barrier()
+        return path
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    # -- training ------------------------------------------------------------------------------------
+    def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[float]:
+        """One optimizer step per row of `batches`; this rank takes its share of each step's rows, in micro-batches
+        of training.per_device_batch_size."""
+        t, o = self.cfg.training, self.cfg.optimizer
+        self.model.train()
+        losses = torch.zeros(len(batches), dtype=torch.float64, device=self.device)
+        for i, (batch, lr) in enumerate(zip(batches, learning_rates)):
+            trained_tokens = int((rows.labels[batch, 1:] != IGNORE).sum())  # of the whole step, all ranks
+            share = len(batch) // self.world
+            mine = batch[self.rank * share : (self.rank + 1) * share]
+            micro = [mine[m : m + t.per_device_batch_size] for m in range(0, len(mine), t.per_device_batch_size)]
+            for m, index in enumerate(micro):
+                sync = m == len(micro) - 1 or self.world == 1
+                with contextlib.nullcontext() if sync else self.stepped.no_sync(), self.autocast():
+                    inputs = self.tensors(rows, index)
+                    out = self.stepped(**inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=trained_tokens)
+                    (out.loss * self.world).backward()  # DDP averages over ranks; the loss is already a share of all
+                losses[i] += out.loss.detach()
+            if o.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.max_grad_norm)
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(lr)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            dist.all_reduce(losses)
+        return losses.tolist()
+
+    def tensors(self, rows: PackedRows, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """The model inputs of some packed rows, on this rank's device."""
+        arrays = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}
+        return {k: torch.from_numpy(v[index].astype(np.int64)).to(self.device) for k, v in arrays.items()}
+
+    def autocast(self):
+        """bf16 matmuls on a GPU that has them (the weights are bf16 there already); nothing on the CPU."""
+        on = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
+    ) -> list[str]:
         """Greedy answers to every prompt; under torchrun each rank answers every world-th one and all ranks
         get all answers (rank-0-only generation would leave the others waiting at their next collective)."""
-        rank, world = self._rank_and_world()
-        mine = self._generate(prompts[rank::world], max_new_tokens, batch_size)
-        if world == 1:
+        mine = self._generate(prompts[self.rank :: self.world], max_new_tokens, batch_size, stop_strings)
+        if self.world == 1:
             return mine
-        parts: list[list[str]] = [[] for _ in range(world)]
+        parts: list[list[str]] = [[] for _ in range(self.world)]
         dist.all_gather_object(parts, mine)
         answers = [""] * len(prompts)
         for r, part in enumerate(parts):
-            answers[r::world] = part
+            answers[r :: self.world] = part
         return answers
 
     @torch.no_grad()
-    def _generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
-        """Greedy continuations, batched by prompt length with left padding, each stopped at EOS, Q: or a newline
-        after the answer's first non-blank text (cbe.backends.base.answer_ended)."""
+    def _generate(
+        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
+    ) -> list[str]:
+        """Greedy continuations, batched by prompt length with left padding, each stopped at EOS, a stop string or a
+        newline after the answer's first non-blank text (cbe.backends.base.answer_ended)."""
         was_training = self.model.training
         self.model.eval()
         tok = self.tokenizer
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            stop_strings=["Q:"],
+            stop_strings=list(stop_strings) or None,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
@@ -258,95 +289,19 @@ class HFTrainer(Backend):
 
     @torch.no_grad()
     def loss(self, rows: PackedRows, batch_size: int) -> float:
-        """Mean next-token loss over the trained positions of the rows (each rank takes every world-th row)."""
+        """Mean next-token loss over the trained positions of the rows (each rank takes every world-th batch)."""
         was_training = self.model.training
         self.model.eval()
-        rank, world = self._rank_and_world()
         total, count = 0.0, 0
-        for start in range(rank * batch_size, len(rows), batch_size * world):
-            end = start + batch_size
-            batch = {
-                "input_ids": rows.input_ids[start:end],
-                "position_ids": rows.position_ids[start:end],
-                "labels": rows.labels[start:end],
-            }
-            batch = {k: torch.from_numpy(v.astype(np.int64)).to(self.device) for k, v in batch.items()}
+        for start in range(self.rank * batch_size, len(rows), batch_size * self.world):
+            batch = self.tensors(rows, np.arange(start, min(start + batch_size, len(rows))))
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            with eager():
+            with eager(), self.autocast():
                 total += float(self.model(**batch, use_cache=False).loss) * n
             count += n
         self.model.train(was_training)
-        if world > 1:
+        if self.world > 1:
             sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
             dist.all_reduce(sums)
             total, count = sums.tolist()
         return total / max(1, count)
-
-    def evaluate_checkpoint(self) -> None:
-        """mode=eval: one evaluation of cfg.checkpoint, with training's prompt, parser and metrics."""
-        step = 0 if self.cfg.checkpoint == "base" else RunDir.step_of(Path(self.cfg.checkpoint).resolve())
-        self.report_checkpoint(step)
-
-    # -- training --------------------------------------------------------------------------------
-    def train(self) -> None:
-        t = self.cfg.training
-        resume = self.run.latest_checkpoint()
-        if resume is not None:
-            self.run.drop_eval_results_after(RunDir.step_of(resume))
-            print(f"resuming from {resume}", flush=True)
-        if t.num_train_steps == 0:  # only the starting point (HF would read max_steps=0 as "use epochs")
-            self.run.drop_eval_results_after(-1)
-            self.evaluate(0)
-            return
-        train_rows = self.packed_train()
-        order = training_order(len(train_rows), t.num_train_steps * t.effective_batch_size, t.seed)
-        trainer = self.sft_trainer(as_dataset(train_rows), order, callbacks=[_Hooks(self, len(train_rows))])
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-
-    def sft_trainer(self, dataset: Dataset, order: np.ndarray, callbacks: list[TrainerCallback]) -> _SFTTrainer:
-        """The TRL trainer over `dataset` read in `order`, with the run's optimizer, schedule and speed settings
-        (also what bench/train_throughput.py times)."""
-        cfg, t = self.cfg, self.cfg.training
-        on_gpu = torch.cuda.is_available()
-        if compile_enabled(t.torch_compile) and not self.compiled:
-            self.compiled = compile_decoder_layers(self.model)
-        args = SFTConfig(
-            output_dir=str(self.run.checkpoints),
-            max_steps=t.num_train_steps,
-            seed=t.seed,
-            data_seed=t.seed,
-            per_device_train_batch_size=t.per_device_batch_size,
-            gradient_accumulation_steps=t.effective_batch_size // (t.per_device_batch_size * world_size()),
-            learning_rate=cfg.optimizer.lr,
-            weight_decay=cfg.optimizer.weight_decay,
-            adam_beta1=cfg.optimizer.b1,
-            adam_beta2=cfg.optimizer.b2,
-            optim="adamw_torch_fused" if on_gpu else "adamw_torch",
-            bf16=on_gpu and torch.cuda.is_bf16_supported(),
-            max_grad_norm=cfg.optimizer.max_grad_norm or 0.0,  # 0: no clipping (null in our config)
-            activation_checkpointing=self.gradient_checkpointing,
-            save_strategy="steps",
-            save_steps=t.save_every,
-            save_total_limit=t.max_checkpoints,
-            eval_strategy="no",
-            logging_steps=cfg.logging.log_every_n_steps,
-            report_to="none",
-            dataset_kwargs={"skip_prepare_dataset": True},
-            max_length=None,
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            use_cpu=not on_gpu,
-            disable_tqdm=not is_main_process(),
-        )
-        trainer = _SFTTrainer(
-            model=self.model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=collate,
-            processing_class=self.tokenizer,
-            callbacks=callbacks,
-            optimizer_cfg=cfg.optimizer,
-            order=order,
-        )
-        self.model = trainer.model
-        return trainer

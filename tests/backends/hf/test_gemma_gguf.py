@@ -92,24 +92,21 @@ def test_harness_answers_a_qa_question_with_the_real_model(checkpoint, cache_dir
     """The backend's batched greedy generate and the evaluator's parse and score, on model=gemma3_270m."""
     from hydra import compose, initialize_config_dir
 
-    from cbe.backends.hf.trainer import HFTrainer
     from cbe.config import register_configs
-    from cbe.eval.evaluator import QAEvaluator
-    from cbe.logging import Loggers
+    from cbe.loop import build
     from cbe.run import RunDir
 
     register_configs()
     with initialize_config_dir(str(Path(__file__).parents[3] / "conf"), version_base=None):
-        cfg = compose("config", overrides=["model=gemma3_270m", f"data.cache_dir={cache_dir}"])
-    run = RunDir(tmp_path)
-    evaluator = QAEvaluator(cfg.data, run, **{k: v for k, v in cfg.eval.items() if k != "_target_"})
-    backend = HFTrainer(cfg, run, evaluator, Loggers(run, []))
+        overrides = ["model=gemma3_270m", f"data.cache_dir={cache_dir}", "eval.prompt_template='Q: {question}\\nA:'"]
+        cfg = compose("config", overrides=[*overrides, "mode=eval", "checkpoint=base"])
+    backend, evaluator = build(cfg, RunDir(tmp_path))
+    backend.load("base")
     questions = [
         {"question": "What is the capital of France?", "answer": "Paris"},
         {"question": "What is the largest ocean on Earth, by area?", "answer": "the Pacific Ocean"},
     ]
-    evaluator.prompt_template = "Q: {question}\nA:"
-    raw = backend.generate([evaluator.prompt(q) for q in questions], max_new_tokens=16, batch_size=2)
+    raw = backend.generate([evaluator.prompt(q) for q in questions], 16, 2, evaluator.stop_strings)
     paris = evaluator.score(questions, raw)[0]
     assert paris["fuzzy_match"], paris
     assert "\n" not in paris["raw_prediction"].strip()  # generation stopped at the end of the first line

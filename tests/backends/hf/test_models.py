@@ -102,17 +102,17 @@ def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero():
 def test_the_memory_plan_is_said_before_loading_and_a_run_that_cannot_fit_is_one_line(capsys):
     from cbe.backends.hf.trainer import plan_memory
 
-    assert plan_memory(compose("task=news", "model=gemma3_4b"), card=40e9) is True
+    assert plan_memory(compose("task=news", "model=gemma3_4b"), card=40e9, setting="auto") is True
     said = capsys.readouterr().out
     assert "memory: gradient checkpointing on on this 40 GB GPU; about 33.7 GB per device (estimated" in said
-    assert plan_memory(compose("task=news", "model=gemma3_1b"), card=None) is False
+    assert plan_memory(compose("task=news", "model=gemma3_1b"), card=None, setting="auto") is False
     assert "gradient checkpointing off on the CPU" in capsys.readouterr().out
     with pytest.raises(
         UserError,
         match=r"^gemma3-12b-pt full: its weights and optimizer state alone take 94 GB "
         r"\(estimated\), more than this 40 GB GPU; use adapter=lora128",
     ):
-        plan_memory(compose("task=news", "model=gemma3_12b"), card=40e9)
+        plan_memory(compose("task=news", "model=gemma3_12b"), card=40e9, setting="auto")
     # A per-device batch too large for the card: a warning with the knob, and the run goes on.
     assert (
         plan_memory(
@@ -120,9 +120,9 @@ def test_the_memory_plan_is_said_before_loading_and_a_run_that_cannot_fit_is_one
                 "task=news",
                 "model=gemma3_4b",
                 "training.per_device_batch_size=32",
-                "training.gradient_checkpointing=false",
             ),
             card=40e9,
+            setting="False",
         )
         is False
     )
