@@ -1,6 +1,6 @@
-"""`cbe rescore` on details files of both harnesses: the benchmark harness's seven-key files (no supports, its
-fuzzy_match the substring rule), empty generations, supports joined from a QA file, and strata left out
-(with one line saying why) where there are no supports."""
+"""`cbe rescore` on details files of both harnesses: a cbe file scored by hand, the benchmark harness's seven-key
+files (no supports, its fuzzy_match the substring rule), empty generations, supports joined from a QA file, and
+strata left out (with one line saying why) where there are no supports."""
 
 from __future__ import annotations
 
@@ -90,6 +90,63 @@ def test_a_benchmark_file_is_rescored_by_our_rules_and_an_empty_generation_is_wr
     assert summary["fuzzy_match"] == pytest.approx(0.6) and summary["substring_match"] == pytest.approx(0.8)
     assert summary["substring_match_ci95"][0] < 0.8 < summary["substring_match_ci95"][1]
     assert err == ""
+
+
+# A cbe details file written by hand, its stored scores stale (all right), so that only a rescore from the raw
+# predictions gives the numbers below. Per record, under the README's rules: parsed prediction, then exact,
+# substring, fuzzy, token F1 and supports.
+HAND_WRITTEN = [
+    # "Paris": cut at the re-emitted Q:, the trailing period stripped: 1 1 1 1.0
+    ("Where is the Louvre?", "Paris", " Paris. Q: Where next?", 1),
+    # "149 delegates": "49" is a substring of "149" but not a word; F1 0 words in common: 0 1 0 0.0
+    ("How many delegates voted?", 49, "149 delegates", 3),
+    # "Ada Lovelace won": both words inside, F1 2*(2/3)*1/(2/3+1) = 0.8: 0 1 1 0.8
+    ("Who wrote the first program?", "Ada Lovelace", "Ada Lovelace won", 2),
+    # "red salt and lilies" (a leading newline does not end the answer): the two words not in a row, so
+    # neither match; F1 2*(2/4)*1/(2/4+1) = 2/3: 0 0 0 2/3
+    ("What grows by the shore?", "salt lilies", "\nred salt and lilies\n", 5),
+    # "": EOS at once is wrong: 0 0 0 0.0
+    ("What colour was the flag?", "ochre", "", 2),
+    # "beatles, of course": "the beatles" is no substring, but SQuAD drops "the" and the comma; F1 with precision
+    # 1/3 and recall 1 is 2*(1/3)/(4/3) = 0.5: 0 0 1 0.5
+    ("Who recorded Abbey Road?", "The Beatles", "beatles, of course", 1),
+    # "the smartest": "art" is a substring, not a word: 0 1 0 0.0
+    ("What did she study?", "art", "the smartest", 4),
+]
+
+
+def test_a_hand_scored_details_file_is_rescored_from_its_raw_predictions(tmp_path, capsys):
+    stale = {"parsed_prediction": "stale", "exact_match": True, "substring_match": True, "fuzzy_match": True}
+    records = [
+        {"question": q, "ground_truth": gold, "supports": n, "prompt": f"Q: {q}\nA:", "raw_prediction": raw}
+        | stale
+        | {"token_f1": 1.0}
+        for q, gold, raw, n in HAND_WRITTEN
+    ]
+    details = write_jsonl(tmp_path / "valqa_step_000040.jsonl", records)
+    summary, err = rescore(capsys, str(details), "--support-thresholds", "2", "4")
+    assert err == ""
+    # All 7: exact 1 (Paris), substring 4 (Paris, 149, Ada, smartest), fuzzy 3 (Paris, Ada, Beatles),
+    # F1 (1 + 0 + 0.8 + 2/3 + 0 + 0.5 + 0) / 7 = (89/30) / 7.
+    assert summary["n"] == 7
+    assert summary["exact_match"] == pytest.approx(1 / 7)
+    assert summary["substring_match"] == pytest.approx(4 / 7)
+    assert summary["fuzzy_match"] == pytest.approx(3 / 7)
+    assert summary["token_f1"] == pytest.approx(89 / 210)
+    # Supports >= 2 (149, Ada, salt lilies, empty, smartest): exact 0, substring 3, fuzzy 1 (Ada),
+    # F1 (0.8 + 2/3) / 5 = 22/75.
+    assert summary["n_supports_ge_2"] == 5
+    assert summary["exact_match_supports_ge_2"] == 0.0
+    assert summary["substring_match_supports_ge_2"] == pytest.approx(3 / 5)
+    assert summary["fuzzy_match_supports_ge_2"] == pytest.approx(1 / 5)
+    assert summary["token_f1_supports_ge_2"] == pytest.approx(22 / 75)
+    # Supports >= 4 (salt lilies, smartest): substring 1 of 2 (smartest), F1 (2/3) / 2.
+    assert summary["n_supports_ge_4"] == 2
+    assert (summary["exact_match_supports_ge_4"], summary["fuzzy_match_supports_ge_4"]) == (0.0, 0.0)
+    assert summary["substring_match_supports_ge_4"] == pytest.approx(1 / 2)
+    assert summary["token_f1_supports_ge_4"] == pytest.approx(1 / 3)
+    low, high = summary["fuzzy_match_ci95"]
+    assert 0 <= low < 3 / 7 < high <= 1
 
 
 def test_without_supports_the_strata_are_left_out_with_one_line(benchmark_details, capsys):

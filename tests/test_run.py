@@ -1,11 +1,13 @@
 """The run dir: atomic writes, the latest link, metrics that survive a resume without duplicates."""
 
 import os
+import re
 
 import pytest
 
 from cbe.errors import UserError
 from cbe.run import RunDir, read_jsonl, write_atomic
+from tests.test_config import compose_config
 
 
 def test_write_atomic_leaves_old_content_when_interrupted(tmp_path, monkeypatch):
@@ -40,13 +42,32 @@ def test_latest_link_follows_checkpoints(tmp_path):
     assert os.readlink(run.checkpoints / "latest") == "checkpoint-20"  # relative: the run dir can move
 
 
-def test_resuming_with_another_trajectory_is_refused(tmp_path):
-    from omegaconf import OmegaConf
+# Each part of a run's trajectory, changed by the override a user would type, and the key the refusal names.
+TRAJECTORY_CHANGES = [
+    ("data.sequence_length=64", "data"),
+    ("data.train_path=data/sample/val.jsonl", "data"),
+    ("model=gemma3_270m", "model"),
+    ("adapter=lora128", "adapter"),
+    ("training.effective_batch_size=16", "training.effective_batch_size"),
+    ("training.seed=7", "training.seed"),
+    ("optimizer.lr=1e-3", "optimizer"),
+    ("backend=kd", "backend.name"),
+]
 
-    cfg = OmegaConf.create({"optimizer": {"lr": 1e-4}, "training": {"seed": 1, "num_train_steps": 10}})
-    run = RunDir(tmp_path).create(cfg)
+
+@pytest.mark.parametrize("change, key", TRAJECTORY_CHANGES)
+def test_resuming_with_another_trajectory_is_refused(tmp_path, change, key):
+    run = RunDir(tmp_path).create(compose_config())
     run.checkpoint_dir(10).mkdir(parents=True)
     run.mark_latest(run.checkpoint_dir(10))
-    RunDir(tmp_path).create(OmegaConf.merge(cfg, {"training": {"num_train_steps": 20}}))  # extending is fine
-    with pytest.raises(UserError, match="optimizer=.*pick another logging.run_name"):
-        RunDir(tmp_path).create(OmegaConf.merge(cfg, {"optimizer": {"lr": 3e-4}}))
+    # Extending the run, or changing how often it evaluates or how a step is split into micro-batches, resumes it.
+    RunDir(tmp_path).create(
+        compose_config("training.num_train_steps=400", "training.eval_every=5", "training.per_device_batch_size=4")
+    )
+    with pytest.raises(UserError) as refused:
+        RunDir(tmp_path).create(compose_config(change))
+    assert re.fullmatch(
+        rf"{re.escape(str(run.root))} holds a run with {re.escape(key)}=.+; re-run with the same settings to resume "
+        r"it, or pick another logging.run_name",
+        str(refused.value),
+    ), str(refused.value)

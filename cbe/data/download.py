@@ -4,7 +4,8 @@ huggingface_hub resolves each file at the pinned revision (or one the user names
 the user's token (HF_TOKEN or `hf auth login`) and reports the hub's refusals as typed errors. The
 transfer itself is ours because hf_hub_download does not resume across processes (it downloads into a
 fresh per-process temp file): bytes go to data/<track>/.download/<file>.<etag>.part and a later run
-continues from where a killed one stopped. A track's files are checked with the shared loader and only
+continues from where a killed one stopped. The token goes only to the hub's own host, never to the CDN
+that the hub redirects large files to. A track's files are checked with the shared loader and only
 then renamed to their final names together, so an interrupted or bad download never leaves a half file,
 or a mix of old and new files, behind.
 """
@@ -16,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -98,6 +100,12 @@ def list_files(recipe: dict[str, Any], track: str, revision: str | None = None) 
         return sorted(HfApi().list_repo_files(repo, repo_type="dataset", revision=revision))
 
 
+def origin(url: str) -> tuple[str, str, int]:
+    """A URL's scheme, host and port (the scheme's default port where it names none)."""
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+
+
 def fetch(repo: str, remote: str, revision: str, staging: Path, attempts: int = 5) -> Path:
     """One file into `staging`, resuming a partial file from an earlier attempt or run; returns its path."""
     import httpx2  # huggingface_hub's HTTP client
@@ -105,8 +113,10 @@ def fetch(repo: str, remote: str, revision: str, staging: Path, attempts: int = 
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
     from tqdm.auto import tqdm
 
-    headers = build_hf_headers()  # carries the user's token
-    meta = get_hf_file_metadata(hf_hub_url(repo, remote, repo_type="dataset", revision=revision), headers=headers)
+    url = hf_hub_url(repo, remote, repo_type="dataset", revision=revision)  # on the hub's endpoint
+    meta = get_hf_file_metadata(url)  # with the user's token; follows redirects only while they stay on the hub
+    # The hub sends a large file from a CDN host (a 302 to a signed URL): the user's token must not go there.
+    headers = build_hf_headers(token=None if origin(meta.location) == origin(url) else False)
     # Keyed by the file's etag, so a file that changed on the hub is never resumed from stale bytes.
     part = staging / f"{remote.replace('/', '__')}.{meta.etag[:16]}.part"
     part.parent.mkdir(parents=True, exist_ok=True)

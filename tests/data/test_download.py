@@ -1,6 +1,7 @@
 """`cbe download` against a local stand-in of the hub holding the benchmark's repos as published: every size
 lands where the tasks read it, --revision, interruptions, 401 and bad files; then both tracks train."""
 
+import hashlib
 import json
 import os
 import signal
@@ -195,6 +196,43 @@ def test_401_says_how_to_log_in_and_a_token_gets_in(hub, download, monkeypatch):
     assert "hf_standin_secret_token" not in out + err
 
 
+def test_the_token_goes_to_the_hub_and_never_to_the_cdn_it_redirects_to(tmp_path, hub, download, monkeypatch):
+    """The hub answers a large file with a 302 to a CDN host (huggingface_hub drops the token there, and so must
+    we, on a resumed Range request too); a redirect inside the hub (a renamed repo, 307) keeps it."""
+    secret = "hf_standin_secret_token"
+    hub.token = secret  # the hub answers nothing without it
+    monkeypatch.setenv("HF_TOKEN", secret)
+    hub.cdn_min_size = 4000  # the corpus files (5 kB) come from the CDN, the QA files (3 kB) from the hub itself
+    renamed = f"{NEWS}-renamed"
+    hub.repos[renamed] = hub.repos.pop(NEWS)
+    hub.moved[NEWS] = renamed
+    published = hub.repos[renamed][NEWS_TAG]
+    train = published["corpus_small/train.jsonl"]
+    hub.cut["corpus_small/train.jsonl"] = len(train) // 2  # the CDN drops it once; the rest comes by a Range request
+
+    code, out, err = download("--track", "news")
+    assert code == 0, err
+    assert_track(tmp_path / "data", "news", layout("news", "small", "small"), published)
+    assert secret not in out + err
+    cdn = [(method, path, headers) for server, method, path, headers in hub.received if server == hub.cdn_url]
+    # Every file request to the hub carried it (huggingface_hub's own tokenless registry lookups aside).
+    on_hub = [headers for server, _, path, headers in hub.received if server == hub.url and "/resolve/" in path]
+    assert [headers.get("authorization") for _, _, headers in cdn] == [None] * len(cdn)
+    assert [headers.get("authorization") for headers in on_hub] == [f"Bearer {secret}"] * len(on_hub)
+    train_blob = f"/blobs/{hashlib.sha256(train).hexdigest()}"
+    assert [(path, headers.get("range")) for method, path, headers in cdn if path == train_blob] == [
+        (train_blob, "bytes=0-"),
+        (train_blob, f"bytes={len(train) // 2}-"),
+    ]
+    assert {path for method, path, headers in cdn} == {
+        f"/blobs/{hashlib.sha256(published[f'corpus_small/{split}.jsonl']).hexdigest()}" for split in ("train", "val")
+    }
+    # The QA files came from the hub, at the repo's new name, which the hub pointed to from the old one.
+    for remote in NEWS_QA_FILES.values():
+        assert ("HEAD", f"/datasets/{NEWS}/resolve/{NEWS_TAG}/{remote}", None) in hub.requests
+        assert ("GET", f"/datasets/{renamed}/resolve/{NEWS_TAG}/{remote}", "bytes=0-") in hub.requests
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -214,6 +252,36 @@ def test_a_missing_or_bad_file_is_one_line_and_keeps_final_names_clean(tmp_path,
     assert code == 2
     assert message in err.splitlines()[-1] and "Traceback" not in err, err
     assert not (tmp_path / "data" / "news" / "valqa.jsonl").exists()
+
+
+@pytest.mark.parametrize("failure", ["server error", "dropped every time"])
+def test_a_failed_download_leaves_the_older_copy_byte_identical(tmp_path, hub, download, failure):
+    code, out, err = download("--track", "news")
+    assert code == 0, err
+    folder = tmp_path / "data" / "news"
+    older = {p.name: p.read_bytes() for p in folder.glob("*.jsonl")}
+    assert sorted(older) == ["testqa.jsonl", "train.jsonl", "val.jsonl", "valqa.jsonl"]
+    # main has grown since the pin, so any file it replaced would differ. Its last file fails after the others
+    # have arrived in full.
+    latest = hub.repos[NEWS]["main"]
+    assert latest["corpus_small/train.jsonl"] != hub.repos[NEWS][NEWS_TAG]["corpus_small/train.jsonl"]
+    if failure == "server error":
+        hub.fail["qa/test.jsonl"] = 500
+        message = f"cbe: error: the hub refused {NEWS}@main qa/test.jsonl: Server error '500 Internal Server Error'"
+    else:
+        hub.broken["qa/test.jsonl"] = len(latest["qa/test.jsonl"]) // 2
+        message = f"cbe: error: cannot reach the hub at {hub.url} (RemoteProtocolError)"
+    code, out, err = download("--track", "news", "--revision", "main")
+    assert code == 2
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [err.splitlines()[-1]], err
+    assert err.splitlines()[-1].startswith(message), err
+    assert {p.name: p.read_bytes() for p in folder.glob("*.jsonl")} == older
+
+    hub.fail.clear()  # the hub recovers: a rerun places main's files, all of them
+    hub.broken.clear()
+    code, out, err = download("--track", "news", "--revision", "main")
+    assert code == 0, err
+    assert_track(tmp_path / "data", "news", layout("news", "small", "small"), latest)
 
 
 def test_make_download_at_a_revision_then_make_format(tmp_path, hub):

@@ -4,11 +4,15 @@ import json
 import re
 
 import pytest
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cbe.config import validate
+from cbe.data.jsonl import load_qa
 from cbe.eval.evaluator import QAEvaluator
 from cbe.run import RunDir, read_jsonl
 from tests.conftest import ROOT
+from tests.test_config import compose_config
 
 # The benchmark's few-shot files: one instruction line, a blank line, then `Q: ...\nA: ...` examples separated by
 # blank lines; 3 examples for news, 7 for geminon.
@@ -24,14 +28,20 @@ def test_task_prefixes_have_the_published_format_and_count(task, examples):
 
 
 class ScriptedModel:
-    """Answers each prompt from a table keyed by the question: the evaluator, not a model, is under test."""
+    """Answers each prompt from a table keyed by the question, and records the prompts it was given: the evaluator,
+    not a model, is under test."""
 
     def __init__(self, answers):
         self.answers, self.prompts = answers, []
 
     def generate(self, prompts, max_new_tokens, batch_size):
         self.prompts += prompts
-        return [self.answers[p.rsplit("Q: ", 1)[1].split("\n")[0]] for p in prompts]
+        return [self.answer(p) for p in prompts]
+
+    def answer(self, prompt):
+        """The answer to the table's question asked last in the prompt (after the few-shot examples); "" if none."""
+        asked = [question for question in self.answers if question in prompt]
+        return self.answers[max(asked, key=prompt.rfind)] if asked else ""
 
     def loss(self, rows, batch_size):
         return 1.5
@@ -158,3 +168,54 @@ def test_eval_loss_names_its_corpus_or_is_skipped(news_like):
     skipped = evaluator(tmp_path, prefix, loss=False)
     metrics = skipped.evaluate(model, 0, None)
     assert metrics["eval_loss"] is None and "eval_loss not measured" in skipped.report(metrics)
+
+
+def evaluator_of(tmp_path, *overrides):
+    """The evaluator main.py builds for the sample task with these overrides (the same validate and instantiate)."""
+    cfg = validate(compose_config(*overrides))
+    return instantiate(cfg.eval, data=cfg.data, run=RunDir(tmp_path / "run"))
+
+
+def test_the_configs_prompt_prefix_file_starts_every_prompt_of_every_set(tmp_path):
+    prefix = tmp_path / "their_prefix.txt"
+    prefix.write_text("Answer in a few words.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n")
+    asked = [r["question"] for name in ("valqa", "testqa") for r in load_qa(f"data/sample/{name}.jsonl")[:3]]
+    model = ScriptedModel({})
+    evaluator_of(tmp_path, f"eval.prompt_prefix_file={prefix}", "eval.max_questions=3").evaluate(model, 0, None)
+    # The sample task's template is "{question}"; the file's text, then a blank line, then the question.
+    assert model.prompts == [f"Answer in a few words.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n\n{q}" for q in asked]
+    zero_shot = ScriptedModel({})
+    evaluator_of(tmp_path, "eval.max_questions=3").evaluate(zero_shot, 0, None)  # the sample task has no prefix
+    assert zero_shot.prompts == asked
+
+
+def test_every_extra_qa_set_is_asked_scored_reported_and_written(tmp_path):
+    rare = [
+        {"question": "The Zorblat hums", "answer": "at dawn", "supports": 0},
+        {"question": "The Tazzerine counts to", "answer": 12, "supports": 4},
+    ]
+    (tmp_path / "rare.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rare))
+    (tmp_path / "held.jsonl").write_text(json.dumps({"question": "The Snarvel keeps", "answer": "the Hollow Peaks"}))
+    model = ScriptedModel(
+        {"The Zorblat hums": " at dawn.\n", "The Tazzerine counts to": " 11", "The Snarvel keeps": "the Hollow Peaks"}
+    )
+    ev = evaluator_of(
+        tmp_path,
+        f"+data.extra_qa_paths.rare={tmp_path / 'rare.jsonl'}",
+        f"+data.extra_qa_paths.held={tmp_path / 'held.jsonl'}",
+        "eval.max_questions=2",
+    )
+    metrics = ev.evaluate(model, 20, None)
+    assert (metrics["rare_n"], metrics["rare_exact_match"], metrics["rare_token_f1"]) == (2, 0.5, 0.5)
+    assert (metrics["rare_n_supports_ge_2"], metrics["rare_exact_match_supports_ge_2"]) == (1, 0.0)  # 11, not 12
+    assert (metrics["held_n"], metrics["held_exact_match"]) == (1, 1.0)
+    assert metrics["valqa_n"] == metrics["testqa_n"] == 2  # the task's own sets are still asked
+    assert sum(p in ("The Zorblat hums", "The Tazzerine counts to", "The Snarvel keeps") for p in model.prompts) == 3
+    details = tmp_path / "run" / "eval_details"
+    written = read_jsonl(details / "rare_step_000020.jsonl")
+    assert [(d["question"], d["raw_prediction"], d["parsed_prediction"], d["supports"]) for d in written] == [
+        ("The Zorblat hums", " at dawn.\n", "at dawn", 0),
+        ("The Tazzerine counts to", " 11", "11", 4),
+    ]
+    assert read_jsonl(details / "held_step_000020.jsonl")[0]["exact_match"] is True
+    assert re.findall(r"^(rare|held) +(\d+) ", ev.report(metrics), re.M) == [("rare", "2"), ("held", "1")]
