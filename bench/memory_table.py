@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/memory_table.py [--card-gb 40]
 
-Prints a markdown table: the recipe's per-device batch, what `training.gradient_checkpointing=auto` picks on
+Prints a markdown table: the recipe's per-device batch, what `backend.trainer.gradient_checkpointing=auto` picks on
 that card, and the estimated peak per GPU (or why the run is refused). Estimates, not measurements: a GPU
 run prints its own plan at the start of train.log, and its measured peak comes from bench/train_throughput.py.
 """

@@ -109,23 +109,21 @@ class BackendConfig:
 
 @dataclass
 class HFOptions:
-    """backend.trainer of backend=hf."""
+    """The types of backend.trainer of backend=hf (its values and their meaning: conf/backend/hf.yaml)."""
 
-    _target_: str = "cbe.backends.hf.trainer.HFTrainer"
-    attn_implementation: str = "sdpa"
-    torch_compile: str = "auto"  # auto (= on a GPU) | true | false: compile each decoder layer
-    # Recompute activations in backward: less memory, slower steps. auto: on where the run would not fit the GPU
-    # without it (cbe.memory), off elsewhere (gemma's JAX model has no rematerialization, so backend=kd has none).
-    gradient_checkpointing: str = "auto"  # auto | true | false
+    _target_: str = MISSING
+    attn_implementation: str = MISSING
+    torch_compile: str = MISSING
+    gradient_checkpointing: str = MISSING
 
 
 @dataclass
 class KDOptions:
-    """backend.trainer of backend=kd."""
+    """The types of backend.trainer of backend=kd (its values and their meaning: conf/backend/kd.yaml)."""
 
-    _target_: str = "cbe.backends.kd.trainer.KDTrainer"
-    gemma_params: Optional[str] = None  # an official gemma checkpoint (orbax) to start from instead of the HF weights
-    fsdp_min_size_mb: float = 4  # arrays smaller than this stay replicated on every device
+    _target_: str = MISSING
+    gemma_params: Optional[str] = MISSING
+    fsdp_min_size_mb: float = MISSING
 
 
 BACKEND_OPTIONS = {"hf": HFOptions, "kd": KDOptions}
@@ -200,7 +198,7 @@ def _refuse_unknown_keys(cfg: DictConfig) -> None:
 
 
 def _typed_backend_options(cfg: DictConfig) -> None:
-    """backend.trainer with every option of the backend, its defaults filled in and each value of its type."""
+    """backend.trainer with each value of its option's type (`true` given to a str option becomes "True")."""
     schema = BACKEND_OPTIONS.get(cfg.backend.name)
     if schema is None:
         raise UserError(f"backend.name={cfg.backend.name!r} is not one of {', '.join(BACKEND_OPTIONS)}")

@@ -93,7 +93,7 @@ def test_the_design_card_command_composes_the_benchmarks_recipe(task, model, ada
     o, t = cfg.optimizer, cfg.training
     assert (o.lr, t.per_device_batch_size, cfg.data.sequence_length) == (lr, batch, SEQUENCE_LENGTH[task])
     assert o.max_grad_norm is None  # no clipping
-    assert cfg.backend.trainer.get("gradient_checkpointing", "auto") == "auto"  # where the card needs it (test_memory)
+    assert cfg.backend.trainer.gradient_checkpointing == "auto"  # on where the card needs it (tests/test_memory.py)
     assert (o.weight_decay, o.b1, o.b2, o.warmup_fraction, o.schedule, o.end_lr_fraction) == (
         0.1,
         0.9,
@@ -215,3 +215,14 @@ def test_composing_imports_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
+
+
+def test_backend_options_are_typed_and_a_setting_the_backend_lacks_is_refused():
+    """backend.trainer holds the chosen backend's options only, each of its type: an HF setting given to backend=kd
+    would be silently ignored, so it stops the run."""
+    with pytest.raises(UserError, match=r"^unknown config key 'backend.trainer.torch_compile'; backend.trainer has"):
+        validate(compose_config("backend=kd", "+backend.trainer.torch_compile=false"))
+    with pytest.raises(UserError, match=r"^backend.trainer.fsdp_min_size_mb: "):
+        validate(compose_config("backend=kd", "backend.trainer.fsdp_min_size_mb=big"))
+    cfg = validate(compose_config("backend.trainer.torch_compile=false"))
+    assert cfg.backend.trainer.torch_compile == "False"

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from cbe.errors import UserError
-from cbe.run import RunDir, read_jsonl, write_atomic
+from cbe.run import RunDir, read_jsonl, step_of, write_atomic
 from tests.test_config import compose_config
 
 
@@ -36,9 +36,9 @@ def test_latest_link_follows_checkpoints(tmp_path):
     run = RunDir(tmp_path)
     assert run.latest_checkpoint() is None
     for step in (10, 20):
-        run.checkpoint_dir(step).mkdir(parents=True)
-        run.mark_latest(run.checkpoint_dir(step))
-    assert run.latest_checkpoint() == run.checkpoint_dir(20) and RunDir.step_of(run.latest_checkpoint()) == 20
+        run.checkpoint_dir(step, "hf").mkdir(parents=True)
+        run.mark_latest(run.checkpoint_dir(step, "hf"))
+    assert run.latest_checkpoint() == run.checkpoint_dir(20, "hf") and step_of(run.latest_checkpoint()) == 20
     assert os.readlink(run.checkpoints / "latest") == "checkpoint-20"  # relative: the run dir can move
 
 
@@ -58,14 +58,12 @@ TRAJECTORY_CHANGES = [
 @pytest.mark.parametrize("change, key", TRAJECTORY_CHANGES)
 def test_resuming_with_another_trajectory_is_refused(tmp_path, change, key):
     run = RunDir(tmp_path).create(compose_config())
-    run.checkpoint_dir(10).mkdir(parents=True)
-    run.mark_latest(run.checkpoint_dir(10))
     # Extending the run, or changing how often it evaluates or how a step is split into micro-batches, resumes it.
-    RunDir(tmp_path).create(
+    RunDir(tmp_path).refuse_a_different_run(
         compose_config("training.num_train_steps=400", "training.eval_every=5", "training.per_device_batch_size=4")
     )
     with pytest.raises(UserError) as refused:
-        RunDir(tmp_path).create(compose_config(change))
+        RunDir(tmp_path).refuse_a_different_run(compose_config(change))
     assert re.fullmatch(
         rf"{re.escape(str(run.root))} holds a run with {re.escape(key)}=.+; re-run with the same settings to resume "
         r"it, or pick another logging.run_name",

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from cbe.config import validate
 from cbe.data.jsonl import load_qa
-from cbe.eval.evaluator import QAEvaluator
+from cbe.eval.evaluator import QAEvaluator, stop_strings, unescape
 from cbe.run import RunDir, read_jsonl
 from tests.conftest import ROOT
 from tests.test_config import compose_config
@@ -32,10 +32,11 @@ class ScriptedModel:
     not a model, is under test."""
 
     def __init__(self, answers):
-        self.answers, self.prompts = answers, []
+        self.answers, self.prompts, self.stop_strings = answers, [], None
 
-    def generate(self, prompts, max_new_tokens, batch_size):
+    def generate(self, prompts, max_new_tokens, batch_size, stop_strings):
         self.prompts += prompts
+        self.stop_strings = stop_strings
         return [self.answer(p) for p in prompts]
 
     def answer(self, prompt):
@@ -219,3 +220,12 @@ def test_every_extra_qa_set_is_asked_scored_reported_and_written(tmp_path):
     ]
     assert read_jsonl(details / "held_step_000020.jsonl")[0]["exact_match"] is True
     assert re.findall(r"^(rare|held) +(\d+) ", ev.report(metrics), re.M) == [("rare", "2"), ("held", "1")]
+
+
+@pytest.mark.parametrize(
+    "template, stops",
+    [("Q: {question}\\nA:", ["Q:"]), ("Question: {question}\\nAnswer:", ["Question:"]), ("{question}", [])],
+)
+def test_the_stop_strings_are_the_templates_question_marker(template, stops):
+    """A model that goes on to ask itself the next question writes the template's marker: the answer ends there."""
+    assert stop_strings(unescape(template)) == stops
