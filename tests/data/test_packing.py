@@ -12,6 +12,7 @@ from cbe.data.packing import (
     repetition_report,
     split_long,
     tokenize_file,
+    training_order,
 )
 from cbe.errors import UserError
 
@@ -67,8 +68,10 @@ def test_best_fit_decreasing_fills_tightly():
     assert sorted(sum([60, 40, 30, 30, 20, 10, 10][i] for i in b) for b in bins) == [100, 100]
 
 
-def test_tokenization_is_cached_by_file_and_tokenizer(tmp_path):
+def test_tokenization_is_cached_by_file_and_tokenizer(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
+
+    import cbe.data.packing
 
     tok = AutoTokenizer.from_pretrained("cbe/assets/tiny_tokenizer")
     corpus = tmp_path / "train.jsonl"
@@ -77,11 +80,25 @@ def test_tokenization_is_cached_by_file_and_tokenizer(tmp_path):
     assert [d[0] for d in first] == [tok.bos_token_id] * 2 and [d[-1] for d in first] == [tok.eos_token_id] * 2
     assert tok.decode(first[0][1:-1]) == "The Zorblat eats ember moss."
     assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 1
-    again = tokenize_file(corpus, tok, tmp_path / "cache")
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+    # A cache hit reads the stored tokens and never runs the tokenizer again.
+    with monkeypatch.context() as m:
+        m.setattr(cbe.data.packing, "tokenize_documents", lambda *a, **k: pytest.fail("re-tokenized on a cache hit"))
+        again = tokenize_file(corpus, tok, tmp_path / "cache")
+    assert len(again) == 2 and all(np.array_equal(a, b) for a, b in zip(first, again))
+
+    # Another tokenizer (here one word more) gets an entry of its own, holding its own ids, not the first's.
+    other = AutoTokenizer.from_pretrained("cbe/assets/tiny_tokenizer")
+    other.add_tokens(["Zorblat"])
+    theirs = tokenize_file(corpus, other, tmp_path / "cache")
+    assert other.convert_tokens_to_ids("Zorblat") in theirs[0] and not np.array_equal(theirs[0], first[0])
+    assert other.decode(theirs[0][1:-1]) == "The Zorblat eats ember moss."
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 2
+    assert np.array_equal(tokenize_file(corpus, tok, tmp_path / "cache")[0], first[0])  # the first entry stays
+
     corpus.write_text('{"text": "Changed."}\n')
     assert len(tokenize_file(corpus, tok, tmp_path / "cache")) == 1
-    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 2
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 3
     rows = packed_corpus("data/sample/train.jsonl", tok, 256, tmp_path / "cache")
     assert rows.describe("train").startswith("train: ") and rows.trained_tokens > 1000
     assert len(rows) == 8  # the sample track's rows, which the repetition tests below count with
@@ -119,3 +136,26 @@ def test_repetition_counts_epochs_per_step_and_per_run():
 def test_an_empty_training_corpus_is_a_user_error():
     with pytest.raises(UserError, match="data.train_path"):
         repetition_report(0, 8, 160)
+
+
+def test_training_order_is_fixed_by_the_seed():
+    order = training_order(num_rows=8, num_examples=24, seed=1)
+    assert np.array_equal(order, training_order(8, 24, seed=1))
+    assert not np.array_equal(order, training_order(8, 24, seed=2))
+
+
+def test_each_epoch_of_the_training_order_is_a_fresh_permutation_of_every_row():
+    order = training_order(num_rows=8, num_examples=20, seed=0)  # two whole epochs, then half of a third
+    assert len(order) == 20
+    first, second, third = order[:8], order[8:16], order[16:]
+    assert sorted(first) == sorted(second) == list(range(8))
+    assert len(set(third)) == 4  # no row twice within an epoch, even a partial one
+    assert list(first) != list(range(8)) and list(first) != list(second)  # shuffled, and again each epoch
+
+
+def test_a_longer_run_reads_a_shorter_runs_order_first():
+    """A run resumed with more steps (or stopped at any step) continues the same order: order[:k] never changes."""
+    whole = training_order(num_rows=8, num_examples=40, seed=3)
+    for k in range(41):
+        assert np.array_equal(training_order(8, k, seed=3), whole[:k]), k
+    assert len(training_order(0, 0, seed=3)) == 0

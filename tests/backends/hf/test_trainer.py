@@ -1,4 +1,5 @@
-"""The HF backend end to end on the tiny model: the run layout, resume after a kill, LoRA, the demo itself."""
+"""The HF backend end to end on the tiny model: the run layout and its cadence, the learning rates it logs, the rows
+each step trains on, resume after a kill, LoRA, torchrun, the CPU speed settings, the demo itself."""
 
 import json
 import os
@@ -6,12 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
+from cbe.backends.base import lr_multiplier
+from cbe.data.packing import packed_corpus, training_order
+from cbe.plot import read_tensorboard_scalars
 from tests.conftest import ROOT
+from tests.test_config import compose_config
 
-SHORT = ["training.num_train_steps=6", "training.eval_every=3", "training.save_every=3", "training.max_checkpoints=2"]
+# 5 steps, evaluated and saved every 2: the last step is off the cadence and still gets its evaluation and
+# checkpoint, and its 3 saves under max_checkpoints=2 prune the oldest. The schedule: 2 steps of warmup (40%), then
+# linear down to 0.1 of the peak, each step's learning rate logged.
+SHORT = [
+    "training.num_train_steps=5",
+    "training.eval_every=2",
+    "training.save_every=2",
+    "training.max_checkpoints=2",
+    "optimizer.warmup_fraction=0.4",
+    "optimizer.schedule=linear",
+    "optimizer.end_lr_fraction=0.1",
+    "logging.log_every_n_steps=1",
+]
 
 
 def eval_results(run_dir: Path) -> list[dict]:
@@ -31,6 +50,43 @@ def only_dir(folder: Path) -> Path:
     return inside
 
 
+def raw_predictions(run_dir: Path, qa_set: str, step: int) -> list[str]:
+    details = run_dir / "eval_details" / f"{qa_set}_step_{step:06d}.jsonl"
+    return [json.loads(line)["raw_prediction"] for line in details.read_text().splitlines()]
+
+
+def backend_in_process(run_dir: Path, cache_dir: Path, *overrides: str):
+    """A run's backend built in this process as main.py builds it (logging=none), so a test can reach its model."""
+    from hydra.utils import instantiate
+
+    from cbe.config import validate
+    from cbe.logging import Loggers
+    from cbe.run import RunDir
+
+    cfg = validate(compose_config(f"data.cache_dir={cache_dir}", "logging=none", *overrides))
+    run = RunDir(run_dir).create(cfg)
+    evaluator = instantiate(cfg.eval, data=cfg.data, run=run)
+    return instantiate(
+        cfg.backend.trainer, _recursive_=False, cfg=cfg, run=run, evaluator=evaluator, loggers=Loggers(run, [])
+    )
+
+
+def train_observed(run_dir: Path, cache_dir: Path, *overrides: str):
+    """Train in this process; returns the backend and what the model's training forward passes were given, by
+    input (input_ids, position_ids, labels), micro-batches concatenated."""
+    backend = backend_in_process(run_dir, cache_dir, *overrides)
+    seen = []
+
+    def record(model, args, kwargs):
+        if model.training:  # evaluation's loss and generation run in eval mode
+            seen.append({key: kwargs[key].numpy().copy() for key in ("input_ids", "position_ids", "labels")})
+
+    hook = backend.model.register_forward_pre_hook(record, with_kwargs=True)
+    backend.train()
+    hook.remove()
+    return backend, {key: np.concatenate([batch[key] for batch in seen]) for key in seen[0]}
+
+
 def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
     before = sorted(os.listdir(ROOT))
     proc = run_main(
@@ -41,27 +97,33 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
     assert f"run dir: {run}" in proc.stdout
 
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["training"]["num_train_steps"] == 6 and "${" not in (run / "config.yaml").read_text()
+    assert config["training"]["num_train_steps"] == 5 and "${" not in (run / "config.yaml").read_text()
     assert (run / ".hydra" / "overrides.yaml").exists()
 
     log = (run / "logs" / "train.log").read_text()
-    assert "train: " in log and "padding" in log and "eval | step 6" in log
-    assert "eval | step 6" in proc.stdout
+    assert "train: " in log and "padding" in log and "eval | step 5" in log
+    assert "eval | step 5" in proc.stdout
     # How often the run repeats its corpus, said once at the start: the sample track packs into 8 rows, 8 a step.
     repetition = (
         "repetition: the training corpus is 8 packed rows; one optimizer step (8 rows) is 1 epoch, the whole "
-        "run (6 steps) 6 epochs\nwarning: one optimizer step holds the whole training corpus"
+        "run (5 steps) 5 epochs\nwarning: one optimizer step holds the whole training corpus"
     )
     assert log.count(repetition) == 1 and proc.stdout.count(repetition) == 1
-    assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    # The learning rate each step trained at, logged after it: 3e-3 x 1/2, 2/2 in warmup, then 1, 0.7, 0.4
+    # (0.1 + 0.9 x 3/3, 2/3, 1/3): optimizer.lr x lr_multiplier of the step.
+    learning_rates = read_tensorboard_scalars(run / "logs" / "tensorboard")["train/learning_rate"]
+    assert learning_rates == pytest.approx({1: 1.5e-3, 2: 3e-3, 3: 3e-3, 4: 2.1e-3, 5: 1.2e-3}, rel=1e-6)
+    schedule = {s: 3e-3 * lr_multiplier(s - 1, 5, 0.4, "linear", 0.1) for s in range(1, 6)}
+    assert learning_rates == pytest.approx(schedule, rel=1e-6)
 
+    # Saved at 2, 4 and at the end (5, off the cadence); the oldest pruned to keep max_checkpoints=2.
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
-    assert checkpoints == ["checkpoint-3", "checkpoint-6"]
-    assert os.readlink(run / "checkpoints" / "latest") == "checkpoint-6"
-    assert (run / "checkpoints" / "checkpoint-6" / "optimizer.pt").exists()
+    assert checkpoints == ["checkpoint-4", "checkpoint-5"]
+    assert os.readlink(run / "checkpoints" / "latest") == "checkpoint-5"
+    assert (run / "checkpoints" / "checkpoint-5" / "optimizer.pt").exists()
 
     results = eval_results(run)
-    assert [m["step"] for m in results] == [0, 3, 6]
+    assert [m["step"] for m in results] == [0, 2, 4, 5]  # step 0, every eval_every, and the end
     for m in results:
         for key in (
             "timestamp",
@@ -78,7 +140,7 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
             assert key in m, key
     assert results[-1]["eval_loss"] < results[0]["eval_loss"]
 
-    details = [json.loads(line) for line in (run / "eval_details" / "valqa_step_000003.jsonl").read_text().splitlines()]
+    details = [json.loads(line) for line in (run / "eval_details" / "valqa_step_000002.jsonl").read_text().splitlines()]
     assert len(details) == results[1]["valqa_n"] == 72
     assert {
         "prompt",
@@ -91,14 +153,14 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
         "supports",
     } <= set(details[0])
     assert sorted(p.name for p in (run / "eval_details").iterdir()) == [
-        f"{s}_step_{n:06d}.jsonl" for s in ("testqa", "valqa") for n in (0, 3, 6)
+        f"{s}_step_{n:06d}.jsonl" for s in ("testqa", "valqa") for n in (0, 2, 4, 5)
     ]
 
     # mode=eval of the final checkpoint, with no other setting, composes as the run did (its template here), gives
     # exactly training's evaluation at that step, and lands inside the run, named by what it evaluated...
     latest = run / "checkpoints" / "latest"
     proc = run_main("mode=eval", f"checkpoint={latest}")
-    evaluated = only_dir(run / "eval" / "checkpoint-6")
+    evaluated = only_dir(run / "eval" / "checkpoint-5")
     assert evaluated.name.startswith("valqa+testqa-") and f"wrote {evaluated}" in proc.stdout
     assert_same_metrics(eval_results(evaluated)[0], results[-1])
     assert "prompt of the first valqa question: 'Recall: The Zorblat was first seen in'" in proc.stdout
@@ -112,9 +174,9 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
         "eval.qa_data=data/sample/testqa.jsonl",
         'eval.prompt_template="Q: {question}\\nA:"',
     )
-    assert len(list((run / "eval" / "checkpoint-6").iterdir())) == 2 and eval_results(evaluated)
-    other = next(p for p in (run / "eval" / "checkpoint-6").iterdir() if p != evaluated)
-    prompt = json.loads((other / "eval_details" / "testqa_step_000006.jsonl").read_text().splitlines()[0])["prompt"]
+    assert len(list((run / "eval" / "checkpoint-5").iterdir())) == 2 and eval_results(evaluated)
+    other = next(p for p in (run / "eval" / "checkpoint-5").iterdir() if p != evaluated)
+    prompt = json.loads((other / "eval_details" / "testqa_step_000005.jsonl").read_text().splitlines()[0])["prompt"]
     assert prompt == "Q: The Zorblat is colored\nA:"  # a real newline
 
     # ...and checkpoint=base the untrained baseline at step 0, here on one QA file with its details saved.
@@ -147,7 +209,16 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
 
 
 def test_killed_run_resumes_the_same_steps_without_duplicate_metrics(run_main, run_main_killed_after_eval, tmp_path):
-    steps = ["training.num_train_steps=40", "training.eval_every=5", "training.save_every=10"]
+    # 2 of the 8 rows a step, so every step reads other rows: resuming at the wrong place in the order (step 10 is
+    # half way through an epoch) trains on other rows and changes eval_loss.
+    steps = [
+        "training.num_train_steps=20",
+        "training.eval_every=5",
+        "training.save_every=10",
+        "training.effective_batch_size=2",
+        "training.per_device_batch_size=2",
+        "eval.max_questions=8",
+    ]
     run_main(*steps, "logging.run_name=straight")
     straight = eval_results(tmp_path / "outputs" / "cbe" / "straight")
 
@@ -160,28 +231,88 @@ def test_killed_run_resumes_the_same_steps_without_duplicate_metrics(run_main, r
     resumed = run_main(*steps, "logging.run_name=killed")
     assert "resuming from" in resumed.stdout
     results = eval_results(run)
-    assert [m["step"] for m in results] == [m["step"] for m in straight] == list(range(0, 41, 5))
+    assert [m["step"] for m in results] == [m["step"] for m in straight] == list(range(0, 21, 5))
     for a, b in zip(results, straight):
-        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4, abs=1e-5), (
-            a["step"],
-            a["eval_loss"],
-            b["eval_loss"],
-        )
-        assert a["valqa_exact_match"] == b["valqa_exact_match"]
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5), (a["step"], a["eval_loss"], b["eval_loss"])
+    assert raw_predictions(run, "valqa", 20) == raw_predictions(tmp_path / "outputs" / "cbe" / "straight", "valqa", 20)
     log = (run / "logs" / "train.log").read_text()
     assert log.count("eval | step 0 ") == 1 and "resuming from" in log
 
 
-def test_lora_trains_only_the_adapter(run_main, tmp_path):
-    proc = run_main(
-        "adapter=lora128",
-        "training.num_train_steps=2",
-        "training.eval_every=2",
-        "training.save_every=2",
-        "logging=none",
+# The sample track's 8 rows, 2 a step in micro-batches of 1: 6 steps read one epoch and half of the next.
+SMALL_STEPS = [
+    "training.effective_batch_size=2",
+    "training.per_device_batch_size=1",
+    "training.num_train_steps=6",
+    "training.eval_every=3",
+    "training.save_every=6",
+    "eval.max_questions=2",
+]
+
+
+@pytest.fixture(scope="module")
+def small_steps_run(tmp_path_factory, cache_dir):
+    """(backend, what its training forward passes got, eval results) of a run of SMALL_STEPS, trained in process."""
+    run = tmp_path_factory.mktemp("small_steps")
+    backend, seen = train_observed(run, cache_dir, *SMALL_STEPS)
+    return backend, seen, eval_results(run)
+
+
+def test_each_step_trains_on_the_rows_of_the_training_order(small_steps_run, cache_dir):
+    backend, seen, _ = small_steps_run
+    data, t = backend.cfg.data, backend.cfg.training
+    rows = packed_corpus(data.train_path, backend.tokenizer, data.sequence_length, cache_dir)
+    order = training_order(len(rows), t.num_train_steps * t.effective_batch_size, t.seed)
+    assert len(rows) == 8 and sorted(order[:8]) == list(range(8)) and list(order[:8]) != list(range(8))
+    for key, given in seen.items():
+        assert np.array_equal(given, getattr(rows, key)[order]), key
+
+
+def test_gradient_checkpointing_and_compiled_layers_train_alike_on_the_cpu(small_steps_run, tmp_path, cache_dir):
+    """training.gradient_checkpointing=true and training.torch_compile=true on the tiny model on the CPU: the same
+    rows, the same eval_loss as without them (to float noise)."""
+    _, plain_seen, plain = small_steps_run
+    backend, seen = train_observed(
+        tmp_path, cache_dir, *SMALL_STEPS, "training.gradient_checkpointing=true", "training.torch_compile=true"
     )
-    assert "FutureWarning" not in proc.stderr  # transformers' is_gradient_checkpointing notice, read by PEFT and TRL
-    checkpoint = tmp_path / "outputs" / "cbe" / "sample" / "tiny-lora128-hf" / "checkpoints" / "checkpoint-2"
+    assert backend.model.is_activation_checkpointing
+    layers = [m for m in backend.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert len(layers) == 4 and all(layer._compiled_call_impl is not None for layer in layers)  # nn.Module.compile
+    assert all(np.array_equal(seen[key], plain_seen[key]) for key in seen)
+    results = eval_results(tmp_path)
+    assert [m["step"] for m in results] == [m["step"] for m in plain] == [0, 3, 6]
+    assert plain[-1]["eval_loss"] < plain[0]["eval_loss"] - 0.1  # it trained
+    for a, b in zip(results, plain):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5), a["step"]
+
+
+def test_a_cosine_run_logs_the_learning_rate_of_each_step(tiny_wandb_run):
+    """The shared tiny W&B run: 4 steps, cosine, no warmup (5% of 4 steps is under one step), so 3e-3 x
+    (1 + cos(pi x 0, 1/4, 2/4, 3/4)) / 2, with cos(pi/4) = 0.70711."""
+    learning_rates = read_tensorboard_scalars(tiny_wandb_run / "logs" / "tensorboard")["train/learning_rate"]
+    expected = [1.0, (1 + 0.70711) / 2, 0.5, (1 - 0.70711) / 2]
+    assert learning_rates == pytest.approx({step: 3e-3 * m for step, m in enumerate(expected, 1)}, rel=1e-4)
+
+
+def test_lora_trains_only_the_adapter(run_main, tmp_path, cache_dir):
+    run = tmp_path / "outputs" / "cbe" / "sample" / "tiny-lora128-hf"
+    steps = ["training.num_train_steps=2", "training.eval_every=2", "training.save_every=2", "eval.max_questions=8"]
+    backend = backend_in_process(run, cache_dir, "adapter=lora128", *steps)
+    before = {name: p.detach().clone() for name, p in backend.model.named_parameters()}
+    b_names = [name for name in before if "lora_B" in name]
+    assert b_names and not any(before[name].any() for name in b_names)  # B starts at zero
+    backend.train()
+
+    # Every B moved off zero; every tensor of the base model is bit for bit what it was.
+    after = {name: p.detach() for name, p in backend.model.named_parameters()}
+    assert after.keys() == before.keys()
+    assert all(after[name].any() for name in b_names)
+    base = [name for name in before if "lora_" not in name]
+    assert len(base) > 30 and [name for name in base if not torch.equal(after[name], before[name])] == []
+    results = eval_results(run)
+    assert [m["step"] for m in results] == [0, 2] and results[1]["eval_loss"] < results[0]["eval_loss"] - 0.01
+
+    checkpoint = run / "checkpoints" / "checkpoint-2"
     adapter = json.loads((checkpoint / "adapter_config.json").read_text())
     assert adapter["r"] == 128 and adapter["lora_alpha"] == 128
     assert all(name in adapter["target_modules"] for name in ("q_proj", "down_proj"))
@@ -189,13 +320,12 @@ def test_lora_trains_only_the_adapter(run_main, tmp_path):
 
     weights = load_file(checkpoint / "adapter_model.safetensors")
     assert weights and all("lora_" in name for name in weights)
-    assert not list((tmp_path / "outputs" / "cbe" / "sample" / "tiny-lora128-hf" / "logs" / "tensorboard").glob("*"))
+    assert all(value.any() for name, value in weights.items() if "lora_B" in name)
 
     # The adapter dir evaluates on its own (base model + adapter) to training's numbers at that step.
-    run_main("adapter=lora128", "mode=eval", f"checkpoint={checkpoint}", "logging=none")
-    training = eval_results(checkpoint.parents[1])[-1]
-    evaluated = eval_results(only_dir(checkpoint.parents[1] / "eval" / "checkpoint-2"))[0]
-    assert_same_metrics(evaluated, training)
+    proc = run_main("adapter=lora128", "mode=eval", f"checkpoint={checkpoint}", "eval.max_questions=8", "logging=none")
+    assert "FutureWarning" not in proc.stderr  # transformers' is_gradient_checkpointing notice, read by PEFT
+    assert_same_metrics(eval_results(only_dir(run / "eval" / "checkpoint-2"))[0], results[-1])
 
 
 def test_multirun_gives_each_job_its_own_run_dir_and_a_sweep_summary(run_main, tmp_path):
@@ -216,6 +346,7 @@ def test_multirun_gives_each_job_its_own_run_dir_and_a_sweep_summary(run_main, t
     ]
     for job in jobs:
         assert [m["step"] for m in eval_results(sweep / job)] == [0, 2]
+        assert not list((sweep / job / "logs" / "tensorboard").glob("*"))  # logging=none
         assert (sweep / job / "logs" / "train.log").read_text().count("eval | step 2") == 1
     summary = [json.loads(line) for line in (sweep / "sweep_summary.jsonl").read_text().splitlines()]
     assert [s["job"] for s in summary] == jobs
@@ -235,20 +366,77 @@ def test_zero_steps_evaluates_the_start_only(run_main, tmp_path):
     assert not (run / "checkpoints").exists()
 
 
+# main.py under torchrun, with each rank's share of the work counted, one line per call in counts.rank<N>: the
+# prompts its generate calls get, the validation rows its eval-loss forward passes get (labels, no gradient), and
+# the W&B runs it starts.
+COUNTING_MAIN = """
+import os, runpy, sys
+
+import torch
+import wandb
+from transformers import Gemma3ForCausalLM, GenerationMixin
+
+counts = open(os.path.join(os.path.dirname(__file__), "counts.rank" + os.environ["RANK"]), "a", buffering=1)
+generate, forward, wandb_init = GenerationMixin.generate, Gemma3ForCausalLM.forward, wandb.init
+
+
+def counted_generate(self, *args, **kwargs):
+    counts.write(f"prompts {len(kwargs['input_ids'])}\\n")
+    return generate(self, *args, **kwargs)
+
+
+def counted_forward(self, *args, **kwargs):
+    if kwargs.get("labels") is not None and not torch.is_grad_enabled():
+        counts.write(f"val_rows {len(kwargs['input_ids'])}\\n")
+    return forward(self, *args, **kwargs)
+
+
+def counted_wandb_init(*args, **kwargs):
+    counts.write("wandb_runs 1\\n")
+    return wandb_init(*args, **kwargs)
+
+
+GenerationMixin.generate = counted_generate
+Gemma3ForCausalLM.forward = counted_forward
+wandb.init = counted_wandb_init
+sys.argv[0] = os.path.join(os.getcwd(), "main.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def rank_counts(folder: Path, rank: int) -> dict[str, int]:
+    totals = {"prompts": 0, "val_rows": 0, "wandb_runs": 0}
+    for line in (folder / f"counts.rank{rank}").read_text().splitlines():
+        what, n = line.split()
+        totals[what] += int(n)
+    return totals
+
+
 def test_torchrun_trains_like_one_process_with_the_same_effective_batch(run_main, tmp_path, cache_dir):
-    """Two ranks (gloo) with 4 rows each per step against one process accumulating 2 x 4: the same metrics;
-    the ranks share one run dir, only rank 0 writes, and evaluation is sharded over both."""
+    """Two ranks (gloo) with 4 rows each per step against one process accumulating 2 x 4: the same metrics and
+    the same step-0 answers; the ranks share one run dir, only rank 0 writes (and logs to W&B), and each rank
+    answers half of the questions and measures half of the validation rows."""
     run = [
         "training.num_train_steps=6",
         "training.eval_every=3",
         "training.save_every=3",
         "eval.max_questions=12",
+        "data.sequence_length=64",  # 29 training rows, 8 a step; 4 validation rows...
+        "eval.val_loss_batch_size=1",  # ...2 for each rank
         "training.effective_batch_size=8",
         "training.per_device_batch_size=4",
-        "logging=none",
+        "optimizer.weight_decay=0.1",
     ]
-    run_main(*run, "logging.project_name=single")
-    env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    run_main(*run, "logging=none", "logging.project_name=single")
+    counting_main = tmp_path / "counting_main.py"
+    counting_main.write_text(COUNTING_MAIN)
+    env = {
+        **os.environ,
+        "CBE_CACHE_DIR": str(cache_dir),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
     proc = subprocess.run(
         [
             sys.executable,
@@ -256,9 +444,10 @@ def test_torchrun_trains_like_one_process_with_the_same_effective_batch(run_main
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(ROOT / "main.py"),
+            str(counting_main),
             f"output_root={tmp_path / 'outputs'}",
             *run,
+            "logging=tensorboard_wandb",
             "logging.project_name=ddp",
         ],
         cwd=ROOT,
@@ -273,9 +462,15 @@ def test_torchrun_trains_like_one_process_with_the_same_effective_batch(run_main
     assert [m["step"] for m in eval_results(ddp)] == [0, 3, 6]  # rank 0 alone appends
     for a, b in zip(eval_results(ddp), eval_results(single), strict=True):
         assert_same_metrics(a, b)
+    for qa_set in ("valqa", "testqa"):  # the gathered answers, in question order: distinct noise at step 0
+        answers = raw_predictions(ddp, qa_set, 0)
+        assert answers == raw_predictions(single, qa_set, 0) and len(answers) == 12 and len(set(answers)) > 6
+    # 3 evaluations of 12 + 12 questions and 4 validation rows: each rank did half; rank 0 alone logged to W&B.
+    assert rank_counts(tmp_path, 0) == {"prompts": 36, "val_rows": 6, "wandb_runs": 1}
+    assert rank_counts(tmp_path, 1) == {"prompts": 36, "val_rows": 6, "wandb_runs": 0}
     assert (ddp / "logs" / "train.log").read_text().count("eval | step 6") == 1
     assert sorted(p.name for p in (ddp / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
-    assert len((ddp / "eval_details" / "valqa_step_000006.jsonl").read_text().splitlines()) == 12
+    assert len(list((ddp / "logs" / "wandb").glob("offline-run-*"))) == 1
 
 
 @pytest.mark.slow
