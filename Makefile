@@ -11,7 +11,7 @@ WHEELS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https:
 TRACK ?=
 DATA_DIR ?= data
 
-.PHONY: install demo test test-slurm download format lock clean
+.PHONY: install demo demo-continual test test-slurm download format stages lock clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt
 demo: install
 	rm -rf outputs/cbe/demo
 	$(PY) main.py logging.run_name=demo
+
+# Continual learning: the sample track in 3 stages; prints the accuracy matrix and its summary at the end.
+demo-continual: install
+	rm -rf outputs/cbe/demo-continual
+	$(PY) main.py task=sample_stages logging.run_name=demo-continual
 
 # ruff first (seconds): lint and format are part of the tests.
 test: install
@@ -48,6 +53,11 @@ format: install
 	test "$(TRACK)" = news || { echo "make format: only TRACK=news needs formatting" >&2; exit 2; }
 	$(VENV)/bin/cbe format-news --input $(DATA_DIR)/news/train.jsonl --output $(DATA_DIR)/news/train.jsonl --overwrite
 	$(VENV)/bin/cbe format-news --input $(DATA_DIR)/news/val.jsonl --output $(DATA_DIR)/news/val.jsonl --overwrite
+
+# make stages TRACK=news BY=week|month, or TRACK=geminon STAGES=3: cut the raw download (before `make format`)
+# into stages, data/<task>/, and write conf/task/<task>.yaml (task=news_weekly, news_monthly, geminon_3stages).
+stages: install
+	$(VENV)/bin/cbe make-stages --track $(TRACK) $(if $(BY),--by $(BY)) $(if $(STAGES),--stages $(STAGES)) --data-dir $(DATA_DIR)
 
 # Re-resolve the lock after changing pyproject.toml's dependencies (pins stay near the verified set).
 lock:

@@ -16,6 +16,10 @@ On a GPU, real architectures are built from conf/model/<model>.yaml's `architect
 Each --variant is one more measured setup of ours (config overrides; the default is the plain config).
 One line per mode, then last `ratio_vs_upstream: <useful tok/s of the first variant / upstream style>` (none with
 --no-upstream, which measures only the variants).
+
+--check-varlen measures nothing: it runs one training forward and backward of the same packed rows and weights
+through sdpa and through varlen attention (cbe/backends/hf/attention.py) and prints both losses, how far the
+attention weights' gradients differ, and PASS or FAIL against bf16 tolerance.
 """
 
 import argparse
@@ -223,6 +227,64 @@ def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bo
     return rate
 
 
+LOSS_RTOL = 1.6e-2  # torch.testing's relative tolerance for bf16
+GRADIENT_RTOL = 5e-2  # of the gradients' norm: a wrong mask or window moves them by their whole size
+
+
+def check_varlen(args) -> bool:
+    """The varlen path against sdpa on one micro-batch of packed news-like rows, same weights: the training loss
+    (TRL's fused head, as train_steps computes it) and the attention weights' gradients, by layer kind. The
+    loss alone would not do: a random-init model predicts near-uniformly, so a wrong mask barely moves it."""
+    import torch
+
+    from cbe.backends.hf.attention import attention_implementation
+    from cbe.loop import build
+    from cbe.run import RunDir
+
+    # Eager layers: compiling them twice (once per attention) would cost this check most of its time limit.
+    overrides = ["backend.trainer.attn_implementation=sdpa", "backend.trainer.torch_compile=false"]
+    cfg = compose_config(args, overrides, args.batch_size, tempfile.mkdtemp())
+    backend, _ = build(cfg, RunDir(tempfile.mkdtemp()))
+    backend.start(None)
+    tok, model = backend.tokenizer, backend.model
+    specials = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
+    docs = news_like_documents(
+        4 * args.batch_size, cfg.model.architecture.vocab_size, specials, tok.bos_token_id, tok.eos_token_id
+    )
+    rows = pack_documents(docs, args.seq, tok.pad_token_id)
+    index = np.arange(args.batch_size)
+    trained = int((rows.labels[index, 1:] != IGNORE).sum())
+    kinds = model.config.get_text_config().layer_types
+    losses, gradients = {}, {}
+    for name in ("sdpa", "varlen"):
+        model.set_attn_implementation(attention_implementation(name))
+        model.zero_grad(set_to_none=True)
+        with backend.autocast():
+            inputs = backend.tensors(rows, index)
+            out = model(**inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=trained)
+        out.loss.backward()
+        losses[name] = float(out.loss.detach())
+        gradients[name] = {kind: [] for kind in set(kinds)}
+        for param_name, p in model.named_parameters():
+            if ".self_attn." in param_name and p.grad is not None:
+                layer = int(param_name.split(".layers.")[1].split(".")[0])
+                gradients[name][kinds[layer]].append(p.grad.float().flatten())
+    loss_error = abs(losses["varlen"] - losses["sdpa"]) / abs(losses["sdpa"])
+    errors = {}
+    for kind in sorted(gradients["sdpa"]):
+        reference, varlen = (torch.cat(gradients[name][kind]) for name in ("sdpa", "varlen"))
+        errors[kind] = float((varlen - reference).norm() / reference.norm())
+    passed = loss_error <= LOSS_RTOL and max(errors.values()) <= GRADIENT_RTOL
+    described = ", ".join(f"{kind} {error:.1e}" for kind, error in errors.items())
+    print(
+        f"varlen-check: loss sdpa {losses['sdpa']:.5f}, varlen {losses['varlen']:.5f} (relative {loss_error:.1e}, "
+        f"tolerance {LOSS_RTOL}); attention gradients' relative difference: {described} (tolerance "
+        f"{GRADIENT_RTOL}); {args.batch_size} rows of {args.seq}: {'PASS' if passed else 'FAIL'}",
+        flush=True,
+    )
+    return passed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="a conf/model option (non-tiny: random init)")
@@ -238,10 +300,11 @@ def main() -> None:
         action="append",
         default=[],
         help="NAME=KEY=VALUE,KEY=VALUE: one more setup of ours, e.g. "
-        "flex=backend.trainer.attn_implementation=flex_attention; a variant's own batch: "
+        "varlen=backend.trainer.attn_implementation=varlen; a variant's own batch: "
         "training.per_device_batch_size=32,training.effective_batch_size=32",
     )
     parser.add_argument("--no-upstream", action="store_true", help="measure only the variants (no ratio)")
+    parser.add_argument("--check-varlen", action="store_true", help="check varlen's loss against sdpa's, no timing")
     args = parser.parse_args()
 
     if args.backend == "hf":
@@ -259,6 +322,8 @@ def main() -> None:
         f"{args.warmup} warmup + {args.steps} timed steps",
         flush=True,
     )
+    if args.check_varlen:
+        sys.exit(0 if check_varlen(args) else 1)
     upstream_overrides = []
     if args.backend == "hf":
         upstream_overrides += [

@@ -93,7 +93,7 @@ def evaluation_name(cfg: Any) -> str:
     and re-running one replaces its own result."""
     from cbe.eval.evaluator import few_shot_prefix, qa_paths, unescape
 
-    e, paths = cfg.eval, qa_paths(cfg.data, cfg.eval.qa_data)
+    e, paths = cfg.eval, qa_paths(cfg.data, cfg.eval.qa_data, cfg.continual.retention_qa_path)
     # A missing prefix file is named by its path here, so that validate() can say so in one line.
     prefix_file = e.prompt_prefix_file if e.prompt_prefix_file and Path(e.prompt_prefix_file).is_file() else None
     asked = {

@@ -2,10 +2,13 @@
 
     cbe download --track news [--corpus small] [--qa small] [--revision main] [--list]
     cbe format-news --input IN --output OUT [--overwrite] [--normalize] [--skip-bad]
+    cbe make-stages --track news --by week|month  |  --track geminon --stages N  [--data-dir data]
     cbe rescore outputs/.../eval_details/valqa_step_001000.jsonl [--parser news] [--support-thresholds K ...] [--qa QA]
     cbe judge --input outputs/.../eval_details/testqa_step_001000.jsonl [--concurrency 8] [--resume] [--qa QA]
     cbe plot outputs/<project>/<task> [--metric valqa_exact_match]
     cbe sweep-summary outputs/<project>/<run_name>
+    cbe continual-summary outputs/<project>/<staged run>
+    cbe retention-set --details BASE_DETAILS --qa QA --output RETENTION_QA
 
 rescore, judge and plot also read what the benchmark's own harness writes (details files, JAX run dirs).
 """
@@ -54,6 +57,14 @@ def format_news(args: argparse.Namespace) -> None:
             keep_untitled=args.keep_untitled,
         ).summary()
     )
+
+
+def make_stages(args: argparse.Namespace) -> None:
+    from cbe.data.stages import TASK_DIR
+    from cbe.data.stages import make_stages as run
+
+    cut = run(args.track, args.data_dir, args.by, args.stages, args.month, args.task_dir or TASK_DIR)
+    print(cut.summary())
 
 
 def rescore(args: argparse.Namespace) -> None:
@@ -148,10 +159,14 @@ def plot(args: argparse.Namespace) -> None:
             if run.backend == BENCHMARK_JAX
             else f"{len(run.metric)} evaluations"
         )
+        if run.stages:  # a staged run: its own figures show the metric per stage
+            curve = f"{len(run.stages)} stages, {max(map(len, run.stage_metric.values()), default=0)} evaluations"
         print(
             f"{run.name} ({run.backend}): {curve}, {len(run.eval_loss)} eval-loss points, {len(run.train_loss)} "
             f"train-loss points from {run.train_loss_source}"
         )
+    for figure in (figure for run in runs for figure in run.plots):  # a staged run's own figures
+        print(f"wrote {figure}")
     print(f"wrote {path}")
 
 
@@ -160,6 +175,24 @@ def sweep_summary(args: argparse.Namespace) -> None:
 
     print(format_table(summarize_sweep(args.sweep_dir)))
     print(f"sweep summary: {args.sweep_dir.rstrip('/')}/{SUMMARY_FILE}")
+
+
+def continual_summary(args: argparse.Namespace) -> None:
+    import json
+
+    from cbe.continual import continual_summary, save_continual_summary
+
+    summary, notes = continual_summary(args.run_dir)
+    save_continual_summary(args.run_dir, summary)
+    for note in notes:
+        _note(note)
+    print(json.dumps(summary))
+
+
+def retention_set(args: argparse.Namespace) -> None:
+    from cbe.continual import build_retention_set
+
+    print(build_retention_set(args.details, args.qa, args.output))
 
 
 def add_strata_options(p: argparse.ArgumentParser, verb: str) -> None:
@@ -214,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines and report them instead of stopping")
     p.set_defaults(run=format_news)
 
+    p = commands.add_parser(
+        "make-stages",
+        help="cut a downloaded track into stages for continual learning: data/<task>/<stage>/, "
+        "data/<task>/manifest.json and the task conf/task/<task>.yaml (task=news_weekly, ...)",
+    )
+    p.add_argument("--track", required=True, choices=("news", "geminon"))
+    p.add_argument(
+        "--by",
+        choices=("week", "month"),
+        help="news: weeks w1..w4 (days 1-7, 8-14, 15-21, 22-end; the default) or the month, m1",
+    )
+    p.add_argument("--stages", type=int, metavar="N", help="geminon: N groups of creatures, s1..sN")
+    p.add_argument("--month", metavar="YYYY-MM", help="news: the month to cut (default: 2025-09, when it was crawled)")
+    p.add_argument("--data-dir", default="data", help="where the track is and the stages go (default: data)")
+    p.add_argument("--task-dir", help="where the task config goes (default: this checkout's conf/task)")
+    p.set_defaults(run=make_stages)
+
     p = commands.add_parser("rescore", help="recompute every metric of a saved eval_details file")
     p.add_argument("details", help="an eval_details/<set>_step_<N>.jsonl file, of cbe or the benchmark's harness")
     p.add_argument("--parser", choices=sorted(PARSERS), default="default", help="how to parse raw_prediction")
@@ -223,6 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sweep-summary", help="(re)write a multirun's sweep_summary.jsonl and print its table")
     p.add_argument("sweep_dir", help="the sweep's folder: outputs/<project>/<run_name>/ holding one folder per job")
     p.set_defaults(run=sweep_summary)
+
+    p = commands.add_parser(
+        "continual-summary",
+        help="print and write (metrics/continual_summary.json) a staged run's ACC, BWT, forgetting and FWT "
+        "with 95%% CIs, its accuracy matrices and the retention of what the base model knew",
+    )
+    p.add_argument("run_dir", help="a staged run's dir (its task lists data.stages): metrics/stage_matrix.jsonl")
+    p.set_defaults(run=continual_summary)
+
+    p = commands.add_parser(
+        "retention-set",
+        help="a general-knowledge retention QA set (continual.retention_qa_path): the questions of a QA file "
+        "the base model answers exactly",
+    )
+    p.add_argument(
+        "--details",
+        required=True,
+        help="the details of the base model on the QA file: "
+        "main.py mode=eval checkpoint=base eval.qa_data=QA eval.save_details=THIS",
+    )
+    p.add_argument("--qa", required=True, help="the QA file evaluated")
+    p.add_argument("--output", required=True, help="the retention QA file to write")
+    p.set_defaults(run=retention_set)
 
     p = commands.add_parser("judge", help="re-score an eval_details file with a Gemini judge (paraphrases count)")
     p.add_argument(

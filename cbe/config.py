@@ -6,6 +6,7 @@ rules that span keys, and both report a mistake as one line naming the key.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,12 +27,25 @@ class TaskConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a continual run: its corpus and QA sets (cbe.loop trains the stages in turn)."""
+
+    name: str = MISSING  # letters and digits: its QA sets are <name>_valqa, <name>_testqa
+    train_path: str = MISSING
+    val_path: str = MISSING
+    valqa_path: str = MISSING
+    testqa_path: str = MISSING
+    steps: Optional[int] = None  # optimizer steps; null: continual.steps_per_stage
+
+
+@dataclass
 class DataConfig:
     train_path: str = MISSING
     val_path: str = MISSING
     valqa_path: str = MISSING
     testqa_path: str = MISSING
     extra_qa_paths: dict[str, str] = field(default_factory=dict)  # name -> path, e.g. {sensitive: ...}
+    stages: list[StageConfig] = field(default_factory=list)  # a continual run: these corpora in turn (see continual)
     sequence_length: int = 1024
     cache_dir: str = "${oc.env:CBE_CACHE_DIR,${oc.env:HOME}/.cache/cbe}"  # tokenized corpora, converted models
 
@@ -94,6 +108,17 @@ class TrainingConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """How a run with data.stages goes through them."""
+
+    steps_per_stage: int = 100  # optimizer steps of a stage whose `steps` is null
+    schedule: str = "per_stage"  # per_stage: warm up and decay in every stage | global: over the whole run
+    reset_optimizer: bool = False  # a fresh optimizer state at the start of every stage after the first
+    replay_fraction: float = 0.0  # in stage k > 1, this fraction of every batch's rows comes from earlier stages
+    retention_qa_path: Optional[str] = None  # a general-knowledge QA set evaluated at every eval (cbe retention-set)
+
+
+@dataclass
 class LoggingConfig:
     project_name: str = "cbe"
     run_name: str = "${task.name}/${model.name}-${adapter.name}-${backend.name}"
@@ -138,6 +163,7 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     output_root: str = "outputs"
@@ -162,8 +188,10 @@ CHOICES = {
     "mode": ("train", "eval"),
     "eval.parser": tuple(PARSERS),
     "optimizer.schedule": ("cosine", "linear", "constant"),
+    "continual.schedule": ("per_stage", "global"),
     "model.source": ("hub", "gguf", "init"),
     # str keys: `true` on the command line becomes "True"
+    "backend.trainer.attn_implementation": ("auto", "varlen", "sdpa", "eager", "flex_attention"),
     "backend.trainer.torch_compile": ("auto", "True", "False"),
     "backend.trainer.gradient_checkpointing": ("auto", "True", "False"),
 }
@@ -207,6 +235,29 @@ def _typed_backend_options(cfg: DictConfig) -> None:
     except ValidationError as e:
         raise UserError(f"backend.trainer.{e.key}: {str(e).splitlines()[0]}")
     cfg.backend.trainer = OmegaConf.to_container(options)
+
+
+def _check_stages(cfg: DictConfig) -> None:
+    """A continual run's stages have distinct plain names and positive steps; training.num_train_steps becomes
+    their sum (what the run trains in all)."""
+    c, stages = cfg.continual, cfg.data.stages
+    if not 0 <= c.replay_fraction < 1:
+        raise UserError(f"continual.replay_fraction={c.replay_fraction} must be in [0, 1)")
+    if not stages:
+        return
+    _positive(cfg, "continual.steps_per_stage")
+    names = [s.name for s in stages]
+    for i, stage in enumerate(stages):
+        if not re.fullmatch(r"[A-Za-z0-9]+", stage.name) or names.count(stage.name) > 1:
+            raise UserError(
+                f"data.stages[{i}].name={stage.name!r}: a stage needs a name of its own made of letters and digits "
+                "(its QA sets are <name>_valqa and <name>_testqa)"
+            )
+        if stage.steps is not None and stage.steps <= 0:
+            raise UserError(
+                f"data.stages[{i}].steps must be positive, got {stage.steps} (null: continual.steps_per_stage)"
+            )
+    cfg.training.num_train_steps = sum(s.steps or c.steps_per_stage for s in stages)
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
@@ -268,6 +319,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     if cfg.backend.name == "kd" and arch and arch.get("num_key_value_heads") == arch.get("num_attention_heads"):
         # gemma would fuse q, k and v into one qkv_einsum, a layout the real models do not have.
         raise UserError("model.architecture: num_key_value_heads must be fewer than num_attention_heads for backend=kd")
+    _check_stages(cfg)
     if "{question}" not in cfg.eval.prompt_template:
         raise UserError(f"eval.prompt_template={cfg.eval.prompt_template!r} must contain {{question}}")
     files = {
@@ -277,11 +329,17 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         "data.testqa_path": cfg.data.testqa_path,
         **{f"data.extra_qa_paths.{k}": v for k, v in cfg.data.extra_qa_paths.items()},
     }
+    for i, stage in enumerate(cfg.data.stages):
+        files |= {f"data.stages[{i}].{k}": stage[k] for k in ("train_path", "val_path", "valqa_path", "testqa_path")}
     for key in ("prompt_prefix_file", "qa_data"):
         if cfg.eval[key]:
             files[f"eval.{key}"] = cfg.eval[key]
+    if cfg.continual.retention_qa_path:
+        files["continual.retention_qa_path"] = cfg.continual.retention_qa_path
     for key, path in files.items():
         if not Path(path).is_file():
             hint = f"run `make download TRACK={cfg.task.name}`" if key.startswith("data.") else "check the path"
+            if key.startswith("data.stages"):
+                hint = "run `make download TRACK=<track>`, then `make stages TRACK=<track> ...` (README)"
             raise UserError(f"{key}: file {path} does not exist; {hint}")
     return cfg

@@ -13,6 +13,7 @@ keeps that true: a kill between an evaluation and its checkpoint only repeats wo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,9 @@ from tqdm.auto import tqdm
 from cbe.backends.base import Backend
 from cbe.data.packing import PackedRows, epochs_seen, packed_corpus, repetition_report, training_order
 from cbe.eval.evaluator import QAEvaluator
+from cbe.eval.metrics import MATCHES
 from cbe.logging import Loggers
-from cbe.run import RunDir, is_main_process, step_of
+from cbe.run import RunDir, is_main_process, read_jsonl, step_of, write_jsonl_atomic
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_fraction: float, schedule: str, end_fraction: float) -> float:
@@ -55,11 +57,69 @@ def build(cfg: DictConfig, run: RunDir) -> tuple[Backend, QAEvaluator]:
     return backend, evaluator
 
 
-def next_event(step: int, cfg: DictConfig) -> int:
-    """The first step after `step` at which the loop logs, evaluates, saves or ends."""
+@dataclass(frozen=True)
+class Stage:
+    """A stretch of training on one corpus: the whole run, or one of data.stages."""
+
+    name: str | None  # None: a run without stages
+    train_path: str
+    first_step: int  # the global step the stage starts after
+    steps: int
+
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.steps
+
+
+def stages_of(cfg: DictConfig) -> list[Stage]:
+    """The run's stages in order (data.stages), or the whole run as one stage without a name."""
+    if not cfg.data.stages:
+        return [Stage(None, cfg.data.train_path, 0, cfg.training.num_train_steps)]
+    stages, first = [], 0
+    for s in cfg.data.stages:
+        steps = s.steps or cfg.continual.steps_per_stage
+        stages.append(Stage(s.name, s.train_path, first, steps))
+        first += steps
+    return stages
+
+
+def replayed_rows(fraction: float, batch: int) -> int:
+    """Rows of each batch that replay earlier stages: fraction x batch, rounded down."""
+    return int(round(fraction * batch, 6))
+
+
+def batch_plan(cfg: DictConfig, stages: list[Stage], rows: list[PackedRows]) -> np.ndarray:
+    """[steps, effective batch] row indices into the stages' rows put end to end: each stage reads its own rows in
+    `training_order` (seeded by training.seed + its index), and after the first, continual.replay_fraction of each
+    batch are rows of earlier stages, drawn without replacement within a step, seeded by (seed, stage, step)."""
+    t, batch = cfg.training, cfg.training.effective_batch_size
+    offsets = np.cumsum([0] + [len(r) for r in rows])
+    plan = []
+    for k, (stage, stage_rows) in enumerate(zip(stages, rows)):
+        replay = replayed_rows(cfg.continual.replay_fraction, batch) if k else 0
+        fresh = batch - replay
+        own = offsets[k] + training_order(len(stage_rows), stage.steps * fresh, t.seed + k).reshape(-1, fresh)
+        past = [
+            np.random.default_rng([t.seed, k, step]).choice(offsets[k], replay, replace=replay > offsets[k])
+            for step in range(stage.first_step, stage.last_step)
+        ]
+        plan.append(np.concatenate([own, np.array(past, dtype=own.dtype).reshape(stage.steps, replay)], axis=1))
+    return np.concatenate(plan)
+
+
+def schedule(cfg: DictConfig, stages: list[Stage]) -> np.ndarray:
+    """The learning rate of every step: warmup and decay over each stage (continual.schedule=per_stage, and a run
+    without stages) or over the whole run (global)."""
+    if cfg.continual.schedule == "global":
+        return learning_rates(cfg.optimizer, stages[-1].last_step)
+    return np.concatenate([learning_rates(cfg.optimizer, s.steps) for s in stages])
+
+
+def next_event(step: int, cfg: DictConfig, stage_end: int | None = None) -> int:
+    """The first step after `step` at which the loop logs, evaluates, saves, ends a stage or ends."""
     t = cfg.training
     cadences = (cfg.logging.log_every_n_steps, t.eval_every, t.save_every)
-    return min([t.num_train_steps, *(step + c - step % c for c in cadences)])
+    return min([t.num_train_steps, stage_end or t.num_train_steps, *(step + c - step % c for c in cadences)])
 
 
 class Loop:
@@ -75,10 +135,13 @@ class Loop:
         print(rows.describe(name), flush=True)
         return rows
 
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int, stage: int | None = None) -> dict:
+        """Evaluate at `step` (of stage `stage`, numbered from 1, 0 for the base model, in a run with stages)."""
         if self.val_rows is None and self.evaluator.loss_data:
             self.val_rows = self.packed(self.evaluator.loss_data, "val")
         metrics = self.evaluator.evaluate(self.backend, step, self.val_rows)
+        if stage is not None:
+            metrics["stage"] = stage
         self.loggers.eval(metrics)
         return metrics
 
@@ -90,40 +153,76 @@ class Loop:
         self.backend.start(checkpoint)
         if checkpoint is not None:
             print(f"resuming from {checkpoint}", flush=True)
-        run.drop_eval_results_after(step if checkpoint else -1)  # what comes after is redone, so written once
-        rows = self.packed(cfg.data.train_path, "train")
-        print("\n".join(repetition_report(len(rows), t.effective_batch_size, t.num_train_steps)), flush=True)
+        run.drop_metrics_after(step if checkpoint else -1)  # what comes after is redone, so written once
+        stages = stages_of(cfg)
+        staged = stages[0].name is not None
+        rows = [self.packed(s.train_path, f"train {s.name}" if staged else "train") for s in stages]
+        for stage, stage_rows in zip(stages, rows):
+            report = repetition_report(len(stage_rows), t.effective_batch_size, stage.steps)
+            print("\n".join(f"{stage.name}: {line}" if staged else line for line in report), flush=True)
+        plan, rates = batch_plan(cfg, stages, rows), schedule(cfg, stages)
+        all_rows = PackedRows.concatenate(rows)
         if checkpoint is None:
-            self.evaluate(0)
-        batch = t.effective_batch_size
-        order = training_order(len(rows), t.num_train_steps * batch, t.seed).reshape(-1, batch)
-        rates = learning_rates(cfg.optimizer, t.num_train_steps)
+            self.evaluate_stage_end(0, stages) if staged else self.evaluate(0)
         losses: list[float] = []
         bar = tqdm(initial=step, total=t.num_train_steps, desc="training", unit="step", disable=not is_main_process())
         while step < t.num_train_steps:
-            end = next_event(step, cfg)
-            losses += self.backend.train_steps(rows, order[step:end], rates[step:end])
+            k = next(i for i, s in enumerate(stages) if step < s.last_step)
+            if cfg.continual.reset_optimizer and k and step == stages[k].first_step:
+                self.backend.reset_optimizer()
+            end = next_event(step, cfg, stages[k].last_step)
+            losses += self.backend.train_steps(all_rows, plan[step:end], rates[step:end])
             bar.update(end - step)
             step = end
             last = step == t.num_train_steps
             if step % cfg.logging.log_every_n_steps == 0 or last:
-                lr, epoch = float(rates[step - 1]), epochs_seen(step, batch, len(rows))
-                self.loggers.train(step, {"loss": float(np.mean(losses)), "learning_rate": lr, "epoch": epoch})
+                epoch = epochs_seen(step - stages[k].first_step, t.effective_batch_size, len(rows[k]))
+                train = {"loss": float(np.mean(losses)), "learning_rate": float(rates[step - 1]), "epoch": epoch}
+                self.loggers.train(step, train | ({"stage": k + 1} if staged else {}))
                 losses = []
-            if step % t.eval_every == 0 or last:
-                self.evaluate(step)
+            if staged and step == stages[k].last_step:
+                self.evaluate_stage_end(k + 1, stages)
+            elif step % t.eval_every == 0 or last:
+                self.evaluate(step, k + 1 if staged else None)
             if step % t.save_every == 0 or last:
                 saved = self.backend.save(step)
                 if is_main_process():
                     run.mark_latest(saved)
                     run.prune_checkpoints(t.max_checkpoints)
         bar.close()
+        if staged and is_main_process():
+            from cbe.continual import write_continual_summary
+
+            print(write_continual_summary(run.root), flush=True)
+
+    def evaluate_stage_end(self, after: int, stages: list[Stage]) -> None:
+        """Evaluate every stage's QA sets after stage `after` (0: the base model) and add its row of the accuracy
+        matrix, R[after][j] for every stage j, set and metric, to metrics/stage_matrix.jsonl."""
+        step = stages[after - 1].last_step if after else 0
+        metrics = self.evaluate(step, after)
+        if not is_main_process():
+            return
+        matrix = [
+            {
+                "after_stage": after,
+                "eval_stage": j,
+                "set": kind,
+                "metric": metric,
+                "value": metrics[f"{stage.name}_{kind}_{metric}"],
+                "n": metrics[f"{stage.name}_{kind}_n"],
+                "step": step,
+            }
+            for j, stage in enumerate(stages, 1)
+            for kind in ("valqa", "testqa")
+            for metric in (*MATCHES, "token_f1")
+        ]
+        write_jsonl_atomic(self.run.stage_matrix, read_jsonl(self.run.stage_matrix) + matrix)
 
     def evaluate_checkpoint(self) -> None:
         """mode=eval: one evaluation of cfg.checkpoint and its report table."""
         checkpoint = self.cfg.checkpoint
         step = 0 if checkpoint == "base" else step_of(Path(checkpoint))
         self.backend.load(checkpoint)
-        self.run.drop_eval_results_after(step - 1)  # evaluating the same checkpoint again replaces its line
+        self.run.drop_metrics_after(step - 1)  # evaluating the same checkpoint again replaces its line
         print(self.evaluator.report(self.evaluate(step)), flush=True)
         print(f"wrote {self.run.root}", flush=True)

@@ -8,6 +8,10 @@ later file winning for a repeated step).
 
 A JAX run of the benchmark's own harness is a folder without eval_results.jsonl whose `train/` holds
 TensorBoard scalars `loss` and whose `eval_loss/` holds scalars `eval_loss`: it adds both losses and no metric.
+
+A staged (continual) run, one whose config.yaml lists data.stages, adds its losses to the figure and gets figures of
+its own in <run>/plots/: the metric of every stage's QA (`<stage>_<metric>`, and the retention set's) over global
+steps with the stage ends marked, and a heatmap of each matrix of metrics/stage_matrix.jsonl.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from cbe.continual import RETENTION_SET, STAGE_MATRIX, StageMatrix, read_stage_matrices, stage_ends, stage_names
 from cbe.errors import UserError
+from cbe.eval.metrics import METRICS
 from cbe.run import RunDir, checkpoint_backend, open_atomic, read_jsonl
 
 DEFAULT_METRIC = "valqa_fuzzy_match"
@@ -40,6 +47,11 @@ class RunCurves:
     eval_loss: Series
     train_loss: Series
     train_loss_source: str = field(default="none")  # tensorboard or none
+    root: Path | None = None  # the run dir (of a cbe run)
+    stages: list[str] = field(default_factory=list)  # a staged run's stage names, in order
+    stage_ends: list[int] = field(default_factory=list)  # the global step at which each stage ends
+    stage_metric: dict[str, Series] = field(default_factory=dict)  # stage name (or retention) -> its metric curve
+    plots: list[Path] = field(default_factory=list)  # the staged run's own figures, once written
 
 
 def find_runs(folder: Path) -> list[Path]:
@@ -119,7 +131,7 @@ def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
     results = sorted(read_jsonl(run / "metrics" / "eval_results.jsonl"), key=lambda r: r["step"])
     scalars = read_tensorboard_scalars(run / "logs" / "tensorboard")
     train_loss = sorted(scalars.get("train/loss", {}).items())
-    return RunCurves(
+    curves = RunCurves(
         name=name,
         backend=backend_of(run),
         metric=_finite([(r["step"], r.get(metric)) for r in results]),
@@ -127,7 +139,30 @@ def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
         eval_loss=_finite([(r["step"], r.get("eval_loss")) for r in results]),
         train_loss=_finite(train_loss),
         train_loss_source="tensorboard" if train_loss else "none",
+        root=run,
+        stages=stage_names(run),
     )
+    if curves.stages:
+        curves.stage_ends = stage_ends(run)
+        # valqa_fuzzy_match -> s1_valqa_fuzzy_match, ...; the retention set's is retention_fuzzy_match
+        keys = {stage: f"{stage}_{metric}" for stage in curves.stages}
+        keys |= {RETENTION_SET: f"{RETENTION_SET}_{m}" for m in METRICS if metric.endswith(f"_{m}")}
+        stage_metric = {label: _finite([(r["step"], r.get(key)) for r in results]) for label, key in keys.items()}
+        curves.stage_metric = {label: points for label, points in stage_metric.items() if points}
+    return curves
+
+
+def metric_keys(run: Path) -> set[str]:
+    """What --metric can name for a cbe run: its eval_results keys with numbers, and for a staged run the keys its
+    stages share (valqa_fuzzy_match for s1_valqa_fuzzy_match, ...)."""
+    keys = {
+        k
+        for line in read_jsonl(run / "metrics" / "eval_results.jsonl")
+        for k, v in line.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "timestamp", "stage")
+    }
+    stages = stage_names(run)
+    return keys | {k.split("_", 1)[1] for k in keys if k.split("_", 1)[0] in stages}
 
 
 def gather_runs(folder: str | Path, metric: str = DEFAULT_METRIC) -> list[RunCurves]:
@@ -144,29 +179,35 @@ def gather_runs(folder: str | Path, metric: str = DEFAULT_METRIC) -> list[RunCur
             f"train/ or eval_loss/ TensorBoard files)"
         )
     ours = [run for run in run_dirs if not is_benchmark_jax_run(run)]
-    if ours and not any(r.metric for r in runs):
-        keys = sorted(
-            {
-                k
-                for run in ours
-                for line in read_jsonl(run / "metrics" / "eval_results.jsonl")
-                for k, v in line.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "timestamp")
-            }
-        )
+    if ours and not any(r.metric or r.stage_metric for r in runs):
+        keys = sorted({k for run in ours for k in metric_keys(run)})
         raise UserError(
             f"no run under {folder} has {metric!r} in eval_results.jsonl; try --metric with one of {', '.join(keys)}"
         )
     return runs
 
 
-def plot_runs(runs: list[RunCurves], metric: str, path: Path) -> None:
-    """Three panels (metric, eval loss, train loss), one colour per run, written atomically as a PNG."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig, path: Path) -> Path:
+    """Write a figure as a PNG, atomically, and close it."""
+    with open_atomic(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def plot_runs(runs: list[RunCurves], metric: str, path: Path) -> None:
+    """Three panels (metric, eval loss, train loss), one colour per run, written atomically as a PNG."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
@@ -188,9 +229,57 @@ def plot_runs(runs: list[RunCurves], metric: str, path: Path) -> None:
     labels, handles = list(legend), list(legend.values())
     fig.legend(handles, labels, loc="lower center", ncol=max(1, min(3, len(labels))), fontsize="small", frameon=False)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3), 1, 1))
-    with open_atomic(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
+
+
+def draw_stage_curves(ax, curves: RunCurves, metric: str) -> None:
+    """Each stage's metric (and the retention set's, dashed) over global steps, a dotted line where a stage ends."""
+    for index, (label, points) in enumerate(curves.stage_metric.items()):
+        style = {"color": "black", "linestyle": "--"} if label == RETENTION_SET else {"color": f"C{index % 10}"}
+        ax.plot(*zip(*points), marker=".", label=label, **style)
+    start = 0
+    for stage, end in zip(curves.stages, curves.stage_ends):
+        ax.axvline(end, color="gray", linestyle=":", linewidth=1)
+        ax.text((start + end) / 2, 1.01, stage, transform=ax.get_xaxis_transform(), ha="center", va="bottom")
+        start = end
+    ax.set_title(f"{curves.name}: {metric} of each stage's questions", pad=18)
+    ax.set_xlabel("global optimizer steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def draw_matrix(ax, matrix: StageMatrix, stages: list[str], title: str) -> None:
+    """A heatmap of R: rows trained through (base first), columns the stage evaluated, each value in its cell."""
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix.values], dtype=float)
+    stages = stages if len(stages) == values.shape[1] else [str(j + 1) for j in range(values.shape[1])]
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+    for (i, j), value in np.ndenumerate(values):
+        if math.isfinite(value):  # a cell of a stage not reached yet stays blank
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white")
+    ax.set_xticks(range(len(stages)), stages)
+    ax.set_yticks(range(len(stages) + 1), ["base", *(f"after {stage}" for stage in stages)])
+    ax.set_xlabel("questions of stage")
+    ax.set_ylabel("trained through")
+    ax.set_title(title)
+    ax.figure.colorbar(image, ax=ax)
+
+
+def plot_stages(curves: RunCurves, metric: str) -> list[Path]:
+    """A staged run's own figures, in <run>/plots/: its stage curves and a heatmap of each of its matrices."""
+    plt, run, written = pyplot(), curves.root, []
+    if curves.stage_metric:
+        fig, ax = plt.subplots(figsize=(9, 5))
+        draw_stage_curves(ax, curves, metric)
+        fig.tight_layout()
+        written.append(save_png(fig, run / "plots" / f"stage_curves_{metric}.png"))
+    if read_jsonl(run / STAGE_MATRIX):  # a run killed before its base model was evaluated has none
+        for key, matrix in read_stage_matrices(run).items():
+            size = len(matrix.n)
+            fig, ax = plt.subplots(figsize=(2.5 + 1.1 * size, 1.5 + 0.7 * (size + 1)))
+            draw_matrix(ax, matrix, curves.stages, f"{curves.name}: {key}")
+            fig.tight_layout()
+            written.append(save_png(fig, run / "plots" / f"matrix_{key}.png"))
+    return written
 
 
 def plot_folder(
@@ -200,4 +289,7 @@ def plot_folder(
     runs = gather_runs(folder, metric)
     path = Path(output) if output else Path(folder) / "runs_plot.png"
     plot_runs(runs, metric, path)
+    for run in runs:
+        if run.stages:
+            run.plots = plot_stages(run, metric)
     return path, runs

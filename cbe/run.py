@@ -7,6 +7,7 @@ outputs/<project_name>/<run_name>/
     logs/tensorboard/           scalars
     checkpoints/checkpoint-<step>/ (HF) or ckpt_<step>/ (KD), checkpoints/latest -> the newest
     metrics/eval_results.jsonl  one line per evaluation
+    metrics/stage_matrix.jsonl, metrics/continual_summary.json   a run with stages
     eval_details/<set>_step_<NNNNNN>.jsonl
 """
 
@@ -132,6 +133,7 @@ TRAJECTORY_KEYS = (
     "adapter",
     "optimizer",
     "backend.name",
+    "continual",
     "training.effective_batch_size",
     "training.seed",
 )
@@ -171,6 +173,7 @@ class RunDir:
         self.tensorboard = self.logs / "tensorboard"
         self.checkpoints = self.root / "checkpoints"
         self.eval_results = self.root / "metrics" / "eval_results.jsonl"
+        self.stage_matrix = self.root / "metrics" / "stage_matrix.jsonl"  # a run with stages: cbe.loop
         self.eval_details = self.root / "eval_details"
 
     def create(self, cfg) -> "RunDir":
@@ -266,13 +269,14 @@ class RunDir:
         """Add one evaluation's metrics line (the file is rewritten atomically, so a kill never tears a line)."""
         write_jsonl_atomic(self.eval_results, read_jsonl(self.eval_results) + [metrics])
 
-    def drop_eval_results_after(self, step: int) -> None:
-        """On resume, forget evaluations newer than the checkpoint: they are recomputed, never duplicated."""
+    def drop_metrics_after(self, step: int) -> None:
+        """On resume, forget evaluations (and accuracy-matrix rows) newer than the checkpoint: they are recomputed,
+        never duplicated."""
         if not is_main_process():
             return
-        kept = [m for m in read_jsonl(self.eval_results) if m["step"] <= step]
-        if self.eval_results.exists():
-            write_jsonl_atomic(self.eval_results, kept)
+        for path in (self.eval_results, self.stage_matrix):
+            if path.exists():
+                write_jsonl_atomic(path, [m for m in read_jsonl(path) if m["step"] <= step])
 
     def details_path(self, qa_set: str, step: int) -> Path:
         return self.eval_details / f"{qa_set}_step_{step:06d}.jsonl"

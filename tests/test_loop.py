@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from cbe.config import validate
+from cbe.data.packing import PackedRows, training_order
 from cbe.errors import UserError
-from cbe.loop import next_event
+from cbe.loop import batch_plan, next_event, schedule, stages_of
 from cbe.run import RunDir, read_jsonl
 from tests.conftest import ROOT, main_command, run_main_under
 from tests.test_config import compose_config
@@ -132,3 +134,52 @@ def test_the_loop_stops_at_every_log_eval_save_and_the_end():
         steps = next_event(steps, cfg)
         stops.append(steps)
     assert stops == [4, 5, 6, 8, 10]
+
+
+def staged_config(*overrides: str):
+    return validate(compose_config("task=sample_stages", *overrides))
+
+
+def fake_rows(n: int) -> PackedRows:
+    ids = np.zeros((n, 4), np.int32)
+    return PackedRows(ids, ids, ids, 0)
+
+
+def test_replay_draws_exact_counts_from_earlier_stages_only_seeded():
+    sizes = [10, 12, 9]  # rows of stages s1, s2, s3, end to end: [0, 10), [10, 22), [22, 31)
+    cfg = staged_config("continual.replay_fraction=0.25", "continual.steps_per_stage=5")
+    stages = stages_of(cfg)
+    plan = batch_plan(cfg, stages, [fake_rows(n) for n in sizes])
+    assert plan.shape == (15, 8)
+    for step, batch in enumerate(plan):
+        k = step // 5
+        start, end = sum(sizes[:k]), sum(sizes[: k + 1])
+        own, past = batch[batch >= start], batch[batch < start]
+        assert len(past) == (2 if k else 0)  # 0.25 x 8 rows replayed in stages 2 and 3, none in stage 1
+        assert np.all(own < end)  # nothing from a later stage
+        assert len(set(past)) == len(past)  # without replacement within a step
+    assert {int(i) for i in plan[10:, 6:].ravel()} - set(range(22)) == set()  # stage 3 replays s1 and s2 rows
+    assert np.array_equal(plan, batch_plan(cfg, stages, [fake_rows(n) for n in sizes]))  # seeded
+    other = staged_config("continual.replay_fraction=0.25", "continual.steps_per_stage=5", "training.seed=7")
+    assert not np.array_equal(plan, batch_plan(other, stages_of(other), [fake_rows(n) for n in sizes]))
+    # Fraction 0: every stage reads only its own rows, in training_order, as a run of that corpus alone would.
+    plain = staged_config("continual.steps_per_stage=5")
+    no_replay = batch_plan(plain, stages_of(plain), [fake_rows(n) for n in sizes])
+    assert np.array_equal(no_replay[:5].ravel(), training_order(10, 40, 42))
+    assert np.array_equal(no_replay[5:10].ravel() - 10, training_order(12, 40, 43))
+
+
+def test_stage_steps_and_the_schedule_per_stage_or_global():
+    cfg = staged_config("continual.steps_per_stage=4", "+data.stages.1.steps=6", "optimizer.warmup_fraction=0.25")
+    stages = stages_of(cfg)
+    assert [(s.name, s.first_step, s.steps) for s in stages] == [("s1", 0, 4), ("s2", 4, 6), ("s3", 10, 4)]
+    assert cfg.training.num_train_steps == 14
+    lr = cfg.optimizer.lr
+    per_stage = schedule(cfg, stages)
+    assert per_stage[[0, 4, 10]] == pytest.approx([lr, lr, lr])  # every stage warms up again: 1 step of 4 ...
+    assert per_stage[5] == pytest.approx(lr)  # ... and of 6 (int(0.25 x 6) = 1 warmup step)
+    assert per_stage[3] < per_stage[1] and per_stage[9] < per_stage[5]  # and decays within the stage
+    cfg.continual.schedule = "global"
+    whole = schedule(cfg, stages)
+    assert whole[:3] == pytest.approx([lr / 3, 2 * lr / 3, lr])  # int(0.25 x 14) = 3 warmup steps over the run
+    assert np.all(np.diff(whole[3:]) <= 0)  # one decay across the stages

@@ -12,8 +12,10 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cbe import cli
+from cbe.errors import UserError
 from cbe.logging import TensorBoardLogger
 from cbe.plot import gather_runs, plot_folder
 from cbe.run import RunDir, read_jsonl
@@ -222,3 +224,116 @@ def test_a_folder_of_benchmark_jax_runs_alone_is_plotted(tmp_path):
     path, (run,) = plot_folder(tmp_path)
     assert path.read_bytes()[:8] == PNG_MAGIC
     assert (run.name, run.metric, run.eval_loss, run.train_loss) == ("run", [], [(2, 2.25)], [(1, 2.5), (2, 2.0)])
+
+
+def make_staged_run(root: Path, rows: int = 3) -> Path:
+    """A staged run as the loop leaves it: config.yaml with data.stages (s1 of continual.steps_per_stage=4 steps, s2
+    of 6), eval_results.jsonl keyed per stage and set, with the retention set, and metrics/stage_matrix.jsonl
+    holding the rows after stages 0 .. rows-1."""
+    run = make_run(
+        root,
+        "sample_stages/tiny-full-hf",
+        [
+            {"step": step, "stage": stage, "eval_loss": 3.0 - step / 10, **values}
+            for step, stage, values in [
+                (0, 0, {"s1_valqa_fuzzy_match": 0.0, "s2_valqa_fuzzy_match": 0.0, "retention_fuzzy_match": 1.0}),
+                (2, 1, {"s1_valqa_fuzzy_match": 0.5, "s2_valqa_fuzzy_match": 0.0, "retention_fuzzy_match": 1.0}),
+                (4, 1, {"s1_valqa_fuzzy_match": 1.0, "s2_valqa_fuzzy_match": 0.25, "retention_fuzzy_match": 0.75}),
+                (7, 2, {"s1_valqa_fuzzy_match": 0.75, "s2_valqa_fuzzy_match": 0.5, "retention_fuzzy_match": 0.75}),
+                (10, 2, {"s1_valqa_fuzzy_match": 0.5, "s2_valqa_fuzzy_match": 1.0, "retention_fuzzy_match": 0.5}),
+            ]
+        ],
+        tensorboard_files=[{s: 3.0 - s / 10 for s in range(1, 11)}],
+    )
+    config = {
+        "backend": {"name": "hf"},
+        "data": {"stages": [{"name": "s1", "steps": None}, {"name": "s2", "steps": 6}]},
+        "continual": {"steps_per_stage": 4},
+    }
+    (run.root / "config.yaml").write_text(yaml.safe_dump(config))
+    matrix = {
+        "exact_match": [[0.0, 0.0], [0.75, 0.25], [0.5, 0.75]],
+        "fuzzy_match": [[0.0, 0.0], [1.0, 0.25], [0.5, 1.0]],
+    }
+    lines = [
+        {"after_stage": i, "eval_stage": j + 1, "set": "valqa", "metric": metric, "value": v, "n": 4, "step": step}
+        for metric, R in matrix.items()
+        for i, step in list(enumerate([0, 4, 10]))[:rows]
+        for j, v in enumerate(R[i])
+    ]
+    (run.root / "metrics" / "stage_matrix.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run.root
+
+
+def test_a_staged_run_has_a_curve_per_stage_and_its_stage_ends(tmp_path):
+    make_staged_run(tmp_path)
+    (run,) = gather_runs(tmp_path)  # no run has valqa_fuzzy_match itself: the stages' curves count
+    assert (run.name, run.backend, run.stages, run.stage_ends) == (
+        "sample_stages/tiny-full-hf",
+        "hf",
+        ["s1", "s2"],
+        [4, 10],
+    )
+    assert run.metric == []
+    assert run.stage_metric == {
+        "s1": [(0, 0.0), (2, 0.5), (4, 1.0), (7, 0.75), (10, 0.5)],
+        "s2": [(0, 0.0), (2, 0.0), (4, 0.25), (7, 0.5), (10, 1.0)],
+        "retention": [(0, 1.0), (2, 1.0), (4, 0.75), (7, 0.75), (10, 0.5)],
+    }
+    with pytest.raises(
+        UserError,
+        match="try --metric with one of eval_loss, retention_fuzzy_match, "
+        "s1_valqa_fuzzy_match, s2_valqa_fuzzy_match, valqa_fuzzy_match$",
+    ):
+        gather_runs(tmp_path, "valqa_exact_match")  # eval_results has no such curve, neither a stage's nor the run's
+
+
+def test_plot_of_a_staged_run_writes_its_curves_and_a_heatmap_per_matrix(tmp_path, capsys):
+    run = make_staged_run(tmp_path)
+    cli.main(["plot", str(tmp_path)])
+    out = capsys.readouterr().out
+    figures = [
+        run / "plots" / name
+        for name in (
+            "stage_curves_valqa_fuzzy_match.png",
+            "matrix_valqa_exact_match.png",
+            "matrix_valqa_fuzzy_match.png",
+        )
+    ]
+    for figure in [*figures, tmp_path / "runs_plot.png"]:
+        assert figure.read_bytes()[:8] == PNG_MAGIC and f"wrote {figure}\n" in out
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(f.name for f in figures)  # no temp file left
+    assert "sample_stages/tiny-full-hf (hf): 2 stages, 5 evaluations, 5 eval-loss points, 10 train-loss points" in out
+
+
+def test_a_heatmap_writes_each_value_in_its_cell(tmp_path):
+    from cbe.continual import read_stage_matrices
+    from cbe.plot import draw_matrix, pyplot
+
+    make_staged_run(tmp_path, rows=2)  # killed in stage 2: the row after it is not there yet
+    matrix = read_stage_matrices(tmp_path / "sample_stages" / "tiny-full-hf")["valqa_exact_match"]
+    fig, ax = pyplot().subplots()
+    draw_matrix(ax, matrix, ["s1", "s2"], "valqa_exact_match")
+    cells = {(t.get_position(), t.get_text()) for t in ax.texts}
+    # (column, row): rows are base, after s1, after s2; columns the stage whose questions were asked
+    assert cells == {((0, 0), "0.00"), ((1, 0), "0.00"), ((0, 1), "0.75"), ((1, 1), "0.25")}
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["base", "after s1", "after s2"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["s1", "s2"]
+    pyplot().close(fig)
+
+
+def test_stage_curves_mark_where_each_stage_ends(tmp_path):
+    from cbe.plot import draw_stage_curves, pyplot
+
+    make_staged_run(tmp_path)
+    (run,) = gather_runs(tmp_path)
+    fig, ax = pyplot().subplots()
+    draw_stage_curves(ax, run, "valqa_fuzzy_match")
+    vertical = [
+        line.get_xdata()[0] for line in ax.lines if len(set(line.get_xdata())) == 1 and line.get_linestyle() == ":"
+    ]
+    assert vertical == [4, 10]
+    assert {t.get_text(): t.get_position()[0] for t in ax.texts} == {"s1": 2, "s2": 7}  # each stage named mid-span
+    curves = {line.get_label(): line for line in ax.lines if line.get_label() in run.stage_metric}
+    assert list(curves["s2"].get_xdata()) == [0, 2, 4, 7, 10] and curves["retention"].get_linestyle() == "--"
+    pyplot().close(fig)

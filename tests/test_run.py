@@ -28,7 +28,7 @@ def test_eval_results_drop_newer_lines_on_resume(tmp_path):
     run = RunDir(tmp_path)
     for step in (0, 10, 20, 30):
         run.append_eval_result({"step": step})
-    run.drop_eval_results_after(20)
+    run.drop_metrics_after(20)
     assert [m["step"] for m in read_jsonl(run.eval_results)] == [0, 10, 20]
 
 

@@ -26,6 +26,9 @@ class Backend(Protocol):
         """One optimizer step per row of `batches` ([steps, effective batch] indices into `rows`), at the given
         learning rates; returns each step's mean loss over its trained tokens."""
 
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer state, the parameters kept (continual.reset_optimizer, between stages)."""
+
     def save(self, step: int) -> Path:
         """Write the training state to `run.checkpoint_dir(step, backend)`, complete before it returns."""
 

@@ -46,6 +46,14 @@ class PackedRows:
     def padding_fraction(self) -> float:
         return 1.0 - float(self.real_tokens) / max(1, self.input_ids.size)
 
+    @classmethod
+    def concatenate(cls, parts: list["PackedRows"]) -> "PackedRows":
+        """Rows of several corpora end to end (a continual run's stages)."""
+        if len(parts) == 1:
+            return parts[0]
+        arrays = (np.concatenate([getattr(p, a) for p in parts]) for a in ("input_ids", "position_ids", "labels"))
+        return cls(*arrays, sum(p.real_tokens for p in parts))
+
     def describe(self, name: str) -> str:
         return (
             f"{name}: {len(self)} rows of {self.input_ids.shape[1]} tokens, {self.real_tokens:,} tokens per "

@@ -41,11 +41,15 @@ def stop_strings(template: str) -> list[str]:
     return [marker] if marker else []
 
 
-def qa_paths(data: DictConfig, qa_data: str | None) -> dict[str, str]:
-    """Name -> file of every QA set evaluated: the task's (valqa, testqa and the extra sets), or qa_data alone."""
+def qa_paths(data: DictConfig, qa_data: str | None, retention_qa_path: str | None = None) -> dict[str, str]:
+    """Name -> file of every QA set evaluated: the task's (valqa and testqa, or <stage>_valqa and <stage>_testqa of
+    every stage of a continual run, the extra sets, the retention set), or qa_data alone."""
     if qa_data:
         return {Path(qa_data).stem: qa_data}
-    return {"valqa": data.valqa_path, "testqa": data.testqa_path, **data.extra_qa_paths}
+    sets = {"valqa": data.valqa_path, "testqa": data.testqa_path}
+    if data.stages:
+        sets = {f"{s.name}_{kind}": s[f"{kind}_path"] for s in data.stages for kind in ("valqa", "testqa")}
+    return {**sets, **data.extra_qa_paths, **({"retention": retention_qa_path} if retention_qa_path else {})}
 
 
 class QAEvaluator:
@@ -67,6 +71,7 @@ class QAEvaluator:
         qa_data: str | None = None,
         save_details: str | None = None,
         loss: bool = True,
+        retention_qa_path: str | None = None,
     ):
         self.run = run
         self.prompt_template = unescape(prompt_template)
@@ -78,7 +83,9 @@ class QAEvaluator:
         self.num_examples = num_examples
         self.val_loss_batch_size = val_loss_batch_size
         self.loss_data = data.val_path if loss else None  # the corpus eval_loss is measured on
-        self.qa_sets = {name: load_qa(path)[:max_questions] for name, path in qa_paths(data, qa_data).items()}
+        self.qa_sets = {
+            name: load_qa(path)[:max_questions] for name, path in qa_paths(data, qa_data, retention_qa_path).items()
+        }
         self.prompt_shown = False
         self.save_details = save_details
         self.last_details: dict[str, list[dict[str, Any]]] = {}

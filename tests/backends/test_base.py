@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cbe.backends.base import NewlineStop, answer_ended, lr_multiplier
+from cbe.backends.base import NewlineStop, answer_ended
 from cbe.backends.hf.trainer import NewlineStopCriteria
+from cbe.loop import lr_multiplier
 from tests.conftest import ROOT
 
 
@@ -24,7 +25,7 @@ from tests.conftest import ROOT
     ],
 )
 def test_answer_ended(text, ended):
-    assert answer_ended(text) is ended
+    assert answer_ended(text, ["Q:"]) is ended
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from huggingface_hub.errors import (
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, set_seed
 
+from cbe.backends.hf.attention import attention_implementation
 from cbe.errors import UserError
 
 # gemma3-1b-pt -> google/gemma-3-1b-pt: the short names researchers use in recipes.
@@ -63,7 +64,9 @@ def load_tokenizer(cfg: DictConfig, checkpoint_dir: Path | None = None):
 
 
 def load_model_and_tokenizer(cfg: DictConfig, attn_implementation: str = "sdpa"):
-    """What the run works on: to train, the base model with the adapter; to evaluate, the checkpoint."""
+    """What the run works on: to train, the base model with the adapter; to evaluate, the checkpoint.
+    `attn_implementation` is backend.trainer's (auto and varlen: cbe.backends.hf.attention)."""
+    attn_implementation = attention_implementation(attn_implementation)
     if cfg.mode == "train":
         model, tokenizer = load_base_model(cfg, attn_implementation)
         return apply_adapter(model, cfg), tokenizer

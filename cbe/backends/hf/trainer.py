@@ -2,7 +2,8 @@
 
 cbe.loop hands it each optimizer step's packed rows and learning rate. Rows carry position ids that restart per
 document and no attention mask: with use_cache=False transformers then builds a block-diagonal causal mask, so
-documents never see each other. The loss is TRL's fused LM head (logits in tiles, never the whole vocabulary at
+documents never see each other (under varlen attention no mask at all: the documents' boundaries,
+cbe.backends.hf.attention). The loss is TRL's fused LM head (logits in tiles, never the whole vocabulary at
 once), summed over the step's trained tokens and divided by their count on every rank, so a step's gradient is the
 same however its rows are split into micro-batches and processes (DDP averages over processes).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -20,15 +22,21 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from safetensors.torch import load_file
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria
 from trl.trainer.utils import add_fused_lm_head
 
 from cbe import memory
 from cbe.backends.base import NewlineStop
+from cbe.backends.hf.attention import VARLEN, documents_per_row, varlen_inputs
+from cbe.backends.hf.generate import greedy_answers
 from cbe.backends.hf.models import load_model_and_tokenizer
 from cbe.data.packing import IGNORE, PackedRows
 from cbe.errors import UserError
 from cbe.run import RunDir, atomic_dir, is_main_process, world_size
+
+# PEFT still reads transformers' deprecated alias on every LoRA model; the warning is its to act on, not the user's.
+# Only this message is silenced.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class NewlineStopCriteria(StoppingCriteria):
@@ -160,8 +168,17 @@ class HFTrainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if compile_enabled(self.torch_compile):
             compile_decoder_layers(self.model)
+        self.reset_optimizer()
+        if checkpoint is not None:
+            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.device))
+        self.stepped = self.model
+        if self.world > 1:
+            self.stepped = torch.nn.parallel.DistributedDataParallel(self.model)
+
+    def reset_optimizer(self) -> None:
+        """A fresh AdamW over the trained parameters (no decay on norms), fused on a GPU."""
         trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        o = cfg.optimizer
+        o = self.cfg.optimizer
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": [p for n, p in trained if not no_decay(n)], "weight_decay": o.weight_decay},
@@ -172,11 +189,6 @@ class HFTrainer:
             eps=1e-8,
             fused=self.device.type == "cuda",
         )
-        if checkpoint is not None:
-            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.device))
-        self.stepped = self.model
-        if self.world > 1:
-            self.stepped = torch.nn.parallel.DistributedDataParallel(self.model)
 
     def load(self, checkpoint: str) -> None:
         self.model, self.tokenizer = load_model_and_tokenizer(self.cfg, self.attn_implementation)
@@ -225,9 +237,17 @@ class HFTrainer:
         return losses.tolist()
 
     def tensors(self, rows: PackedRows, index: np.ndarray) -> dict[str, torch.Tensor]:
-        """The model inputs of some packed rows, on this rank's device."""
+        """The model inputs of some packed rows, on this rank's device; under varlen attention also their documents'
+        boundaries (cbe.backends.hf.attention), sized for as many documents as the fullest row of `rows` holds."""
         arrays = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}
-        return {k: torch.from_numpy(v[index].astype(np.int64)).to(self.device) for k, v in arrays.items()}
+        inputs = {k: torch.from_numpy(v[index].astype(np.int64)).to(self.device) for k, v in arrays.items()}
+        text = self.model.config.get_text_config()
+        if text._attn_implementation != VARLEN:
+            return inputs
+        if getattr(self, "_documents_per_row", (None,))[0] is not rows:  # counted once per corpus, not per batch
+            self._documents_per_row = (rows, documents_per_row(rows.position_ids))
+        capacity = len(index) * self._documents_per_row[1]
+        return inputs | varlen_inputs(rows.position_ids[index], capacity, text.layer_types, self.device)
 
     def autocast(self):
         """bf16 matmuls on a GPU that has them (the weights are bf16 there already); nothing on the CPU."""
@@ -250,38 +270,27 @@ class HFTrainer:
             answers[r :: self.world] = part
         return answers
 
-    @torch.no_grad()
     def _generate(
         self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
     ) -> list[str]:
-        """Greedy continuations, batched by prompt length with left padding, each stopped at EOS, a stop string or a
-        newline after the answer's first non-blank text (cbe.backends.base.answer_ended)."""
+        """Greedy continuations over a static cache, the shared prefix computed once (cbe.backends.hf.generate),
+        each stopped at EOS, a stop string or a newline after the answer's first non-blank text
+        (cbe.backends.base.answer_ended)."""
         was_training = self.model.training
         self.model.eval()
-        tok = self.tokenizer
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            stop_strings=list(stop_strings) or None,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        answers: list[str] = [""] * len(prompts)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            inputs = tok([prompts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left")
-            inputs = inputs.to(self.device)
-            newline = NewlineStopCriteria(self.newline_stop, inputs["input_ids"].shape[1], self.device)
-            with eager():  # compiled layers would recompile for every generated length
-                output = self.model.generate(
-                    **inputs, generation_config=config, tokenizer=tok, stopping_criteria=StoppingCriteriaList([newline])
+        try:
+            with eager():  # training's compiled layers run eagerly here; on a GPU the decode step is a CUDA graph
+                return greedy_answers(
+                    self.model,
+                    self.tokenizer,
+                    prompts,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    stop_strings=stop_strings,
+                    newline_stop=self.newline_stop,
                 )
-            texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(batch, texts):
-                answers[i] = text
-        self.model.train(was_training)
-        return answers
+        finally:
+            self.model.train(was_training)
 
     @functools.cached_property
     def newline_stop(self) -> NewlineStop:

@@ -166,6 +166,11 @@ class KDTrainer:
             flush=True,
         )
 
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer state (moments, accumulation, step count) for the current parameters."""
+        fresh = self._initial_state(self.trainer, with_weights=False)
+        self.state = self.state.replace(opt_state=fresh.opt_state)
+
     def load(self, checkpoint: str) -> None:
         if checkpoint == "base":
             self.model = build_model(self.model_config)

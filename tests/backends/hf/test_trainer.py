@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from cbe.backends.base import lr_multiplier
 from cbe.data.packing import packed_corpus, training_order
+from cbe.loop import lr_multiplier
 from cbe.plot import read_tensorboard_scalars
 from tests.conftest import ROOT
 from tests.test_config import compose_config
@@ -55,36 +55,37 @@ def raw_predictions(run_dir: Path, qa_set: str, step: int) -> list[str]:
     return [json.loads(line)["raw_prediction"] for line in details.read_text().splitlines()]
 
 
-def backend_in_process(run_dir: Path, cache_dir: Path, *overrides: str):
-    """A run's backend built in this process as main.py builds it (logging=none), so a test can reach its model."""
-    from hydra.utils import instantiate
-
+def loop_in_process(run_dir: Path, cache_dir: Path, *overrides: str, on_start=None):
+    """A run wired in this process as main.py wires it (logging=none); `on_start(backend)` runs once the backend has
+    built its model, before the first evaluation, so a test can reach the model."""
     from cbe.config import validate
     from cbe.logging import Loggers
+    from cbe.loop import Loop, build
     from cbe.run import RunDir
 
     cfg = validate(compose_config(f"data.cache_dir={cache_dir}", "logging=none", *overrides))
     run = RunDir(run_dir).create(cfg)
-    evaluator = instantiate(cfg.eval, data=cfg.data, run=run)
-    return instantiate(
-        cfg.backend.trainer, _recursive_=False, cfg=cfg, run=run, evaluator=evaluator, loggers=Loggers(run, [])
-    )
+    loop = Loop(cfg, run, *build(cfg, run), Loggers(run, []))
+    if on_start:
+        start = loop.backend.start
+        loop.backend.start = lambda checkpoint: (start(checkpoint), on_start(loop.backend))
+    return loop
 
 
 def train_observed(run_dir: Path, cache_dir: Path, *overrides: str):
     """Train in this process; returns the backend and what the model's training forward passes were given, by
     input (input_ids, position_ids, labels), micro-batches concatenated."""
-    backend = backend_in_process(run_dir, cache_dir, *overrides)
     seen = []
 
     def record(model, args, kwargs):
         if model.training:  # evaluation's loss and generation run in eval mode
             seen.append({key: kwargs[key].numpy().copy() for key in ("input_ids", "position_ids", "labels")})
 
-    hook = backend.model.register_forward_pre_hook(record, with_kwargs=True)
-    backend.train()
-    hook.remove()
-    return backend, {key: np.concatenate([batch[key] for batch in seen]) for key in seen[0]}
+    loop = loop_in_process(
+        run_dir, cache_dir, *overrides, on_start=lambda b: b.model.register_forward_pre_hook(record, with_kwargs=True)
+    )
+    loop.train()
+    return loop.backend, {key: np.concatenate([batch[key] for batch in seen]) for key in seen[0]}
 
 
 def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
@@ -269,11 +270,15 @@ def test_each_step_trains_on_the_rows_of_the_training_order(small_steps_run, cac
 
 
 def test_gradient_checkpointing_and_compiled_layers_train_alike_on_the_cpu(small_steps_run, tmp_path, cache_dir):
-    """training.gradient_checkpointing=true and training.torch_compile=true on the tiny model on the CPU: the same
-    rows, the same eval_loss as without them (to float noise)."""
+    """backend.trainer.gradient_checkpointing=true and .torch_compile=true on the tiny model on the CPU: the same rows,
+    the same eval_loss as without them (to float noise)."""
     _, plain_seen, plain = small_steps_run
     backend, seen = train_observed(
-        tmp_path, cache_dir, *SMALL_STEPS, "training.gradient_checkpointing=true", "training.torch_compile=true"
+        tmp_path,
+        cache_dir,
+        *SMALL_STEPS,
+        "backend.trainer.gradient_checkpointing=true",
+        "backend.trainer.torch_compile=true",
     )
     assert backend.model.is_activation_checkpointing
     layers = [m for m in backend.model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -297,11 +302,18 @@ def test_a_cosine_run_logs_the_learning_rate_of_each_step(tiny_wandb_run):
 def test_lora_trains_only_the_adapter(run_main, tmp_path, cache_dir):
     run = tmp_path / "outputs" / "cbe" / "sample" / "tiny-lora128-hf"
     steps = ["training.num_train_steps=2", "training.eval_every=2", "training.save_every=2", "eval.max_questions=8"]
-    backend = backend_in_process(run, cache_dir, "adapter=lora128", *steps)
-    before = {name: p.detach().clone() for name, p in backend.model.named_parameters()}
+    before = {}
+    loop = loop_in_process(
+        run,
+        cache_dir,
+        "adapter=lora128",
+        *steps,
+        on_start=lambda b: before.update({name: p.detach().clone() for name, p in b.model.named_parameters()}),
+    )
+    loop.train()
+    backend = loop.backend
     b_names = [name for name in before if "lora_B" in name]
     assert b_names and not any(before[name].any() for name in b_names)  # B starts at zero
-    backend.train()
 
     # Every B moved off zero; every tensor of the base model is bit for bit what it was.
     after = {name: p.detach() for name, p in backend.model.named_parameters()}

@@ -1,0 +1,277 @@
+"""Continual learning's numbers, read from a staged run's files: the accuracy matrices, their summary with paired
+bootstrap CIs, the retention of what the base model knew, and `cbe retention-set`, which builds such a set.
+
+R[i][j] is the QA accuracy on stage j's questions after training through stage i (i = 0: the base model; stages
+count from 1), one matrix per (set, metric) of metrics/stage_matrix.jsonl. With T stages and b_j = R[0][j]:
+
+    ACC        = 1/T     Σ_{j=1..T}   R[T][j]                                   (Lopez-Paz & Ranzato 2017, GEM)
+    BWT        = 1/(T−1) Σ_{j=1..T−1} (R[T][j] − R[j][j])                       (GEM)
+    forgetting = 1/(T−1) Σ_{j=1..T−1} (max_{l∈[j,T−1]} R[l][j] − R[T][j])      (Chaudhry et al. 2018)
+    FWT        = 1/(T−1) Σ_{j=2..T}   (R[j−1][j] − b_j)                         (GEM)
+
+With T = 1, BWT, forgetting and FWT average over no stage: they are null, not 0. ACC is R[1][1] then.
+
+Each number gets a 95% CI from a paired bootstrap over questions (eval_details of each row's step, 1000 resamples,
+fixed seed): a resample draws stage j's questions once and scores every row on that draw, so a change from row to row
+is measured on the same questions. The retention set (continual.retention_qa_path) gives G_i, its accuracy at the
+steps of the matrix's rows, and G_0 − G_T with a CI from the same paired bootstrap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cbe.data.jsonl import QA_FIELDS, iter_jsonl
+from cbe.errors import UserError
+from cbe.eval.details import load_details
+from cbe.eval.metrics import METRICS
+from cbe.run import read_jsonl, write_atomic, write_jsonl_atomic
+
+STAGE_MATRIX = Path("metrics") / "stage_matrix.jsonl"
+SUMMARY = Path("metrics") / "continual_summary.json"
+RETENTION_SET = "retention"  # the QA set name of continual.retention_qa_path
+NUMBERS = {"acc": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT"}  # key -> its name in reports
+RESAMPLES, SEED = 1000, 0  # the bootstrap: fixed, so the same files give the same CIs
+
+
+class DetailsShortfall(Exception):
+    """The eval_details a CI needs are missing or do not pair up (the numbers stand; their CIs are left out)."""
+
+
+@dataclass
+class StageMatrix:
+    """R of one (set, metric): rows after_stage 0..T, columns eval_stage 1..T; None where no line gives a value."""
+
+    set: str
+    metric: str
+    values: list[list[float | None]]
+    n: list[int | None]  # questions of each eval stage
+    steps: list[int | None]  # the global step of each row
+
+
+def stage_names(run: Path) -> list[str]:
+    """The names of a run's stages, in order, from its config.yaml (empty for a run without data.stages)."""
+    path = Path(run) / "config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return [str(stage["name"]) for stage in ((config or {}).get("data") or {}).get("stages") or []]
+
+
+def stage_ends(run: Path) -> list[int]:
+    """The global step at which each stage of a run ends (its `steps`, else continual.steps_per_stage)."""
+    config = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
+    per_stage = (config.get("continual") or {}).get("steps_per_stage")
+    return [int(s) for s in np.cumsum([stage.get("steps") or per_stage for stage in config["data"]["stages"]])]
+
+
+def read_stage_matrices(run: str | Path) -> dict[str, StageMatrix]:
+    """Every matrix of metrics/stage_matrix.jsonl, keyed `<set>_<metric>`; a later line wins a repeated cell."""
+    path = Path(run) / STAGE_MATRIX
+    if not path.is_file():
+        raise UserError(f"{run}: no {STAGE_MATRIX}; pass the run dir of a staged run (a task with data.stages)")
+    lines = read_jsonl(path)
+    stages = max((line["eval_stage"] for line in lines), default=0)
+    matrices: dict[str, StageMatrix] = {}
+    for line in lines:
+        key = f"{line['set']}_{line['metric']}"
+        if key not in matrices:
+            empty = [[None] * stages for _ in range(stages + 1)]
+            matrices[key] = StageMatrix(line["set"], line["metric"], empty, [None] * stages, [None] * (stages + 1))
+        m, i, j = matrices[key], line["after_stage"], line["eval_stage"] - 1
+        m.values[i][j], m.n[j], m.steps[i] = line["value"], line["n"], line["step"]
+    if not matrices:
+        raise UserError(f"{path}: no lines; the run has not evaluated its base model yet")
+    return matrices
+
+
+def summary_numbers(R: np.ndarray) -> dict[str, np.ndarray | None]:
+    """ACC, BWT, forgetting and FWT of R (shape (..., T+1, T): leading axes are bootstrap resamples)."""
+    T = R.shape[-1]
+    final = R[..., T, :]  # R[T][j]
+    numbers: dict[str, np.ndarray | None] = {"acc": final.mean(-1), "bwt": None, "forgetting": None, "fwt": None}
+    if T == 1:
+        return numbers
+    learned = R[..., range(1, T + 1), range(T)]  # R[j][j]
+    best = np.stack([R[..., j:T, j - 1].max(-1) for j in range(1, T)], -1)  # max over l in [j, T-1] of R[l][j]
+    numbers["bwt"] = (final - learned)[..., :-1].mean(-1)
+    numbers["forgetting"] = (best - final[..., :-1]).mean(-1)
+    numbers["fwt"] = (R[..., range(1, T), range(1, T)] - R[..., 0, 1:]).mean(-1)  # R[j-1][j] - b_j, j = 2..T
+    return numbers
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _ci95(samples: np.ndarray | None) -> list[float] | None:
+    if samples is None or not np.isfinite(samples).all():
+        return None
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
+
+
+def paired_resamples(scores: list[list[np.ndarray]], resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """Bootstrap matrices (resamples, rows, stages) from per-question scores[row][stage]: each resample draws
+    stage j's questions once and scores every row on that same draw, so row-to-row changes stay paired."""
+    rng = np.random.default_rng(seed)
+    columns = []
+    for j in range(len(scores[0])):
+        n = len(scores[0][j])
+        draw = rng.integers(0, n, (resamples, n))
+        columns.append(np.stack([row[j][draw].mean(-1) for row in scores], -1))  # (resamples, rows)
+    return np.stack(columns, -1)
+
+
+def _details(run: Path, qa_set: str, step: int) -> list[dict[str, Any]]:
+    path = run / "eval_details" / f"{qa_set}_step_{step:06d}.jsonl"
+    if not path.is_file():
+        raise DetailsShortfall(f"no {path.relative_to(run)}")
+    return read_jsonl(path)
+
+
+def question_scores(run: Path, qa_sets: list[str], steps: list[int], n: list[int | None]) -> dict[str, list]:
+    """metric -> scores[row][stage], one value per question, from the details of qa_sets[stage] at steps[row];
+    DetailsShortfall (its reason) where a file is missing or its questions are not those of the other rows."""
+    files = [[_details(run, qa_set, step) for qa_set in qa_sets] for step in steps]
+    for j, qa_set in enumerate(qa_sets):
+        questions = [[d["question"] for d in row[j]] for row in files]
+        if not questions[0]:
+            raise DetailsShortfall(f"the {qa_set} details have no questions")
+        if any(q != questions[0] for q in questions) or (n[j] is not None and len(questions[0]) != n[j]):
+            raise DetailsShortfall(f"the {qa_set} details differ in questions from step to step or from the matrix's n")
+    return {m: [[np.array([float(d[m]) for d in f]) for f in row] for row in files] for m in METRICS}
+
+
+def scores_of_set(run: Path, names: list[str], matrix: StageMatrix, notes: list[str]) -> dict[str, list]:
+    """metric -> per-question scores[row][stage] of the matrix's set; {} and a note where the details fall short."""
+    try:
+        if len(names) != len(matrix.n):
+            raise DetailsShortfall(f"config.yaml names {len(names)} stages, the matrix has {len(matrix.n)}")
+        return question_scores(run, [f"{name}_{matrix.set}" for name in names], matrix.steps, matrix.n)
+    except DetailsShortfall as e:
+        notes.append(f"no 95% CIs for {matrix.set}: {e}")
+        return {}
+
+
+def summarize_matrix(matrix: StageMatrix, scores: list[list[np.ndarray]] | None) -> dict[str, Any]:
+    """One summary entry: the four numbers, their 95% CIs (None without per-question scores), the matrix."""
+    R = np.array([[np.nan if v is None else v for v in row] for row in matrix.values], dtype=float)
+    point = summary_numbers(R)
+    resampled = summary_numbers(paired_resamples(scores)) if scores else {}
+    entry: dict[str, Any] = {}
+    for name in NUMBERS:
+        entry[name] = _number(point[name])
+        entry[f"{name}_ci95"] = _ci95(resampled.get(name)) if point[name] is not None else None
+    return entry | {"matrix": matrix.values, "n": matrix.n, "steps": matrix.steps}
+
+
+def summarize_retention(run: Path, steps: list[int], notes: list[str]) -> dict[str, Any]:
+    """`retention_<metric>` entries: accuracy G_i at each row's step, G_0 − G_T and its paired bootstrap CI."""
+    results = {line["step"]: line for line in read_jsonl(run / "metrics" / "eval_results.jsonl")}
+    keys = [f"{RETENTION_SET}_{m}" for m in METRICS if any(f"{RETENTION_SET}_{m}" in r for r in results.values())]
+    if not keys:
+        return {}
+    try:
+        scores = question_scores(run, [RETENTION_SET], [steps[0], steps[-1]], [None])
+    except DetailsShortfall as e:
+        scores = {}
+        notes.append(f"no 95% CI for G_0 - G_T: {e}")
+    entries = {}
+    for key in keys:
+        g = [_number(results.get(step, {}).get(key)) for step in steps]
+        drop = None if g[0] is None or g[-1] is None else g[0] - g[-1]
+        ci = None
+        if scores and drop is not None:
+            resampled = paired_resamples(scores[key.removeprefix(f"{RETENTION_SET}_")])  # rows: G_0 and G_T
+            ci = _ci95(resampled[:, 0, 0] - resampled[:, 1, 0])
+        entries[key] = {"g": g, "g0_minus_gt": drop, "g0_minus_gt_ci95": ci, "steps": steps}
+    return entries
+
+
+def continual_summary(run: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """The summary object of a finished staged run, keyed `<set>_<metric>`, and notes for the user."""
+    run = Path(run)
+    matrices = read_stage_matrices(run)
+    first = next(iter(matrices.values()))
+    missing = sorted({i for m in matrices.values() for i, step in enumerate(m.steps) if step is None})
+    if missing:
+        raise UserError(
+            f"{run / STAGE_MATRIX}: no rows after stage {', '.join(map(str, missing))}: the run has not finished "
+            f"them; re-run its command to resume it, then summarize"
+        )
+    names, notes, summary, scores = stage_names(run), [], {}, {}
+    for key, matrix in matrices.items():
+        if matrix.set not in scores:  # one read of a set's details serves its four metrics
+            scores[matrix.set] = scores_of_set(run, names, matrix, notes)
+        summary[key] = summarize_matrix(matrix, scores[matrix.set].get(matrix.metric))
+    return summary | summarize_retention(run, first.steps, notes), notes
+
+
+def save_continual_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Write the summary object to metrics/continual_summary.json, atomically."""
+    path = Path(run_dir) / SUMMARY
+    write_atomic(path, json.dumps(summary, indent=1) + "\n")
+    return path
+
+
+def _text(value: float | None, ci: list[float] | None = None, digits: int = 3) -> str:
+    """A number as the report shows it, with its CI when there is one; n/a for null."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def describe_summary(summary: dict[str, Any], stages: list[str]) -> str:
+    """The summary as text: a line of numbers per entry, and the valqa matrices as tables."""
+    lines = []
+    for key, entry in summary.items():
+        if key.startswith(f"{RETENTION_SET}_"):
+            g = " ".join(_text(v) for v in entry["g"])
+            drop = _text(entry["g0_minus_gt"], entry["g0_minus_gt_ci95"])
+            lines.append(f"{key}: G after stages 0..{len(entry['g']) - 1}: {g}; G_0 - G_T {drop}")
+            continue
+        lines.append(
+            f"{key}: " + "  ".join(f"{label} {_text(entry[n], entry[f'{n}_ci95'])}" for n, label in NUMBERS.items())
+        )
+        if key.startswith("valqa_"):
+            names = stages if len(stages) == len(entry["n"]) else [str(j + 1) for j in range(len(entry["n"]))]
+            lines.append(" " * 14 + "".join(f"{name:>8}" for name in names))
+            for label, row in zip(["base", *(f"after {name}" for name in names)], entry["matrix"]):
+                lines.append(f"  {label:<12}" + "".join(f"{_text(v, digits=2):>8}" for v in row))
+    return "\n".join(lines)
+
+
+def write_continual_summary(run_dir: str | Path) -> str:
+    """Summarize a staged run, write metrics/continual_summary.json and return the summary as text to print (the
+    loop calls this at the end of a staged run)."""
+    summary, notes = continual_summary(run_dir)
+    path = save_continual_summary(run_dir, summary)
+    report = [describe_summary(summary, stage_names(Path(run_dir))), *(f"note: {note}" for note in notes)]
+    return "\n".join([*report, f"wrote {path}"])
+
+
+def build_retention_set(details_path: str | Path, qa_path: str | Path, output: str | Path) -> str:
+    """Write the records of a QA file whose question the base model answered exactly (per a details file saved by
+    `mode=eval checkpoint=base eval.save_details=...`) to `output`, atomically; returns a line to report."""
+    details = load_details(details_path, "build a retention set from", predictions=("raw_prediction",))
+    answered = {(str(d["question"]).strip(), str(d["ground_truth"])) for d in details if d.get("exact_match")}
+    asked = {(str(d["question"]).strip(), str(d["ground_truth"])) for d in details}
+    records = list(iter_jsonl(qa_path, QA_FIELDS))
+    key = [(r["question"].strip(), str(r["answer"])) for r in records]
+    if not asked & set(key):
+        raise UserError(f"{qa_path}: none of the questions of {details_path} is in it; pass the QA file evaluated")
+    kept = [r for r, k in zip(records, key) if k in answered]
+    if not kept:
+        raise UserError(f"{details_path}: the model answered no question exactly; no retention set to write")
+    write_jsonl_atomic(output, kept)
+    unasked = sum(k not in asked for k in key)
+    return (
+        f"kept {len(kept)} of {len(records)} questions of {qa_path} (answered exactly)"
+        + (f"; {unasked} were not in the details file and are left out" if unasked else "")
+        + f"; wrote {output}"
+    )
