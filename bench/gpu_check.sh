@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 LOG=${1:-${OUT:-/tmp}}/gpu_check.log
 mkdir -p "$(dirname "$LOG")"
 PY=${PYTHON:-python3}
-M1=gemma3_1b M4=gemma3_4b STEPS="--warmup 2 --steps 5" SEQ=1024 B1=16 B4=8 BIG=32 EQ=1024 EHQ=256
+M1=gemma3_1b M4=gemma3_4b STEPS="--warmup 2 --steps 5" SEQ=1024 B1=16 B4=8 BIG=32 EQ=2048 EHQ=64
 [ "${SMOKE:-0}" = 1 ] && M1=tiny M4=tiny STEPS="--warmup 1 --steps 1" SEQ=128 B1=4 B4=2 BIG=8 EQ=48 EHQ=16
 ATTN=backend.trainer.attn_implementation
 VARLEN=varlen=$ATTN=varlen SDPA=sdpa=$ATTN=sdpa
@@ -41,7 +41,7 @@ train() {  # NAME LIMIT_S ARGS...: bench/train_throughput.py at this run's seque
     --variant $SDPA
   train 4b-full 80 --model $M4 --batch-size $B4 --no-upstream --variant $VARLEN --variant $SDPA
   # QA evaluation speed: ours (static cache, CUDA-graph decode, shared prefix) against HF generate at batch 32
-  step 1b-eval 60 bench/eval_speed.py --model $M1 --questions $EQ --hf-questions $EHQ --batch-size 256 512 --max-new-tokens 32
+  step 1b-eval 60 bench/eval_speed.py --model $M1 --questions $EQ --hf-questions $EHQ --batch-size 512 1024 --max-new-tokens 32
 } > "$LOG.table"
 echo
 echo "config | mode: useful tok/s, padding, batch, MFU, peak memory (training); the check; questions/s (evaluation)"
