@@ -21,6 +21,7 @@ from cbe.backends.kd.convert import gemma_to_hf, text_weights
 from cbe.backends.kd.models import load_hf_weights
 from cbe.config import validate
 from cbe.logging import Loggers
+from cbe.loop import Loop, build
 from cbe.plot import read_tensorboard_scalars
 from cbe.run import RunDir
 from tests.backends.hf.test_trainer import assert_same_metrics, eval_results
@@ -80,13 +81,17 @@ def run_both(run_main, tmp_path, *overrides: str) -> dict[str, Path]:
     return runs
 
 
-def in_process(root: Path, *overrides: str):
-    """The backend that main.py builds for these overrides, built in this process around a run dir at `root`."""
+def in_process(root: Path, *overrides: str, on_start):
+    """The run that main.py wires for these overrides, wired in this process around a run dir at `root`;
+    `on_start(backend)` runs once the backend has built its model, before the first evaluation."""
     cfg = validate(compose_config(*overrides))
     run = RunDir(root).create(cfg)
-    loggers = Loggers(run, [instantiate(spec, run=run) for spec in cfg.logging.loggers.values()])
-    evaluator = instantiate(cfg.eval, data=cfg.data, run=run)
-    return instantiate(cfg.backend.trainer, _recursive_=False, cfg=cfg, run=run, evaluator=evaluator, loggers=loggers)
+    loop = Loop(
+        cfg, run, *build(cfg, run), Loggers(run, [instantiate(s, run=run) for s in cfg.logging.loggers.values()])
+    )
+    start = loop.backend.start
+    loop.backend.start = lambda checkpoint: (start(checkpoint), on_start(loop.backend))
+    return loop
 
 
 def train_losses(run: Path) -> list[float]:
@@ -249,13 +254,18 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path, cache_dir):
 
     HF runs in this process, to give v the A of k and up the A of gate (gemma's fused einsums have one A for each
     pair); KD starts from backend.trainer.gemma_params, the converted base weights with HF's A."""
-    hf = in_process(tmp_path / "hf", "backend=hf", *LORA, f"data.cache_dir={cache_dir}")
-    arch = hf.cfg.model.architecture
-    start = traverse_util.flatten_dict(load_hf_weights(hf.cfg)[1])
-    start |= tie_and_take_lora_a(hf.model, arch.num_attention_heads, arch.head_dim)
-    gm.ckpts.save_params(traverse_util.unflatten_dict(start), tmp_path / "start", wait_until_finished=True)
+    start = {}
+
+    def tie_lora_a(hf):
+        arch = hf.cfg.model.architecture
+        start.update(traverse_util.flatten_dict(load_hf_weights(hf.cfg)[1]))
+        start.update(tie_and_take_lora_a(hf.model, arch.num_attention_heads, arch.head_dim))
+        gm.ckpts.save_params(traverse_util.unflatten_dict(start), tmp_path / "start", wait_until_finished=True)
+
+    hf = in_process(tmp_path / "hf", "backend=hf", *LORA, f"data.cache_dir={cache_dir}", on_start=tie_lora_a)
     hf.train()
     hf.loggers.close()
+    arch = hf.cfg.model.architecture
     run_main("backend=kd", *LORA, f"backend.trainer.gemma_params={tmp_path / 'start'}", "logging.run_name=kd")
     run = tmp_path / "outputs" / "cbe" / "kd"
     kd_losses, hf_losses = train_losses(run), train_losses(tmp_path / "hf")
