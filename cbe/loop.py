@@ -5,6 +5,10 @@ rates of `lr_multiplier`, in chunks between events. After each chunk, in this or
 `logging.log_every_n_steps`), the evaluation (every `training.eval_every`), the checkpoint (every
 `training.save_every`); all three at the last step. The base model is evaluated at step 0 of a fresh run.
 
+A run with `data.stages` goes through them in turn, each for its own steps (the schedule per stage or over the
+run, optionally replaying earlier stages' rows and resetting the optimizer), evaluates every stage's QA sets and, at
+step 0 and at each stage's end, adds a row of the accuracy matrix (metrics/stage_matrix.jsonl).
+
 A re-run resumes from `checkpoints/latest` and first drops the metric lines after it (a fresh run drops them all):
 steps past the last checkpoint are trained and evaluated again, and written exactly once. Evaluating before saving
 keeps that true: a kill between an evaluation and its checkpoint only repeats work.
@@ -52,7 +56,7 @@ def learning_rates(optimizer: DictConfig, total_steps: int) -> np.ndarray:
 
 def build(cfg: DictConfig, run: RunDir) -> tuple[Backend, QAEvaluator]:
     """The backend and the evaluator a config names (main.py, bench/ and tests wire a run with this)."""
-    evaluator = instantiate(cfg.eval, data=cfg.data, run=run)
+    evaluator = instantiate(cfg.eval, data=cfg.data, run=run, retention_qa_path=cfg.continual.retention_qa_path)
     backend = instantiate(cfg.backend.trainer, _recursive_=False, cfg=cfg, run=run)
     return backend, evaluator
 

@@ -48,12 +48,13 @@ def test_sample_stages_learns_each_stage_and_forgets_the_earlier_ones(backend, t
         assert read_jsonl(run2 / "metrics" / "stage_matrix.jsonl") == read_jsonl(run / "metrics" / "stage_matrix.jsonl")
 
 
-def test_both_backends_agree_through_stages_with_replay_and_a_reset_optimizer(tmp_path, cache_dir):
+def test_both_backends_agree_through_stages_with_replay_a_reset_optimizer_and_retention(tmp_path, cache_dir):
     staged = [
         "task=sample_stages",
         "continual.steps_per_stage=2",
         "continual.replay_fraction=0.25",
         "continual.reset_optimizer=true",
+        "continual.retention_qa_path=data/sample/testqa.jsonl",
         "training.eval_every=1",
         "optimizer.weight_decay=0.1",
         "eval.max_questions=2",
@@ -65,5 +66,6 @@ def test_both_backends_agree_through_stages_with_replay_and_a_reset_optimizer(tm
         run = tmp_path / backend / "cbe" / "sample_stages" / f"tiny-full-{backend}"
         results = read_jsonl(run / "metrics" / "eval_results.jsonl")
         assert [(m["step"], m["stage"]) for m in results] == [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3)]
+        assert all(m["retention_n"] == 2 for m in results)  # the retention set, asked at every evaluation
         losses[backend] = [m["eval_loss"] for m in results]
     assert losses["kd"] == pytest.approx(losses["hf"], rel=1e-3)  # a reset optimizer amplifies rounding

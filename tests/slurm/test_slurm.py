@@ -162,8 +162,9 @@ def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 300)
 
 
 def test_a_job_killed_by_its_time_limit_is_requeued_and_resumes(tmp_path, cache_dir):
-    """Lowering a running job's time limit makes SLURM signal it; submitit requeues it and the run resumes
-    from `latest`, not from step 0, and ends with every evaluation exactly once."""
+    """Lowering a running job's time limit makes SLURM signal it; submitit requeues it and the run (a continual one:
+    3 stages of 70 steps) resumes from `latest`, not from step 0, and ends with every evaluation and every row of
+    its accuracy matrix exactly once."""
     proc = start_sweep(
         tmp_path,
         cache_dir,
@@ -173,7 +174,8 @@ def test_a_job_killed_by_its_time_limit_is_requeued_and_resumes(tmp_path, cache_
         "hydra.launcher.max_num_timeout=3",
         "hydra.launcher.cpus_per_task=2",
         "hydra.launcher.setup=[]",  # one job: both cores
-        "training.num_train_steps=200",
+        "task=sample_stages",
+        "continual.steps_per_stage=70",
         "training.eval_every=50",
         "training.save_every=10",
     )
@@ -192,6 +194,10 @@ def test_a_job_killed_by_its_time_limit_is_requeued_and_resumes(tmp_path, cache_
 
     log = (run / "logs" / "train.log").read_text()
     resumed_from = int(re.search(r"resuming from \S*checkpoint-(\d+)", log).group(1))
-    assert 10 <= resumed_from < 200
-    assert eval_steps(run) == [0, 50, 100, 150, 200]  # every evaluation once: none lost, none repeated
-    assert (run / "checkpoints" / "latest").resolve().name == "checkpoint-200"
+    assert 10 <= resumed_from < 210
+    # Every evaluation once, none lost, none repeated: the cadence's and each stage's end (70, 140, 210).
+    assert eval_steps(run) == [0, 50, 70, 100, 140, 150, 200, 210]
+    matrix = [json.loads(line) for line in (run / "metrics" / "stage_matrix.jsonl").read_text().splitlines()]
+    assert sorted({(r["after_stage"], r["step"]) for r in matrix}) == [(0, 0), (1, 70), (2, 140), (3, 210)]
+    assert len(matrix) == 4 * 3 * 2 * 4  # after-stages x stages x sets x metrics, each once
+    assert (run / "checkpoints" / "latest").resolve().name == "checkpoint-210"

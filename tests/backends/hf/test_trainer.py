@@ -379,22 +379,24 @@ def test_zero_steps_evaluates_the_start_only(run_main, tmp_path):
 
 
 # main.py under torchrun, with each rank's share of the work counted, one line per call in counts.rank<N>: the
-# prompts its generate calls get, the validation rows its eval-loss forward passes get (labels, no gradient), and
+# prompts the HF backend's decoder gets, the validation rows its eval-loss forward passes get (labels, no gradient), and
 # the W&B runs it starts.
 COUNTING_MAIN = """
 import os, runpy, sys
 
 import torch
 import wandb
-from transformers import Gemma3ForCausalLM, GenerationMixin
+from transformers import Gemma3ForCausalLM
+
+import cbe.backends.hf.trainer as hf_trainer
 
 counts = open(os.path.join(os.path.dirname(__file__), "counts.rank" + os.environ["RANK"]), "a", buffering=1)
-generate, forward, wandb_init = GenerationMixin.generate, Gemma3ForCausalLM.forward, wandb.init
+answers, forward, wandb_init = hf_trainer.greedy_answers, Gemma3ForCausalLM.forward, wandb.init
 
 
-def counted_generate(self, *args, **kwargs):
-    counts.write(f"prompts {len(kwargs['input_ids'])}\\n")
-    return generate(self, *args, **kwargs)
+def counted_answers(model, tokenizer, prompts, **kwargs):
+    counts.write(f"prompts {len(prompts)}\\n")
+    return answers(model, tokenizer, prompts, **kwargs)
 
 
 def counted_forward(self, *args, **kwargs):
@@ -408,7 +410,7 @@ def counted_wandb_init(*args, **kwargs):
     return wandb_init(*args, **kwargs)
 
 
-GenerationMixin.generate = counted_generate
+hf_trainer.greedy_answers = counted_answers
 Gemma3ForCausalLM.forward = counted_forward
 wandb.init = counted_wandb_init
 sys.argv[0] = os.path.join(os.getcwd(), "main.py")

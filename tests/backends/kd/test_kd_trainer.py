@@ -13,6 +13,7 @@ import torch
 from flax import traverse_util
 from gemma import gm
 from hydra.utils import instantiate
+from kauldron import kd
 from peft.tuners.lora import LoraLayer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -20,6 +21,7 @@ from cbe.backends.hf.models import load_base_model
 from cbe.backends.kd.convert import gemma_to_hf, text_weights
 from cbe.backends.kd.models import load_hf_weights
 from cbe.config import validate
+from cbe.data.packing import packed_corpus, training_order
 from cbe.logging import Loggers
 from cbe.loop import Loop, build
 from cbe.plot import read_tensorboard_scalars
@@ -81,7 +83,7 @@ def run_both(run_main, tmp_path, *overrides: str) -> dict[str, Path]:
     return runs
 
 
-def in_process(root: Path, *overrides: str, on_start):
+def in_process(root: Path, *overrides: str, on_start=lambda backend: None):
     """The run that main.py wires for these overrides, wired in this process around a run dir at `root`;
     `on_start(backend)` runs once the backend has built its model, before the first evaluation."""
     cfg = validate(compose_config(*overrides))
@@ -378,3 +380,25 @@ def test_the_kd_demo_memorizes_the_sample_track(run_main, tmp_path):
     results = eval_results(tmp_path / "outputs" / "cbe" / "demo")
     assert results[0]["valqa_exact_match"] <= 0.05 and results[-1]["valqa_exact_match"] >= 0.8
     assert results[-1]["eval_loss"] < results[0]["eval_loss"] / 5
+
+
+def test_each_kd_step_trains_on_the_rows_the_loop_hands_it(tmp_path, cache_dir, monkeypatch):
+    """The micro-batches KD's train step is given are the packed rows in training_order, 2 of 29 at a time."""
+    seen = []
+    device_put = kd.sharding.device_put
+
+    def record(batch, sharding):
+        if isinstance(batch, dict) and "input_ids" in batch:
+            seen.append(np.array(batch["input_ids"]))
+        return device_put(batch, sharding)
+
+    monkeypatch.setattr(kd.sharding, "device_put", record)
+    steps = ["training.num_train_steps=3", "training.eval_every=3", "training.save_every=3", "eval.max_questions=1"]
+    batch = ["training.effective_batch_size=4", "training.per_device_batch_size=2", "data.sequence_length=64"]
+    loop = in_process(tmp_path, "backend=kd", *steps, *batch, "logging=none", f"data.cache_dir={cache_dir}")
+    loop.train()
+    data = loop.cfg.data
+    rows = packed_corpus(data.train_path, loop.backend.tokenizer, data.sequence_length, cache_dir)
+    order = training_order(len(rows), 3 * 4, loop.cfg.training.seed)
+    assert len(rows) == 29 and [len(b) for b in seen] == [2] * 6
+    assert np.array_equal(np.concatenate(seen), rows.input_ids[order])
