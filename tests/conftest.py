@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,29 +78,3 @@ def tiny_wandb_run(tmp_path_factory, cache_dir) -> Path:
         timeout=300,
     )
     return output_root / "cbe-test" / "sample" / "tiny"
-
-
-@pytest.fixture
-def run_main_killed_after_eval(tmp_path, cache_dir):
-    """Run `python main.py overrides...` and SIGKILL it as soon as it has written the evaluation of `step`."""
-
-    def run(run_dir: Path, step: int, *overrides: str, timeout: float = 600) -> None:
-        env = {**os.environ, "CBE_CACHE_DIR": str(cache_dir)}
-        proc = subprocess.Popen(
-            main_command(f"output_root={tmp_path / 'outputs'}", *overrides),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        results_file = run_dir / "metrics" / "eval_results.jsonl"
-        deadline = time.time() + timeout
-        while time.time() < deadline and proc.poll() is None:
-            if results_file.exists() and f'"step": {step},' in results_file.read_text():
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-
-    return run

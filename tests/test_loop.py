@@ -19,6 +19,7 @@ from cbe.data.packing import PackedRows, training_order
 from cbe.errors import UserError
 from cbe.loop import batch_plan, next_event, schedule, stages_of
 from cbe.run import RunDir, read_jsonl
+from tests.backends.hf.test_trainer import assert_same_metrics, raw_predictions
 from tests.conftest import ROOT, main_command, run_main_under
 from tests.test_config import compose_config
 
@@ -95,6 +96,8 @@ def test_a_run_killed_at_random_moments_and_rerun_writes_each_eval_once(backend,
     resumed = eval_losses(run)
     assert sorted(resumed) == [0, 4, 8, 12]
     assert resumed == pytest.approx(reference, rel=1e-5)
+    straight = tmp_path / "straight" / "cbe" / "sample" / f"tiny-full-{backend}"
+    assert raw_predictions(run, "valqa", 12) == raw_predictions(straight, "valqa", 12)
 
     # Re-running the finished run: one line, exit 0, its files untouched.
     before = snapshot(run)
@@ -109,6 +112,14 @@ def test_a_run_killed_at_random_moments_and_rerun_writes_each_eval_once(backend,
     assert sorted(p.name for p in RunDir(run).saved_checkpoints()) == sorted(
         RunDir(run).checkpoint_dir(s, backend).name for s in (12, 16)
     )
+    # mode=eval of the last checkpoint, and of the base model, reproduce the run's numbers at 16 and 0.
+    results = {m["step"]: m for m in read_jsonl(run / "metrics" / "eval_results.jsonl")}
+    for checkpoint, step in ((run / "checkpoints" / "latest", 16), ("base", 0)):
+        run_main_under(output, cache_dir, *run_args, "mode=eval", f"checkpoint={checkpoint}")
+        label = "base" if checkpoint == "base" else RunDir(run).checkpoint_dir(16, backend).name
+        [evaluated] = (run / "eval" / label).iterdir()
+        assert_same_metrics(read_jsonl(evaluated / "metrics" / "eval_results.jsonl")[0], results[step])
+        assert raw_predictions(evaluated, "valqa", step) == raw_predictions(run, "valqa", step)
 
 
 def test_a_changed_rerun_is_refused_before_the_first_checkpoint_as_after_it(tmp_path):

@@ -47,7 +47,7 @@ def qa_paths(data: DictConfig, qa_data: str | None, retention_qa_path: str | Non
     if qa_data:
         return {Path(qa_data).stem: qa_data}
     sets = {"valqa": data.valqa_path, "testqa": data.testqa_path}
-    if data.stages:
+    if data.get("stages"):
         sets = {f"{s.name}_{kind}": s[f"{kind}_path"] for s in data.stages for kind in ("valqa", "testqa")}
     return {**sets, **data.extra_qa_paths, **({"retention": retention_qa_path} if retention_qa_path else {})}
 

@@ -209,37 +209,6 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
     }
 
 
-def test_killed_run_resumes_the_same_steps_without_duplicate_metrics(run_main, run_main_killed_after_eval, tmp_path):
-    # 2 of the 8 rows a step, so every step reads other rows: resuming at the wrong place in the order (step 10 is
-    # half way through an epoch) trains on other rows and changes eval_loss.
-    steps = [
-        "training.num_train_steps=20",
-        "training.eval_every=5",
-        "training.save_every=10",
-        "training.effective_batch_size=2",
-        "training.per_device_batch_size=2",
-        "eval.max_questions=8",
-    ]
-    run_main(*steps, "logging.run_name=straight")
-    straight = eval_results(tmp_path / "outputs" / "cbe" / "straight")
-
-    # Kill the second run right after an evaluation that no checkpoint covers yet (step 15, latest = 10).
-    run = tmp_path / "outputs" / "cbe" / "killed"
-    run_main_killed_after_eval(run, 15, *steps, "logging.run_name=killed")
-    assert os.readlink(run / "checkpoints" / "latest") == "checkpoint-10"
-    assert [m["step"] for m in eval_results(run)][-1] == 15
-
-    resumed = run_main(*steps, "logging.run_name=killed")
-    assert "resuming from" in resumed.stdout
-    results = eval_results(run)
-    assert [m["step"] for m in results] == [m["step"] for m in straight] == list(range(0, 21, 5))
-    for a, b in zip(results, straight):
-        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5), (a["step"], a["eval_loss"], b["eval_loss"])
-    assert raw_predictions(run, "valqa", 20) == raw_predictions(tmp_path / "outputs" / "cbe" / "straight", "valqa", 20)
-    log = (run / "logs" / "train.log").read_text()
-    assert log.count("eval | step 0 ") == 1 and "resuming from" in log
-
-
 # The sample track's 8 rows, 2 a step in micro-batches of 1: 6 steps read one epoch and half of the next.
 SMALL_STEPS = [
     "training.effective_batch_size=2",
