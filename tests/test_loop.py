@@ -86,9 +86,9 @@ def test_a_run_killed_at_random_moments_and_rerun_writes_each_eval_once(backend,
     proc = start(output, cache_dir, *run_args)
     assert kill_when(proc, lambda: 4 in eval_losses(run) if (run / "metrics").exists() else False)
     assert not (run / "checkpoints" / "latest").exists()
-    # Then at a seeded random moment of a run's length, and re-run until it finishes.
+    # Then at seeded random moments across a run's length, re-running after each kill, until it finishes.
     rng = np.random.default_rng(0)
-    for delay in rng.uniform(0.3, 0.9, size=1) * straight_seconds:
+    for delay in rng.uniform(0.3, 0.9, size=2) * straight_seconds:
         proc = start(output, cache_dir, *run_args)
         if not kill_when(proc, lambda t=time.time() + delay: time.time() > t):
             break
@@ -112,10 +112,9 @@ def test_a_run_killed_at_random_moments_and_rerun_writes_each_eval_once(backend,
     assert sorted(p.name for p in RunDir(run).saved_checkpoints()) == sorted(
         RunDir(run).checkpoint_dir(s, backend).name for s in (12, 16)
     )
-    # mode=eval of the base model and of the last checkpoint reproduce the run's numbers at 0 and 16.
+    # mode=eval of the last checkpoint, and of the base model, reproduce the run's numbers at 16 and 0.
     results = {m["step"]: m for m in read_jsonl(run / "metrics" / "eval_results.jsonl")}
-    evaluations = [("base", 0)] + ([(run / "checkpoints" / "latest", 16)] if backend == "hf" else [])  # KD: LoRA test
-    for checkpoint, step in evaluations:
+    for checkpoint, step in ((run / "checkpoints" / "latest", 16), ("base", 0)):
         run_main_under(output, cache_dir, *run_args, "mode=eval", f"checkpoint={checkpoint}")
         label = "base" if checkpoint == "base" else RunDir(run).checkpoint_dir(16, backend).name
         [evaluated] = (run / "eval" / label).iterdir()
