@@ -49,8 +49,8 @@ def hf_generate(backend, prompts, max_new_tokens: int, batch_size: int, stop_str
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
-    from cbe.backends.hf.generate import sdpa_attention
-    from cbe.backends.hf.trainer import NewlineStopCriteria, eager
+    from cbe.backends.hf.generate import NewlineStopCriteria, sdpa_attention
+    from cbe.backends.hf.trainer import eager
 
     tok = backend.tokenizer
     config = GenerationConfig(

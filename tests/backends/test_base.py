@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer
 
 from cbe.backends.base import NewlineStop, answer_ended
-from cbe.backends.hf.trainer import NewlineStopCriteria
+from cbe.backends.hf.generate import NewlineStopCriteria
 from cbe.loop import lr_multiplier
 from tests.conftest import ROOT
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from tqdm.auto import tqdm
-from transformers import StopStringCriteria
+from transformers import StoppingCriteria, StopStringCriteria
 
 from cbe.backends.base import NewlineStop
 from cbe.run import is_main_process
@@ -272,3 +272,20 @@ def greedy_answers(
             bar.update(min(rows, len(order) - start))
         bar.close()
     return answers
+
+
+class NewlineStopCriteria(StoppingCriteria):
+    """For HF `generate` (the reference this decoder is tested and timed against): ends a row at a newline after its
+    first non-blank generated text, checked on the device from NewlineStop."""
+
+    def __init__(self, stop: NewlineStop, prompt_length: int, device: torch.device):
+        self.prompt_length = prompt_length
+        self.newline, self.ends_alone, self.blank = (
+            torch.from_numpy(a).to(device) for a in (stop.newline, stop.ends_alone, stop.blank)
+        )
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length :]
+        text = (~self.blank[generated]).int()
+        text_before = (text.cumsum(1) - text) > 0  # some earlier generated token was not blank
+        return (self.ends_alone[generated] | (self.newline[generated] & text_before)).any(1)

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from safetensors.torch import load_file
-from transformers import StoppingCriteria
 from trl.trainer.utils import add_fused_lm_head
 
 from cbe import memory
@@ -37,22 +36,6 @@ from cbe.run import RunDir, atomic_dir, is_main_process, world_size
 # PEFT still reads transformers' deprecated alias on every LoRA model; the warning is its to act on, not the user's.
 # Only this message is silenced.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-class NewlineStopCriteria(StoppingCriteria):
-    """Ends a row at a newline after its first non-blank generated text, checked on the device from NewlineStop."""
-
-    def __init__(self, stop: NewlineStop, prompt_length: int, device: torch.device):
-        self.prompt_length = prompt_length
-        self.newline, self.ends_alone, self.blank = (
-            torch.from_numpy(a).to(device) for a in (stop.newline, stop.ends_alone, stop.blank)
-        )
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_length :]
-        text = (~self.blank[generated]).int()
-        text_before = (text.cumsum(1) - text) > 0  # some earlier generated token was not blank
-        return (self.ends_alone[generated] | (self.newline[generated] & text_before)).any(1)
 
 
 def plan_memory(cfg: DictConfig, card: float | None, setting: str) -> bool:

@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from cbe.backends.base import NewlineStop
 from cbe.backends.hf.gemma_gguf import materialize_gemma3_270m
-from cbe.backends.hf.generate import greedy_answers, shared_prefix_length
-from cbe.backends.hf.trainer import NewlineStopCriteria
+from cbe.backends.hf.generate import NewlineStopCriteria, greedy_answers, shared_prefix_length
 from cbe.eval.evaluator import few_shot_prefix, stop_strings
 from tests.backends.hf.test_packed_attention import tiny_model
 from tests.conftest import ROOT
