@@ -127,6 +127,9 @@ def test_recipe_defaults():
     sample = compose_config()
     assert (sample.optimizer.lr, sample.training.per_device_batch_size) == (3e-3, 8)
     assert sample.logging.log_every_n_steps == 10 and sample.optimizer.max_grad_norm == 1.0
+    # A staged task takes its track's recipe by name (conf/recipe/ goes by task name), as README says.
+    weekly = compose_config("task=news_weekly", "model=gemma3_1b", "adapter=lora128", "recipe=news_gemma3_1b_lora128")
+    assert (weekly.optimizer.lr, weekly.training.per_device_batch_size, len(weekly.data.stages)) == (5e-4, 4, 4)
     geminon = compose_config("task=geminon")
     assert geminon.data.sequence_length == 256
     assert set(geminon.data.extra_qa_paths) == {"sensitive_valqa", "sensitive_testqa"}

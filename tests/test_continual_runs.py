@@ -5,6 +5,7 @@ step for step through stages, with replay and a reset optimizer."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,29 +35,33 @@ def test_sample_stages_learns_each_stage_and_forgets_the_earlier_ones(backend, t
     run_main_under(tmp_path / "out", cache_dir, "task=sample_stages", f"backend={backend}", "logging=none")
     run = tmp_path / "out" / "cbe" / "sample_stages" / f"tiny-full-{backend}"
     R = valqa_matrix(run)
-    # Each stage learned by its end. KD learns the third stage more slowly: after 120 steps at lr 3e-3 the two
-    # backends' models have drifted apart (they agree to 1e-3 over the first steps), and KD ends stage 3 at 0.67.
-    assert all(R[i][i - 1] >= 0.8 for i in ((1, 2, 3) if backend == "hf" else (1, 2))), R
-    assert R[3][2] >= 0.6, R
+    assert all(R[i][i - 1] >= 0.8 for i in (1, 2, 3)), R  # each stage learned by its end
     assert R[3][0] < R[1][0] - 0.3, R  # stage 1's answers forgotten by the end
     summary = json.loads((run / "metrics" / "continual_summary.json").read_text())["valqa_exact_match"]
     assert summary["matrix"] == R and summary["forgetting"] > 0.3
-    if backend == "hf":  # killed in stage 2 (after its step-80 evaluation) and re-run: the same matrix
+    if backend == "hf":  # killed in stage 2 (steps 101-200) once checkpoint-150 is saved, re-run: the same matrix
         killed = tmp_path / "killed"
         run2 = killed / "cbe" / "sample_stages" / "tiny-full-hf"
         proc = start(killed, cache_dir, "task=sample_stages", "logging=none")
-        results = run2 / "metrics" / "eval_results.jsonl"
-        assert kill_when(proc, lambda: results.exists() and '"step": 80,' in results.read_text())
-        run_main_under(killed, cache_dir, "task=sample_stages", "logging=none")
+        latest = run2 / "checkpoints" / "latest"
+        assert kill_when(proc, lambda: latest.is_symlink() and latest.resolve().name == "checkpoint-150")
+        rerun = run_main_under(killed, cache_dir, "task=sample_stages", "logging=none")
+        assert re.search(r"resuming from \S*checkpoint-150\n", rerun.stdout)  # mid-stage
         assert read_jsonl(run2 / "metrics" / "stage_matrix.jsonl") == read_jsonl(run / "metrics" / "stage_matrix.jsonl")
 
 
-def test_both_backends_agree_through_stages_with_replay_a_reset_optimizer_and_retention(tmp_path, cache_dir):
+@pytest.mark.parametrize(
+    "reset, rel",
+    # A fresh AdamW's first step moves each weight by about lr x sign(gradient), so a reset turns rounding into
+    # visible differences: 3.4e-4 measured with it, 8e-7 without. Resetting or not moves the losses by 4-14%.
+    [(False, 1e-4), (True, 1e-3)],
+)
+def test_both_backends_agree_through_stages_with_replay_and_retention(reset, rel, tmp_path, cache_dir):
     staged = [
         "task=sample_stages",
         "continual.steps_per_stage=2",
         "continual.replay_fraction=0.25",
-        "continual.reset_optimizer=true",
+        f"continual.reset_optimizer={str(reset).lower()}",
         "continual.retention_qa_path=data/sample/testqa.jsonl",
         "training.eval_every=1",
         "optimizer.weight_decay=0.1",
@@ -71,4 +76,4 @@ def test_both_backends_agree_through_stages_with_replay_a_reset_optimizer_and_re
         assert [(m["step"], m["stage"]) for m in results] == [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3)]
         assert all(m["retention_n"] == 2 for m in results)  # the retention set, asked at every evaluation
         losses[backend] = [m["eval_loss"] for m in results]
-    assert losses["kd"] == pytest.approx(losses["hf"], rel=1e-3)  # a reset optimizer amplifies rounding
+    assert losses["kd"] == pytest.approx(losses["hf"], rel=rel)

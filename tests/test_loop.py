@@ -148,7 +148,7 @@ def test_the_loop_stops_at_every_log_eval_save_and_the_end():
 
 
 def staged_config(*overrides: str):
-    return validate(compose_config("task=sample_stages", *overrides))
+    return validate(compose_config("task=sample_stages", "training.effective_batch_size=8", *overrides))
 
 
 def fake_rows(n: int) -> PackedRows:

@@ -395,6 +395,8 @@ def task_config_text(manifest: dict[str, Any], folder: Path) -> str:
         f"# The {track} track in {n} stages, written by `{command}`",
         f"# (rerun it to refresh; {folder.as_posix()}/{MANIFEST} has the counts):",
         *rule,
+        "# A staged task has no recipe of its own (conf/recipe/ goes by task name): add its track's to a command,",
+        f"# e.g. recipe={track}_gemma3_1b_lora128.",
         "defaults:",
         f"  - {track}",
         "  - _self_",

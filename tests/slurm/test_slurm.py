@@ -176,6 +176,8 @@ def test_a_job_killed_by_its_time_limit_is_requeued_and_resumes(tmp_path, cache_
         "hydra.launcher.setup=[]",  # one job: both cores
         "task=sample_stages",
         "continual.steps_per_stage=70",
+        "training.effective_batch_size=8",  # slower steps than the demo's 4: still running when SLURM signals
+        "training.per_device_batch_size=8",
         "training.eval_every=50",
         "training.save_every=10",
     )

@@ -64,24 +64,27 @@ def load_tokenizer(cfg: DictConfig, checkpoint_dir: Path | None = None):
 
 
 def load_model_and_tokenizer(cfg: DictConfig, attn_implementation: str = "sdpa"):
-    """What the run works on: to train, the base model with the adapter; to evaluate, the checkpoint.
-    `attn_implementation` is backend.trainer's (auto and varlen: cbe.backends.hf.attention)."""
-    attn_implementation = attention_implementation(attn_implementation)
-    if cfg.mode == "train":
-        model, tokenizer = load_base_model(cfg, attn_implementation)
-        return apply_adapter(model, cfg), tokenizer
-    checkpoint = Path(cfg.checkpoint)
-    if cfg.checkpoint == "base" or (checkpoint / "adapter_config.json").exists():
-        model, tokenizer = load_base_model(cfg, attn_implementation)
-        if cfg.checkpoint != "base":
-            from peft import PeftModel
+    """What a run trains: the base model with the adapter, and its tokenizer. `attn_implementation` is
+    backend.trainer's (auto and varlen: cbe.backends.hf.attention)."""
+    model, tokenizer = load_base_model(cfg, attention_implementation(attn_implementation))
+    return apply_adapter(model, cfg), tokenizer
 
-            model = PeftModel.from_pretrained(model, checkpoint)
-        return model, tokenizer
+
+def load_checkpoint(cfg: DictConfig, checkpoint: str, attn_implementation: str = "sdpa"):
+    """What mode=eval evaluates, and its tokenizer: `base`, or a checkpoint dir (a LoRA adapter or a whole model)."""
+    attn_implementation = attention_implementation(attn_implementation)
+    if checkpoint == "base":
+        return load_base_model(cfg, attn_implementation)
+    path = Path(checkpoint)
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model, tokenizer = load_base_model(cfg, attn_implementation)
+        return PeftModel.from_pretrained(model, path), tokenizer
     model = _from_pretrained(
-        AutoModelForCausalLM, str(checkpoint), dtype=compute_dtype(), attn_implementation=attn_implementation
+        AutoModelForCausalLM, str(path), dtype=compute_dtype(), attn_implementation=attn_implementation
     )
-    return model, load_tokenizer(cfg, checkpoint)
+    return model, load_tokenizer(cfg, path)
 
 
 def load_base_model(cfg: DictConfig, attn: str = "sdpa"):

@@ -28,7 +28,7 @@ from cbe import memory
 from cbe.backends.base import NewlineStop
 from cbe.backends.hf.attention import VARLEN, documents_per_row, varlen_inputs
 from cbe.backends.hf.generate import greedy_answers
-from cbe.backends.hf.models import load_model_and_tokenizer
+from cbe.backends.hf.models import load_checkpoint, load_model_and_tokenizer
 from cbe.data.packing import IGNORE, PackedRows
 from cbe.errors import UserError
 from cbe.run import RunDir, atomic_dir, is_main_process, world_size
@@ -174,7 +174,7 @@ class HFTrainer:
         )
 
     def load(self, checkpoint: str) -> None:
-        self.model, self.tokenizer = load_model_and_tokenizer(self.cfg, self.attn_implementation)
+        self.model, self.tokenizer = load_checkpoint(self.cfg, checkpoint, self.attn_implementation)
         self.model.to(self.device)
 
     def save(self, step: int) -> Path:
