@@ -18,6 +18,28 @@ def cache_dir(tmp_path_factory) -> Path:
     return Path(os.environ.get("CBE_CACHE_DIR") or tmp_path_factory.mktemp("cache"))
 
 
+def loop_in_process(run_dir: Path, *overrides: str, on_start=None):
+    """The run main.py wires for these overrides (its loggers included), wired in this process around a run dir at
+    `run_dir`; `on_start(backend)` runs once the backend has built its model, before the first evaluation, so a test
+    can reach the model. In-process runs skip a new process's imports (most of a tiny run's time)."""
+    from hydra.utils import instantiate
+
+    from cbe.config import validate
+    from cbe.logging import Loggers
+    from cbe.loop import Loop, build
+    from cbe.run import RunDir
+    from tests.test_config import compose_config
+
+    cfg = validate(compose_config(*overrides))
+    run = RunDir(run_dir).create(cfg)
+    loggers = Loggers(run, [instantiate(spec, run=run) for spec in cfg.logging.loggers.values()])
+    loop = Loop(cfg, run, *build(cfg, run), loggers)
+    if on_start:
+        start = loop.backend.start
+        loop.backend.start = lambda checkpoint: (start(checkpoint), on_start(loop.backend))
+    return loop
+
+
 def main_command(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "main.py"), *overrides]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cbe.run import read_jsonl
-from tests.conftest import run_main_under
+from tests.conftest import loop_in_process, run_main_under
 from tests.test_loop import kill_when, start
 
 
@@ -69,9 +69,9 @@ def test_both_backends_agree_through_stages_with_replay_and_retention(reset, rel
         "logging=none",
     ]
     losses = {}
-    for backend in ("hf", "kd"):
-        run_main_under(tmp_path / backend, cache_dir, *staged, f"backend={backend}")
-        run = tmp_path / backend / "cbe" / "sample_stages" / f"tiny-full-{backend}"
+    for backend in ("hf", "kd"):  # in this process: two runs a case cost no new process's imports
+        run = tmp_path / backend
+        loop_in_process(run, *staged, f"backend={backend}", f"data.cache_dir={cache_dir}").train()
         results = read_jsonl(run / "metrics" / "eval_results.jsonl")
         assert [(m["step"], m["stage"]) for m in results] == [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3)]
         assert all(m["retention_n"] == 2 for m in results)  # the retention set, asked at every evaluation

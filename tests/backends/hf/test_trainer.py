@@ -15,8 +15,7 @@ import yaml
 from cbe.data.packing import packed_corpus, training_order
 from cbe.loop import lr_multiplier
 from cbe.plot import read_tensorboard_scalars
-from tests.conftest import ROOT
-from tests.test_config import compose_config
+from tests.conftest import ROOT, loop_in_process
 
 # 5 steps, evaluated and saved every 2: the last step is off the cadence and still gets its evaluation and
 # checkpoint, and its 3 saves under max_checkpoints=2 prune the oldest. The schedule: 2 steps of warmup (40%), then
@@ -55,23 +54,6 @@ def raw_predictions(run_dir: Path, qa_set: str, step: int) -> list[str]:
     return [json.loads(line)["raw_prediction"] for line in details.read_text().splitlines()]
 
 
-def loop_in_process(run_dir: Path, cache_dir: Path, *overrides: str, on_start=None):
-    """A run wired in this process as main.py wires it (logging=none); `on_start(backend)` runs once the backend has
-    built its model, before the first evaluation, so a test can reach the model."""
-    from cbe.config import validate
-    from cbe.logging import Loggers
-    from cbe.loop import Loop, build
-    from cbe.run import RunDir
-
-    cfg = validate(compose_config(f"data.cache_dir={cache_dir}", "logging=none", *overrides))
-    run = RunDir(run_dir).create(cfg)
-    loop = Loop(cfg, run, *build(cfg, run), Loggers(run, []))
-    if on_start:
-        start = loop.backend.start
-        loop.backend.start = lambda checkpoint: (start(checkpoint), on_start(loop.backend))
-    return loop
-
-
 def train_observed(run_dir: Path, cache_dir: Path, *overrides: str):
     """Train in this process; returns the backend and what the model's training forward passes were given, by
     input (input_ids, position_ids, labels), micro-batches concatenated."""
@@ -82,7 +64,11 @@ def train_observed(run_dir: Path, cache_dir: Path, *overrides: str):
             seen.append({key: kwargs[key].numpy().copy() for key in ("input_ids", "position_ids", "labels")})
 
     loop = loop_in_process(
-        run_dir, cache_dir, *overrides, on_start=lambda b: b.model.register_forward_pre_hook(record, with_kwargs=True)
+        run_dir,
+        f"data.cache_dir={cache_dir}",
+        "logging=none",
+        *overrides,
+        on_start=lambda b: b.model.register_forward_pre_hook(record, with_kwargs=True),
     )
     loop.train()
     return loop.backend, {key: np.concatenate([batch[key] for batch in seen]) for key in seen[0]}
@@ -274,7 +260,8 @@ def test_lora_trains_only_the_adapter(run_main, tmp_path, cache_dir):
     before = {}
     loop = loop_in_process(
         run,
-        cache_dir,
+        f"data.cache_dir={cache_dir}",
+        "logging=none",
         "adapter=lora128",
         *steps,
         on_start=lambda b: before.update({name: p.detach().clone() for name, p in b.model.named_parameters()}),

@@ -12,7 +12,6 @@ import safetensors.numpy
 import torch
 from flax import traverse_util
 from gemma import gm
-from hydra.utils import instantiate
 from kauldron import kd
 from peft.tuners.lora import LoraLayer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -20,13 +19,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cbe.backends.hf.models import load_base_model
 from cbe.backends.kd.convert import gemma_to_hf, text_weights
 from cbe.backends.kd.models import load_hf_weights
-from cbe.config import validate
 from cbe.data.packing import packed_corpus, training_order
-from cbe.logging import Loggers
-from cbe.loop import Loop, build
 from cbe.plot import read_tensorboard_scalars
-from cbe.run import RunDir
 from tests.backends.hf.test_trainer import assert_same_metrics, eval_results
+from tests.conftest import loop_in_process
 from tests.logging.test_loggers import GLUED, train_lines
 from tests.test_config import compose_config
 
@@ -81,19 +77,6 @@ def run_both(run_main, tmp_path, *overrides: str) -> dict[str, Path]:
         run_main(f"backend={backend}", *overrides, f"logging.run_name={backend}")
         runs[backend] = tmp_path / "outputs" / "cbe" / backend
     return runs
-
-
-def in_process(root: Path, *overrides: str, on_start=lambda backend: None):
-    """The run that main.py wires for these overrides, wired in this process around a run dir at `root`;
-    `on_start(backend)` runs once the backend has built its model, before the first evaluation."""
-    cfg = validate(compose_config(*overrides))
-    run = RunDir(root).create(cfg)
-    loop = Loop(
-        cfg, run, *build(cfg, run), Loggers(run, [instantiate(s, run=run) for s in cfg.logging.loggers.values()])
-    )
-    start = loop.backend.start
-    loop.backend.start = lambda checkpoint: (start(checkpoint), on_start(loop.backend))
-    return loop
 
 
 def train_losses(run: Path) -> list[float]:
@@ -264,7 +247,7 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path, cache_dir):
         start.update(tie_and_take_lora_a(hf.model, arch.num_attention_heads, arch.head_dim))
         gm.ckpts.save_params(traverse_util.unflatten_dict(start), tmp_path / "start", wait_until_finished=True)
 
-    hf = in_process(tmp_path / "hf", "backend=hf", *LORA, f"data.cache_dir={cache_dir}", on_start=tie_lora_a)
+    hf = loop_in_process(tmp_path / "hf", "backend=hf", *LORA, f"data.cache_dir={cache_dir}", on_start=tie_lora_a)
     hf.train()
     hf.loggers.close()
     arch = hf.cfg.model.architecture
@@ -343,7 +326,7 @@ def test_each_kd_step_trains_on_the_rows_the_loop_hands_it(tmp_path, cache_dir, 
     monkeypatch.setattr(kd.sharding, "device_put", record)
     steps = ["training.num_train_steps=3", "training.eval_every=3", "training.save_every=3", "eval.max_questions=1"]
     batch = ["training.effective_batch_size=4", "training.per_device_batch_size=2", "data.sequence_length=64"]
-    loop = in_process(tmp_path, "backend=kd", *steps, *batch, "logging=none", f"data.cache_dir={cache_dir}")
+    loop = loop_in_process(tmp_path, "backend=kd", *steps, *batch, "logging=none", f"data.cache_dir={cache_dir}")
     loop.train()
     data = loop.cfg.data
     rows = packed_corpus(data.train_path, loop.backend.tokenizer, data.sequence_length, cache_dir)
