@@ -32,8 +32,9 @@ def valqa_matrix(run: Path) -> list[list[float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["hf", "kd"])
 def test_sample_stages_learns_each_stage_and_forgets_the_earlier_ones(backend, tmp_path, cache_dir):
-    run_main_under(tmp_path / "out", cache_dir, "task=sample_stages", f"backend={backend}", "logging=none")
-    run = tmp_path / "out" / "cbe" / "sample_stages" / f"tiny-full-{backend}"
+    run = tmp_path / "straight"
+    overrides = ["task=sample_stages", f"backend={backend}", "logging=none", f"data.cache_dir={cache_dir}"]
+    loop_in_process(run, *overrides).train()
     R = valqa_matrix(run)
     assert all(R[i][i - 1] >= 0.8 for i in (1, 2, 3)), R  # each stage learned by its end
     assert R[3][0] < R[1][0] - 0.3, R  # stage 1's answers forgotten by the end
