@@ -36,7 +36,7 @@ demo-continual: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=20
 
 # Installs Debian's slurmctld/slurmd/munge if missing (needs root or sudo), starts them, runs the tests, stops them.
 test-slurm: install
