@@ -75,24 +75,6 @@ def hf_generate(backend, prompts, max_new_tokens: int, batch_size: int, stop_str
     return answers
 
 
-def ours_with(backend, prompts, max_new_tokens: int, batch_size: int, stop_strings, cuda_graph: bool) -> list[str]:
-    """The harness's generation as HFTrainer._generate calls it, the CUDA graph switched as asked."""
-    from cbe.backends.hf.generate import greedy_answers
-    from cbe.backends.hf.trainer import eager
-
-    with eager():
-        return greedy_answers(
-            backend.model,
-            backend.tokenizer,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            stop_strings=stop_strings,
-            newline_stop=backend.newline_stop,
-            cuda_graph=cuda_graph,
-        )
-
-
 def timed(generate, prompts) -> tuple[list[str], float]:
     """The answers and the seconds they took (answers are strings on the host: the device has finished)."""
     start = time.perf_counter()
@@ -154,10 +136,8 @@ def main() -> None:
     def hf(batch):
         return hf_generate(backend, batch, new_tokens, args.hf_batch_size, stops)
 
-    def ours(batch_size: int, cuda_graph: bool | None = None):
-        if cuda_graph is None:  # the harness's own call
-            return lambda batch: backend.generate(batch, new_tokens, batch_size, stops)
-        return lambda batch: ours_with(backend, batch, new_tokens, batch_size, stops, cuda_graph)
+    def ours(batch_size: int, cuda_graph: bool | None = None):  # None: the harness's own choice
+        return lambda batch: backend.generate(batch, new_tokens, batch_size, stops, cuda_graph=cuda_graph)
 
     hf(prompts[:2])  # warm up (CUDA context, cuBLAS), untimed
     with contextlib.suppress(Exception):  # a failure shows in the timed call below

@@ -239,11 +239,17 @@ class HFTrainer:
 
     # -- evaluation ----------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        stop_strings: Sequence[str],
+        cuda_graph: bool | None = None,
     ) -> list[str]:
         """Greedy answers to every prompt; under torchrun each rank answers every world-th one and all ranks
-        get all answers (rank-0-only generation would leave the others waiting at their next collective)."""
-        mine = self._generate(prompts[self.rank :: self.world], max_new_tokens, batch_size, stop_strings)
+        get all answers (rank-0-only generation would leave the others waiting at their next collective).
+        `cuda_graph` (default: on a GPU) replays the decode step as a CUDA graph; bench/eval_speed.py turns it off."""
+        mine = self._generate(prompts[self.rank :: self.world], max_new_tokens, batch_size, stop_strings, cuda_graph)
         if self.world == 1:
             return mine
         parts: list[list[str]] = [[] for _ in range(self.world)]
@@ -254,7 +260,12 @@ class HFTrainer:
         return answers
 
     def _generate(
-        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        stop_strings: Sequence[str],
+        cuda_graph: bool | None,
     ) -> list[str]:
         """Greedy continuations over a static cache, the shared prefix computed once (cbe.backends.hf.generate),
         each stopped at EOS, a stop string or a newline after the answer's first non-blank text
@@ -271,6 +282,7 @@ class HFTrainer:
                     batch_size=batch_size,
                     stop_strings=stop_strings,
                     newline_stop=self.newline_stop,
+                    cuda_graph=cuda_graph,
                 )
         finally:
             self.model.train(was_training)
