@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from cbe.backends.base import Backend
+from cbe.continual import write_continual_summary
 from cbe.data.packing import PackedRows, epochs_seen, packed_corpus, repetition_report, training_order
 from cbe.eval.evaluator import QAEvaluator
 from cbe.eval.metrics import MATCHES
@@ -195,8 +196,6 @@ class Loop:
                     run.prune_checkpoints(t.max_checkpoints)
         bar.close()
         if staged and is_main_process():
-            from cbe.continual import write_continual_summary
-
             print(write_continual_summary(run.root), flush=True)
 
     def evaluate_stage_end(self, after: int, stages: list[Stage]) -> None:
