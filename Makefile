@@ -48,7 +48,8 @@ download: install
 	$(VENV)/bin/cbe download $(if $(TRACK),--track $(TRACK)) $(if $(REVISION),--revision $(REVISION)) --data-dir $(DATA_DIR)
 
 # make format TRACK=news: render the raw news articles as Title/Date/Article text as the benchmark does
-# (dates as "Sep 01 (2025-09-01 00:00:00 UTC)", untitled articles dropped), train and val in place.
+# (dates as "Sep 01 (2025-09-01 00:00:00 UTC)", untitled articles dropped, each article stripped and ending
+# in a newline), train and val in place.
 format: install
 	test "$(TRACK)" = news || { echo "make format: only TRACK=news needs formatting" >&2; exit 2; }
 	$(VENV)/bin/cbe format-news --input $(DATA_DIR)/news/train.jsonl --output $(DATA_DIR)/news/train.jsonl --overwrite

@@ -5,7 +5,9 @@ optimizer on padded rows with their attention mask) on the same synthetic news-l
 median 500 tokens, random token ids; throughput does not depend on the weights or the text):
 - upstream style: one article per row, truncated and padded to the sequence length, gradient checkpointing,
   no compilation (HF: sdpa with a padding mask; KD has no checkpointing switch, so its rows are only padded);
-- ours: the run's config (packed rows, documents kept apart by position ids, training.* as configured).
+- ours: the run's config (packed rows, documents kept apart by position ids, training.* as configured); a variant
+  with data.packing=false measures the benchmark's layout as cbe trains it (one article per row, truncated, each
+  micro-batch's articles laid end to end without padding).
 Useful tokens are the non-padding ones; MFU counts 6 x base-model parameters per useful token plus attention
 (each token's attended span, causal and windowed as the layer is) against 989 TFLOP/s (H100/H200 bf16 dense).
 
@@ -34,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cbe.data.packing import IGNORE, PackedRows, pack_documents, training_order  # noqa: E402
+from cbe.data.packing import IGNORE, PackedRows, document_rows, pack_documents, training_order  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM, dense bf16
 
@@ -57,7 +59,7 @@ def padded_rows(docs: list, length: int, pad_id: int) -> tuple[PackedRows, np.nd
         doc = doc[:length]
         input_ids[row, : len(doc)], labels[row, 1 : len(doc)], mask[row, : len(doc)] = doc, doc[1:], 1
     position_ids = np.tile(np.arange(length, dtype=np.int32), (n, 1))
-    return PackedRows(input_ids, position_ids, labels, int(mask.sum())), mask
+    return PackedRows(input_ids, position_ids, labels, mask.sum(1)), mask
 
 
 def useful_mask(rows: PackedRows) -> np.ndarray:
@@ -113,7 +115,8 @@ class Measurement:
     def __init__(self, args, rows: PackedRows, useful: np.ndarray, order: np.ndarray, batch_size: int):
         timed = order[args.warmup * batch_size : (args.warmup + args.steps) * batch_size]
         self.useful_tokens = int(useful[timed].sum())
-        self.padding = 1 - self.useful_tokens / useful[timed].size
+        computed = self.useful_tokens if rows.one_document_per_row else useful[timed].size  # laid end to end
+        self.padding = 1 - self.useful_tokens / computed
         self.positions, self.useful = rows.position_ids[timed], useful[timed]
         self.seconds = 0.0
 
@@ -206,10 +209,15 @@ def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bo
     docs = news_like_documents(3 * needed, vocab, specials, tok.bos_token_id, tok.eos_token_id)
     if upstream:
         rows, mask = padded_rows(docs[:needed], args.seq, tok.pad_token_id)
-    else:
+        useful = mask.astype(bool)
+    elif cfg.data.packing:
         rows, mask = pack_documents(docs, args.seq, tok.pad_token_id), None
+        useful = useful_mask(rows)
+    else:  # the benchmark's layout as cbe trains it
+        rows, mask = document_rows(docs[:needed], args.seq, tok.pad_token_id), None
+        useful = np.arange(args.seq) < rows.lengths[:, None]
     order = training_order(len(rows), needed, cfg.training.seed)
-    m = Measurement(args, rows, mask.astype(bool) if upstream else useful_mask(rows), order, batch_size)
+    m = Measurement(args, rows, useful, order, batch_size)
     if args.backend == "hf":
         params, peak = run_hf(args, cfg, rows, mask, m, order)
     else:

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from cbe.errors import UserError
+from cbe.paths import resolve_path
 from cbe.run import checkpoint_backend
 
 # The run's overrides that an evaluation does not replay: where it writes, what it evaluates, how it is launched.
@@ -89,13 +90,14 @@ def check_checkpoint(cfg: Any) -> None:
 
 def evaluation_name(cfg: Any) -> str:
     """What an evaluation asks: its QA sets and a short hash of everything that changes its answers (the QA
-    files, prompt, prefix text, parser, lengths), so evaluations of one checkpoint that differ live side by side
-    and re-running one replaces its own result."""
+    files, prompt, prefix text, parser, lengths, sampling settings), so evaluations of one checkpoint that differ
+    live side by side and re-running one replaces its own result."""
     from cbe.eval.evaluator import few_shot_prefix, qa_paths, unescape
 
     e, paths = cfg.eval, qa_paths(cfg.data, cfg.eval.qa_data, cfg.continual.retention_qa_path)
     # A missing prefix file is named by its path here, so that validate() can say so in one line.
-    prefix_file = e.prompt_prefix_file if e.prompt_prefix_file and Path(e.prompt_prefix_file).is_file() else None
+    found = resolve_path(e.prompt_prefix_file) if e.prompt_prefix_file else None
+    prefix_file = found if found and Path(found).is_file() else None
     asked = {
         "qa": paths,
         "template": unescape(e.prompt_template),
@@ -104,8 +106,18 @@ def evaluation_name(cfg: Any) -> str:
         "max_new_tokens": e.max_new_tokens,
         "max_questions": e.max_questions,
     }
+    if e.get("temperature", 0) > 0:  # sampled answers; greedy ones keep the names they always had
+        asked["sampling"] = [e.temperature, e.top_k, e.top_p, e.seed]
     digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
     return f"{'+'.join(paths)}-{digest}"
+
+
+def model_label(name: str) -> str:
+    """`model.name` as a relative path, for a folder under output_root: a hub id as it is (google/gemma-3-1b-pt), a
+    local dir without its root and `..` (/models/mine -> models/mine, as a training run's dir names it), so that
+    joining it never leaves output_root."""
+    parts = [part for part in Path(name).parts if part not in (Path(name).anchor, ".", "..")]
+    return "/".join(parts) or "model"
 
 
 def eval_run_dir(*, _root_: Any) -> str:
@@ -120,7 +132,7 @@ def eval_run_dir(*, _root_: Any) -> str:
             Path(cfg.output_root)
             / cfg.logging.project_name
             / cfg.task.name
-            / f"{cfg.model.name}-{cfg.adapter.name}-{cfg.backend.name}"
+            / f"{model_label(cfg.model.name)}-{cfg.adapter.name}-{cfg.backend.name}"
             / "eval"
             / label
         )

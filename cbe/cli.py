@@ -5,6 +5,7 @@
     cbe make-stages --track news --by week|month  |  --track geminon --stages N  [--data-dir data]
     cbe rescore outputs/.../eval_details/valqa_step_001000.jsonl [--parser news] [--support-thresholds K ...] [--qa QA]
     cbe judge --input outputs/.../eval_details/testqa_step_001000.jsonl [--concurrency 8] [--resume] [--qa QA]
+              [--response-field parsed|raw] [--prompt-file PROMPT.txt] [--summary SUMMARY.json]
     cbe plot outputs/<project>/<task> [--metric valqa_exact_match]
     cbe sweep-summary outputs/<project>/<run_name>
     cbe continual-summary outputs/<project>/<staged run>
@@ -93,9 +94,11 @@ def _note(text: str | None) -> None:
 
 
 def judge(args: argparse.Namespace) -> None:
+    import json
     from pathlib import Path
 
     from cbe.eval.judge import GeminiJudge, judge_file, load_keys
+    from cbe.run import write_atomic
 
     for option in ("concurrency", "max_attempts", "max_records"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
@@ -122,6 +125,8 @@ def judge(args: argparse.Namespace) -> None:
             args.qa,
             args.support_thresholds,
             args.max_records,
+            args.response_field,
+            args.prompt_file,
         )
     finally:
         gemini.close()
@@ -141,6 +146,23 @@ def judge(args: argparse.Namespace) -> None:
         f"the judge flips {flips}"
     )
     print(f"wrote {report.judged_path} and {report.summary_path}")
+    if args.summary:
+        write_atomic(
+            args.summary,
+            json.dumps(
+                {
+                    **o,
+                    "resumed": report.resumed,
+                    "judged_file": str(report.judged_path),
+                    "summary_file": str(report.summary_path),
+                    "strata": report.lines[1:],
+                },
+                ensure_ascii=False,
+                indent=1,
+            )
+            + "\n",
+        )
+        print(f"wrote {args.summary}")
     if o["errors"]:
         exit_with(
             f"{o['errors']} of {o['n']} records got no verdict (llm_judge_error in {report.judged_path}); "
@@ -195,21 +217,23 @@ def retention_set(args: argparse.Namespace) -> None:
     print(build_retention_set(args.details, args.qa, args.output))
 
 
-def add_strata_options(p: argparse.ArgumentParser, verb: str) -> None:
-    """--support-thresholds and --qa, which rescore and judge share."""
+def add_strata_options(p: argparse.ArgumentParser, verb: str, from_run: bool = False) -> None:
+    """--support-thresholds and --qa, which rescore and judge share; `from_run`: not given, they come from the
+    config.yaml of the run the details file is in (the default of both is then None: not given)."""
+    run_default = " (default: the run's config.yaml, for a file in a run's eval_details/)" if from_run else ""
     p.add_argument(
         "--support-thresholds",
         type=int,
         nargs="*",
-        default=[],
+        default=None if from_run else [],
         metavar="K",
-        help=f"also {verb} the questions with supports >= K",
+        help=f"also {verb} the questions with supports >= K{run_default}",
     )
     p.add_argument(
         "--qa",
         metavar="QA_FILE",
         help="join supports and ids from this QA file by question text "
-        "(for details files without them, e.g. the benchmark harness's)",
+        f"(for details files without them, e.g. the benchmark harness's){run_default}",
     )
 
 
@@ -314,8 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD",
         help="also summarize per value of this record field, e.g. geminon_name (repeatable)",
     )
-    add_strata_options(p, "summarize")
+    add_strata_options(p, "summarize", from_run=True)
     p.add_argument("--max-records", type=int, metavar="N", help="judge only the first N records")
+    p.add_argument(
+        "--response-field",
+        choices=("parsed", "raw"),
+        default="parsed",
+        help="judge each record's parsed answer (parsed_prediction, what the metrics scored) or its raw "
+        "generation (raw_prediction) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prompt-file",
+        metavar="PROMPT_FILE",
+        help="a judge prompt template instead of the built-in one, with the placeholders {question}, "
+        "{ground_truth} and {prediction} ({{ and }} for literal braces); the judge must reply 1 or 0",
+    )
+    p.add_argument(
+        "--summary",
+        metavar="JSON_FILE",
+        help="also write the summary the command prints (and the strata) to this JSON file, atomically",
+    )
     p.add_argument(
         "--keys-file",
         help="API keys, one per line, used round-robin (default: secrets/gemini_keys.txt "

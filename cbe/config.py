@@ -19,6 +19,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from cbe.checkpoints import check_checkpoint, register_resolvers
 from cbe.errors import UserError
 from cbe.eval.parse import PARSERS
+from cbe.paths import resolve_path
 
 
 @dataclass
@@ -47,6 +48,9 @@ class DataConfig:
     extra_qa_paths: dict[str, str] = field(default_factory=dict)  # name -> path, e.g. {sensitive: ...}
     stages: list[StageConfig] = field(default_factory=list)  # a continual run: these corpora in turn (see continual)
     sequence_length: int = 1024
+    # true: documents packed into full rows (more tokens a step); false: the benchmark's layout, one document per
+    # example cut to sequence_length, effective_batch_size documents a step (cbe/data/packing.py)
+    packing: bool = False
     cache_dir: str = "${oc.env:CBE_CACHE_DIR,${oc.env:HOME}/.cache/cbe}"  # tokenized corpora, converted models
 
 
@@ -56,6 +60,12 @@ class EvalConfig:
     prompt_template: str = "Q: {question}\nA:"  # \n and \t typed on a command line become a newline and a tab
     prompt_prefix_file: Optional[str] = None  # few-shot examples put before every prompt; null = zero-shot
     max_new_tokens: int = 32
+    # Decoding: temperature 0 is greedy (the benchmark's); above 0 each answer token is drawn (cbe.backends.sampling)
+    # from the top_k most likely tokens (0: all) within top_p of the probability (1: all), reproducibly per seed.
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0  # the sampling seed: question i's draws come from numpy's default_rng([seed, i])
     batch_size: int = 256  # questions per generate call; large batches keep a GPU busy
     parser: str = "default"  # default | news | geminon | finegrained_geminon
     support_thresholds: list[int] = field(default_factory=list)
@@ -64,7 +74,8 @@ class EvalConfig:
     max_questions: Optional[int] = None  # evaluate only the first N questions of each set
     qa_data: Optional[str] = None  # evaluate this QA file instead of the task's sets (named after its stem)
     save_details: Optional[str] = None  # also write every scored question (with its qa_set) to this file
-    val_loss_batch_size: int = 8
+    loss_batch_size: int = 8  # rows (documents, data.packing=false) per eval-loss batch; the benchmark's eval batch
+    loss_max_batches: Optional[int] = None  # measure eval_loss on the first N batches of data.val_path only
 
 
 @dataclass
@@ -82,6 +93,9 @@ class AdapterConfig:
     alpha: float = 0.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)
+    # The adapter's weights where the model computes in bf16 (training.precision): bf16 as the benchmark (PEFT's
+    # autocast_adapter_dtype=False), or fp32 (PEFT's default upcast). Under fp32 precision everything is fp32.
+    dtype: str = "bf16"  # bf16 | fp32
 
 
 @dataclass
@@ -105,6 +119,7 @@ class TrainingConfig:
     save_every: int = 1_000
     max_checkpoints: int = 5
     seed: int = 42
+    precision: str = "auto"  # auto (bf16 on a GPU or TPU, fp32 on the CPU) | bf16 (pure bf16, the benchmark's) | fp32
 
 
 @dataclass
@@ -188,6 +203,8 @@ CHOICES = {
     "mode": ("train", "eval"),
     "eval.parser": tuple(PARSERS),
     "optimizer.schedule": ("cosine", "linear", "constant"),
+    "training.precision": ("auto", "bf16", "fp32"),
+    "adapter.dtype": ("bf16", "fp32"),
     "continual.schedule": ("per_stage", "global"),
     "model.source": ("hub", "gguf", "init"),
     # str keys: `true` on the command line becomes "True"
@@ -261,7 +278,8 @@ def _check_stages(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
-    """Check the rules that span keys and that every value is set; return the resolved config."""
+    """Check the rules that span keys and that every value is set; return the resolved config, its input files
+    (data, prompt prefix, QA sets, tokenizer dir) found by cbe.paths.resolve_path."""
     _refuse_unknown_keys(cfg)
     _typed_backend_options(cfg)
     try:
@@ -309,6 +327,17 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         raise UserError(f"eval.num_examples={cfg.eval.num_examples} must be 0 or more (sample predictions printed)")
     if cfg.eval.max_questions is not None:
         _positive(cfg, "eval.max_questions")
+    if cfg.eval.temperature < 0:
+        raise UserError(f"eval.temperature={cfg.eval.temperature} must be 0 (greedy) or more")
+    if cfg.eval.top_k < 0:
+        raise UserError(f"eval.top_k={cfg.eval.top_k} must be 0 (every token) or more")
+    if not 0 < cfg.eval.top_p <= 1:
+        raise UserError(f"eval.top_p={cfg.eval.top_p} must be in (0, 1] (1: every token)")
+    if cfg.eval.seed < 0:
+        raise UserError(f"eval.seed={cfg.eval.seed} must be 0 or more")
+    _positive(cfg, "eval.loss_batch_size")
+    if cfg.eval.loss_max_batches is not None:
+        _positive(cfg, "eval.loss_max_batches")
     if cfg.backend.name == "kd" and world_size > 1:
         raise UserError(
             f"backend=kd runs as one process that drives all of its host's devices, not {world_size} processes; "
@@ -337,9 +366,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     if cfg.continual.retention_qa_path:
         files["continual.retention_qa_path"] = cfg.continual.retention_qa_path
     for key, path in files.items():
-        if not Path(path).is_file():
+        found = resolve_path(path)  # a file that ships with cbe is found from any directory
+        if not Path(found).is_file():
             hint = f"run `make download TRACK={cfg.task.name}`" if key.startswith("data.") else "check the path"
             if key.startswith("data.stages"):
                 hint = "run `make download TRACK=<track>`, then `make stages TRACK=<track> ...` (README)"
             raise UserError(f"{key}: file {path} does not exist; {hint}")
+        OmegaConf.update(cfg, key, found, merge=False)  # every reader opens the file found here
+    if cfg.model.tokenizer:  # a dir (cbe/assets/tiny_tokenizer, the user's) or a hub id, left as typed
+        cfg.model.tokenizer = resolve_path(cfg.model.tokenizer)
     return cfg

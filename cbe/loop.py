@@ -1,7 +1,7 @@
 """The one run loop, above the backends: what happens when, in which order, for either backend.
 
-A run trains `training.num_train_steps` optimizer steps over the packed corpus in `training_order`, at the learning
-rates of `lr_multiplier`, in chunks between events. After each chunk, in this order: the train line (every
+A run trains `training.num_train_steps` optimizer steps over the corpus's rows (packed, or one document per row:
+data.packing) in `training_order`, at the learning rates of `lr_multiplier`, in chunks between events. After each chunk, in this order: the train line (every
 `logging.log_every_n_steps`), the evaluation (every `training.eval_every`), the checkpoint (every
 `training.save_every`); all three at the last step. The base model is evaluated at step 0 of a fresh run.
 
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from cbe.backends.base import Backend
 from cbe.continual import write_continual_summary
-from cbe.data.packing import PackedRows, epochs_seen, packed_corpus, repetition_report, training_order
+from cbe.data.packing import PackedRows, corpus_rows, epochs_seen, repetition_report, training_order
 from cbe.eval.evaluator import QAEvaluator
 from cbe.eval.metrics import MATCHES
 from cbe.logging import Loggers
@@ -35,10 +35,13 @@ from cbe.run import RunDir, is_main_process, read_jsonl, step_of, write_jsonl_at
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_fraction: float, schedule: str, end_fraction: float) -> float:
-    """The learning rate at an optimizer step as a fraction of the peak: linear warmup, then the schedule."""
-    warmup = int(warmup_fraction * total_steps)
+    """The learning rate of optimizer step `step` + 1 as a fraction of the peak, as transformers' schedulers (and so
+    the benchmark) give it: 0 at the first step, rising linearly to the peak at step W + 1, W = ceil(warmup_fraction
+    x total_steps) (transformers' warmup_ratio), then cosine or linear decay to end_fraction at the end
+    (get_cosine_with_min_lr_schedule_with_warmup's min_lr_rate; 0: get_cosine_schedule_with_warmup)."""
+    warmup = math.ceil(warmup_fraction * total_steps)
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
@@ -134,16 +137,17 @@ class Loop:
         self.cfg, self.run, self.backend, self.evaluator, self.loggers = cfg, run, backend, evaluator, loggers
         self.val_rows: PackedRows | None = None
 
-    def packed(self, path: str, name: str) -> PackedRows:
-        """One corpus file, tokenized (cached) and packed, with its size printed to the run log."""
-        rows = packed_corpus(path, self.backend.tokenizer, self.cfg.data.sequence_length, self.cfg.data.cache_dir)
+    def rows(self, path: str, name: str) -> PackedRows:
+        """One corpus file, tokenized (cached) and laid out as data.packing says, its layout printed to the run log."""
+        d = self.cfg.data
+        rows = corpus_rows(path, self.backend.tokenizer, d.sequence_length, d.cache_dir, d.packing)
         print(rows.describe(name), flush=True)
         return rows
 
     def evaluate(self, step: int, stage: int | None = None) -> dict:
         """Evaluate at `step` (of stage `stage`, numbered from 1, 0 for the base model, in a run with stages)."""
         if self.val_rows is None and self.evaluator.loss_data:
-            self.val_rows = self.packed(self.evaluator.loss_data, "val")
+            self.val_rows = self.rows(self.evaluator.loss_data, "val")
         metrics = self.evaluator.evaluate(self.backend, step, self.val_rows)
         if stage is not None:
             metrics["stage"] = stage
@@ -161,30 +165,32 @@ class Loop:
         run.drop_metrics_after(step if checkpoint else -1)  # what comes after is redone, so written once
         stages = stages_of(cfg)
         staged = stages[0].name is not None
-        rows = [self.packed(s.train_path, f"train {s.name}" if staged else "train") for s in stages]
+        rows = [self.rows(s.train_path, f"train {s.name}" if staged else "train") for s in stages]
         for stage, stage_rows in zip(stages, rows):
-            report = repetition_report(len(stage_rows), t.effective_batch_size, stage.steps)
+            unit = "document" if stage_rows.one_document_per_row else "packed row"
+            report = repetition_report(len(stage_rows), t.effective_batch_size, stage.steps, unit)
             print("\n".join(f"{stage.name}: {line}" if staged else line for line in report), flush=True)
         plan, rates = batch_plan(cfg, stages, rows), schedule(cfg, stages)
         all_rows = PackedRows.concatenate(rows)
         if checkpoint is None:
             self.evaluate_stage_end(0, stages) if staged else self.evaluate(0)
-        losses: list[float] = []
+        steps: list[dict[str, float]] = []  # each step's metrics since the last train line
         bar = tqdm(initial=step, total=t.num_train_steps, desc="training", unit="step", disable=not is_main_process())
         while step < t.num_train_steps:
             k = next(i for i, s in enumerate(stages) if step < s.last_step)
             if cfg.continual.reset_optimizer and k and step == stages[k].first_step:
                 self.backend.reset_optimizer()
             end = next_event(step, cfg, stages[k].last_step)
-            losses += self.backend.train_steps(all_rows, plan[step:end], rates[step:end])
+            steps += self.backend.train_steps(all_rows, plan[step:end], rates[step:end])
             bar.update(end - step)
             step = end
             last = step == t.num_train_steps
             if step % cfg.logging.log_every_n_steps == 0 or last:
                 epoch = epochs_seen(step - stages[k].first_step, t.effective_batch_size, len(rows[k]))
-                train = {"loss": float(np.mean(losses)), "learning_rate": float(rates[step - 1]), "epoch": epoch}
+                train = {key: float(np.mean([s[key] for s in steps])) for key in steps[0]}
+                train |= {"learning_rate": float(rates[step - 1]), "epoch": epoch}
                 self.loggers.train(step, train | ({"stage": k + 1} if staged else {}))
-                losses = []
+                steps = []
             if staged and step == stages[k].last_step:
                 self.evaluate_stage_end(k + 1, stages)
             elif step % t.eval_every == 0 or last:

@@ -26,6 +26,7 @@ from typing import IO, Any, Iterable, Iterator
 import yaml
 
 from cbe.errors import UserError
+from cbe.paths import same_path
 
 
 def is_main_process() -> bool:
@@ -145,6 +146,18 @@ def _select(config: dict[str, Any], dotted: str) -> Any:
     return config
 
 
+def _same(old: Any, new: Any) -> bool:
+    """Equal values, a path counting as equal to another that names the same file (cbe.paths): a run started in
+    the project saved `data/sample/train.jsonl`, resumed elsewhere it resolves to that file's absolute path."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(_same(old[k], new[k]) for k in old)
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(map(_same, old, new))
+    if isinstance(old, str) and isinstance(new, str):
+        return same_path(old, new)
+    return old == new
+
+
 class _Tee:
     """A text stream that writes to the terminal and to the run's log file."""
 
@@ -208,7 +221,7 @@ class RunDir:
         saved, config = yaml.safe_load(saved_path.read_text()), yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
         for key in TRAJECTORY_KEYS:
             old, new = _select(saved, key), _select(config, key)
-            if old != new:
+            if not _same(old, new):
                 raise UserError(
                     f"{self.root} holds a run with {key}={old!r}, not {new!r}; re-run with the same settings to "
                     f"resume it, or pick another logging.run_name"

@@ -41,7 +41,7 @@ class GeminiStandIn:
         self.delay = delay  # seconds before every answer (a slow server, for kill tests)
         self.hang_seconds = hang_seconds
         self.faults: dict[str, list] = {}  # question -> faults to answer with first, in order
-        self.requests: list[dict] = []  # every request: model, key, question, prediction, temperature, answer
+        self.requests: list[dict] = []  # every request: model, key, question, prediction, temperature, prompt, fault
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -105,6 +105,7 @@ class GeminiStandIn:
                             "prediction": prediction,
                             "fault": fault,
                             "temperature": body.get("generationConfig", {}).get("temperature"),
+                            "prompt": prompt,
                         }
                     )
                 time.sleep(standin.delay)

@@ -139,6 +139,22 @@ def test_recipe_defaults():
     assert compose_config("task=news", "eval.prompt_prefix_file=null").eval.prompt_prefix_file is None
 
 
+def test_the_tracks_train_as_the_benchmark_and_the_sample_packs():
+    """The benchmark's layout (one document per example), its bf16 adapters and its eval batch for every recipe of
+    the tracks; the sample task packs."""
+    for task, model, adapter, eval_batch in [
+        ("news", "gemma3_1b", "lora128", 4),
+        ("news", "gemma3_4b", "full", 4),
+        ("geminon", "gemma3_4b", "lora128", 4),
+        ("geminon", "gemma3_1b", "full", 32),
+        ("geminon", "gemma3_1b", "lora128", 32),
+    ]:
+        cfg = compose_config(f"task={task}", f"model={model}", f"adapter={adapter}")
+        assert cfg.data.packing is False and cfg.eval.loss_batch_size == eval_batch, (task, model, adapter)
+        assert (cfg.adapter.dtype, cfg.training.precision) == ("bf16", "auto")
+    assert compose_config().data.packing is True and compose_config("task=sample_stages").data.packing is True
+
+
 def test_missing_track_files_say_how_to_get_them():
     with pytest.raises(
         UserError, match=r"data.train_path: file data/news/train.jsonl does not exist; run `make download TRACK=news`"

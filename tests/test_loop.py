@@ -153,7 +153,7 @@ def staged_config(*overrides: str):
 
 def fake_rows(n: int) -> PackedRows:
     ids = np.zeros((n, 4), np.int32)
-    return PackedRows(ids, ids, ids, 0)
+    return PackedRows(ids, ids, ids, np.zeros(n, np.int64))
 
 
 def test_replay_draws_exact_counts_from_earlier_stages_only_seeded():

@@ -9,7 +9,9 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from cbe.backends.sampling import GREEDY, Sampling
 from cbe.data.packing import PackedRows
+from cbe.eval.parse import marker_at_word_start
 
 
 class Backend(Protocol):
@@ -22,9 +24,13 @@ class Backend(Protocol):
         """The training state: the base model with the adapter and a fresh optimizer, or the state saved in
         `checkpoint` (a dir `save` wrote)."""
 
-    def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[float]:
+    def train_steps(
+        self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray
+    ) -> list[dict[str, float]]:
         """One optimizer step per row of `batches` ([steps, effective batch] indices into `rows`), at the given
-        learning rates; returns each step's mean loss over its trained tokens."""
+        learning rates; returns each step's `loss` (the mean over its trained tokens) and `mean_token_accuracy` (the
+        share of them that are the model's top-1 prediction). With one document per row (the benchmark's layout),
+        each micro-batch's documents are computed end to end without padding (cbe.data.packing.back_to_back)."""
 
     def reset_optimizer(self) -> None:
         """A fresh optimizer state, the parameters kept (continual.reset_optimizer, between stages)."""
@@ -36,20 +42,27 @@ class Backend(Protocol):
         """mode=eval: the model of a checkpoint dir, or the base model for `base`."""
 
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        stop_strings: Sequence[str],
+        sampling: Sampling = GREEDY,
     ) -> list[str]:
-        """Greedy continuations, prompt excluded, each ending as `answer_ended` says (or at EOS, or after
-        max_new_tokens)."""
+        """Continuations, prompt excluded, each ending as `answer_ended` says (or at EOS, or after max_new_tokens):
+        greedy, or drawn as cbe.backends.sampling defines, prompt i with the uniforms of question i."""
 
-    def loss(self, rows: PackedRows, batch_size: int) -> float:
-        """Mean next-token loss over the trained positions of packed rows."""
+    def loss_sums(self, rows: PackedRows, batches: list[np.ndarray]) -> np.ndarray:
+        """[len(batches), 3]: for each batch of row indices, the next-token loss summed over its trained tokens,
+        their number, and how many of them are the model's top-1 prediction (cbe.eval.metrics.eval_loss_metrics)."""
 
 
 def answer_ended(text: str, stop_strings: Sequence[str]) -> bool:
-    """A generated answer is complete at a stop string (the template's question marker, e.g. "Q:": the model asks
-    itself the next question) or at a newline after its first non-blank text; a newline before it is not an end,
-    so an answer that starts with "\n" is not empty."""
-    return any(s in text for s in stop_strings) or "\n" in text.lstrip()
+    """A generated answer is complete at a stop string where it starts a word (the template's question marker, e.g.
+    "Q:" at the start or after whitespace: the model asks itself the next question; not the "Q:" of "FAQ:", as
+    cbe.eval.parse cuts) or at a newline after its first non-blank text; a newline before it is not an end, so an
+    answer that starts with "\n" is not empty."""
+    return bool(marker_at_word_start(stop_strings).search(text)) or "\n" in text.lstrip()
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ exactly as the benchmark renders it, so a model trained through cbe sees the ben
 Input records are `{url, hostname, title, date, crawl_date, language, text, article_idx}`; `text` is
 required and non-empty, `title` and `date` may be missing, null or empty. Each becomes
 
-    {"text": "Title: <title>\\nDate: <date>\\nArticle: <text>", "article_idx": <article_idx>}
+    {"text": "Title: <title>\\nDate: <date>\\nArticle: <text>\\n", "article_idx": <article_idx>}
 
 with `article_idx` kept as is (the key is left out only when the input lacks it). As the benchmark does:
+- the article's text is stripped of leading and trailing whitespace, and every article ends with a newline;
 - runs of whitespace in the title and date (spaces, tabs, newlines) become one space, and both are stripped;
 - an untitled article (title missing, null or blank) is dropped and counted in the report; with
   keep_untitled it is kept without a Title line ("Date: ...\\nArticle: ..."), never as "Title: None";
@@ -192,7 +193,8 @@ def looks_formatted(record: dict[str, Any]) -> bool:
 
 def rendered_as_benchmark(text: str) -> bool:
     """Whether formatted text has the headers render writes: a collapsed title, if any, then a Date line that
-    render_date leaves as it is. Text from an older cbe fails: no Date line, or a date such as 2024-05-01."""
+    render_date leaves as it is, and a final newline. Text from an older cbe fails: no Date line, a date such as
+    2024-05-01, or no newline at the end."""
     head = text.split("\n", 2)
     if head[0].startswith("Title: "):
         title = head.pop(0).removeprefix("Title: ")
@@ -200,22 +202,26 @@ def rendered_as_benchmark(text: str) -> bool:
             return False
     date = head[0].removeprefix("Date: ")
     return (
-        head[0].startswith("Date: ") and len(head) > 1 and head[1].startswith("Article: ") and render_date(date) == date
+        head[0].startswith("Date: ")
+        and len(head) > 1
+        and head[1].startswith("Article: ")
+        and render_date(date) == date
+        and text.endswith("\n")
     )
 
 
 def render(record: dict[str, Any], normalize: bool, where: str, keep_untitled: bool = False) -> dict[str, Any] | None:
     """The output line of one raw record; None for an untitled one, which is dropped unless keep_untitled."""
     clean = normalize_text if normalize else str  # str() of a str is the str itself
-    text = clean(record["text"])
-    if not text.strip():
+    text = clean(record["text"]).strip()
+    if not text:
         raise UserError(f"{where}: field 'text' is empty once normalized")
     title = collapse_whitespace(clean(record.get("title") or ""))
     if not title and not keep_untitled:
         return None
     lines = [f"Title: {title}"] if title else []  # a kept untitled article has no Title line
     lines += [f"Date: {render_date(clean(record.get('date') or ''))}", f"Article: {text}"]
-    article = {"text": "\n".join(lines)}
+    article = {"text": "\n".join(lines) + "\n"}
     if "article_idx" in record:
         article["article_idx"] = record["article_idx"]
     return article

@@ -1,11 +1,19 @@
-"""Tokenize a corpus once (cached on disk) and pack it into fixed-length training rows.
+"""Tokenize a corpus once (cached on disk) and lay it out as training rows, in one of two layouts (data.packing).
 
-Every document becomes [BOS] text [EOS]. Documents longer than a row are cut into row-sized chunks that
-overlap by one token, so the first token of a continuation is context and every token after a BOS is a
-training target exactly once; nothing is truncated away. Chunks are packed best-fit-decreasing, so short
-documents stay whole. Each row carries position ids that restart at every chunk: the backend turns them
-into a block-diagonal mask, so attention never crosses documents. Padding (only at row ends) and the
-first token of each chunk have label -100 and are never trained on.
+Every document becomes [BOS] text [EOS].
+
+- Packed (`pack_documents`, data.packing=true): documents longer than a row are cut into row-sized chunks that
+  overlap by one token, so the first token of a continuation is context and every token after a BOS is a training
+  target exactly once; nothing is truncated away. Chunks are packed best-fit-decreasing, so short documents stay
+  whole, and an optimizer step's rows hold as many tokens as fit.
+- One document per row (`document_rows`, data.packing=false, the benchmark's layout): a document longer than a row
+  is cut to the row with its EOS kept as the last token, the rest dropped; an optimizer step's rows are exactly
+  `training.effective_batch_size` documents.
+
+Each row carries position ids that restart at every chunk: the backend turns them into a block-diagonal mask, so
+attention never crosses documents. Padding (only at row ends) and the first token of each chunk have label -100 and
+are never trained on. Padding is storage only: `back_to_back` lays a micro-batch's real tokens end to end, so no
+step computes it.
 """
 
 from __future__ import annotations
@@ -33,10 +41,16 @@ class PackedRows:
     input_ids: np.ndarray  # [rows, length] int32
     position_ids: np.ndarray  # [rows, length] int32, restarting at 0 at every chunk
     labels: np.ndarray  # [rows, length] int32, IGNORE at padding and at each chunk's first token
-    real_tokens: int  # tokens that are not padding
+    lengths: np.ndarray  # [rows] the tokens of each row that are not padding (padding only follows them)
+    one_document_per_row: bool = False  # the benchmark's layout (document_rows); else packed (pack_documents)
+    cut_tokens: int = 0  # tokens that document_rows cut off long documents
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.lengths.sum())
 
     @property
     def trained_tokens(self) -> int:
@@ -52,12 +66,21 @@ class PackedRows:
         if len(parts) == 1:
             return parts[0]
         arrays = (np.concatenate([getattr(p, a) for p in parts]) for a in ("input_ids", "position_ids", "labels"))
-        return cls(*arrays, sum(p.real_tokens for p in parts))
+        return cls(*arrays, np.concatenate([p.lengths for p in parts]), parts[0].one_document_per_row)
 
     def describe(self, name: str) -> str:
+        """The run log's line on this corpus: its layout, its size and, one document per row, what was cut."""
+        length = self.input_ids.shape[1]
+        if not self.one_document_per_row:
+            return (
+                f"{name}: {len(self)} packed rows of {length} tokens, {self.real_tokens:,} tokens per "
+                f"epoch ({self.trained_tokens:,} trained), padding {self.padding_fraction:.1%} (not computed)"
+            )
+        cut = int((self.lengths == length).sum())  # a row filled to the end may have been cut
         return (
-            f"{name}: {len(self)} rows of {self.input_ids.shape[1]} tokens, {self.real_tokens:,} tokens per "
-            f"epoch ({self.trained_tokens:,} trained), padding {self.padding_fraction:.1%}"
+            f"{name}: {len(self)} documents, one per example (data.packing=false), {self.real_tokens:,} tokens per "
+            f"epoch ({self.trained_tokens:,} trained); {_count(cut, 'document')} at the {length}-token limit, "
+            f"{self.cut_tokens:,} tokens ({self.cut_tokens / max(1, self.real_tokens + self.cut_tokens):.1%}) cut off"
         )
 
 
@@ -140,13 +163,50 @@ def pack_documents(docs: list[np.ndarray], length: int, pad_id: int) -> PackedRo
             labels[row, at + 1 : end] = chunk[1:]
             at = end
         position_ids[row, at:] = np.arange(length - at)  # padding is a segment of its own
-    return PackedRows(input_ids, position_ids, labels, sum(len(c) for c in chunks))
+    lengths = np.array([sum(len(chunks[i]) for i in members) for members in bins], dtype=np.int64)
+    return PackedRows(input_ids, position_ids, labels, lengths)
 
 
-def packed_corpus(path: str | Path, tokenizer: Any, length: int, cache_dir: str | Path) -> PackedRows:
-    """Tokenize (cached) and pack one corpus file."""
+def document_rows(docs: list[np.ndarray], length: int, pad_id: int) -> PackedRows:
+    """One document per row (the benchmark's layout): a document longer than `length` keeps its first
+    `length` - 1 tokens and its EOS. BOS is not a target, every token after it is, EOS included."""
+    input_ids = np.full((len(docs), length), pad_id, dtype=np.int32)
+    labels = np.full((len(docs), length), IGNORE, dtype=np.int32)
+    lengths = np.array([min(len(d), length) for d in docs], dtype=np.int64)
+    for row, doc in enumerate(docs):
+        kept = doc if len(doc) <= length else np.append(doc[: length - 1], doc[-1])
+        input_ids[row, : len(kept)] = kept
+        labels[row, 1 : len(kept)] = kept[1:]
+    at = np.arange(length)
+    position_ids = (at - np.where(at >= lengths[:, None], lengths[:, None], 0)).astype(np.int32)  # padding: its own
+    cut = int(sum(max(0, len(d) - length) for d in docs))
+    return PackedRows(input_ids, position_ids, labels, lengths, one_document_per_row=True, cut_tokens=cut)
+
+
+def corpus_rows(path: str | Path, tokenizer: Any, length: int, cache_dir: str | Path, packing: bool) -> PackedRows:
+    """Tokenize (cached) one corpus file and lay it out: packed rows, or one document per row."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pack_documents(tokenize_file(path, tokenizer, cache_dir), length, pad_id)
+    layout = pack_documents if packing else document_rows
+    return layout(tokenize_file(path, tokenizer, cache_dir), length, pad_id)
+
+
+def back_to_back(rows: PackedRows, index: np.ndarray, parts: int = 1, multiple: int = 1) -> PackedRows:
+    """The real tokens of rows[index] laid end to end, no padding between them, in `parts` rows of
+    len(index) / parts source rows each; the rows are padded at their ends to one length, the longest rounded up to
+    a multiple of `multiple` (1: no padding at all in a single part). Documents keep their position ids, so they
+    stay apart; each row's first label is IGNORE, so no token learns across a boundary."""
+    groups = np.array_split(np.asarray(index), parts)
+    sizes = [int(rows.lengths[g].sum()) for g in groups]
+    width = -(-max(sizes) // multiple) * multiple
+    input_ids = np.zeros((parts, width), dtype=np.int32)
+    position_ids = np.zeros((parts, width), dtype=np.int32)
+    labels = np.full((parts, width), IGNORE, dtype=np.int32)
+    for part, group in enumerate(groups):
+        keep = np.arange(rows.input_ids.shape[1]) < rows.lengths[group][:, None]
+        for dest, source in zip((input_ids, position_ids, labels), (rows.input_ids, rows.position_ids, rows.labels)):
+            dest[part, : sizes[part]] = source[group][keep]
+        position_ids[part, sizes[part] :] = np.arange(width - sizes[part])  # end padding: a segment of its own
+    return PackedRows(input_ids, position_ids, labels, np.array(sizes, dtype=np.int64), rows.one_document_per_row)
 
 
 def training_order(num_rows: int, num_examples: int, seed: int) -> np.ndarray:
@@ -165,7 +225,9 @@ def epochs_seen(steps: int, effective_batch_size: int, num_rows: int) -> float:
     return steps * effective_batch_size / num_rows
 
 
-def repetition_report(num_rows: int, effective_batch_size: int, num_train_steps: int) -> list[str]:
+def repetition_report(
+    num_rows: int, effective_batch_size: int, num_train_steps: int, unit: str = "packed row"
+) -> list[str]:
     """How often a run repeats its training corpus, as run-log lines; `warning:` where one step holds it all.
 
     The warning is for a step that holds a whole epoch or more: every step then sees every row (beyond one epoch,
@@ -180,15 +242,15 @@ def repetition_report(num_rows: int, effective_batch_size: int, num_train_steps:
     per_step = epochs_seen(1, effective_batch_size, num_rows)
     run = epochs_seen(num_train_steps, effective_batch_size, num_rows)
     lines = [
-        f"repetition: the training corpus is {_count(num_rows, 'packed row')}; one optimizer step "
-        f"({_count(effective_batch_size, 'row')}) is {_count(per_step, 'epoch')}, the whole run "
+        f"repetition: the training corpus is {_count(num_rows, unit)}; one optimizer step "
+        f"({_count(effective_batch_size, unit)}) is {_count(per_step, 'epoch')}, the whole run "
         f"({_count(num_train_steps, 'step')}) {_count(run, 'epoch')}"
     ]
     if num_train_steps and per_step >= 1:
         holds = "the whole training corpus" if per_step == 1 else f"the training corpus {_count(per_step, 'time')} over"
         lines.append(
-            f"warning: one optimizer step holds {holds} ({_count(effective_batch_size, 'row')} a step, "
-            f"{_count(num_rows, 'packed row')}), so every step sees every row and the run repeats the corpus "
+            f"warning: one optimizer step holds {holds} ({_count(effective_batch_size, unit)} a step, "
+            f"{_count(num_rows, unit)}), so every step sees every row and the run repeats the corpus "
             f"{_count(run, 'time')}; lower training.effective_batch_size or train on a larger corpus"
         )
     return lines

@@ -6,10 +6,12 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 from omegaconf import DictConfig
 
+from cbe.backends.sampling import GREEDY, Sampling
 from cbe.data.jsonl import load_qa, strata_fields
-from cbe.eval.metrics import MATCHES, score_answer, summarize
+from cbe.eval.metrics import MATCHES, eval_loss_metrics, score_answer, summarize
 from cbe.run import RunDir, is_main_process, write_jsonl_atomic
 
 
@@ -17,10 +19,15 @@ class Model(Protocol):
     """What the evaluator needs from a backend."""
 
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        stop_strings: Sequence[str],
+        sampling: Sampling = GREEDY,
     ) -> list[str]: ...
 
-    def loss(self, rows: Any, batch_size: int) -> float: ...
+    def loss_sums(self, rows: Any, batches: list[np.ndarray]) -> np.ndarray: ...
 
 
 def few_shot_prefix(path: str | None) -> str:
@@ -36,7 +43,8 @@ def unescape(template: str) -> str:
 
 def stop_strings(template: str) -> list[str]:
     """Where an answer ends besides a newline: the template's text before the question ("Q:" of
-    "Q: {question}\nA:"), which the model writes when it goes on to ask itself the next question."""
+    "Q: {question}\nA:"), which the model writes when it goes on to ask itself the next question. It ends an answer
+    only where it starts a word (cbe.backends.base.answer_ended): "FAQ:" does not end one."""
     marker = template.split("{question}")[0].strip()
     return [marker] if marker else []
 
@@ -67,13 +75,19 @@ class QAEvaluator:
         support_thresholds: Sequence[int],
         num_examples: int,
         max_questions: int | None,
-        val_loss_batch_size: int,
+        loss_batch_size: int,
+        loss_max_batches: int | None = None,
         qa_data: str | None = None,
         save_details: str | None = None,
         loss: bool = True,
         retention_qa_path: str | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ):
         self.run = run
+        self.sampling = Sampling(float(temperature), int(top_k), float(top_p), int(seed))  # temperature 0: greedy
         self.prompt_template = unescape(prompt_template)
         self.stop_strings = stop_strings(self.prompt_template)
         self.prefix = few_shot_prefix(prompt_prefix_file)
@@ -81,7 +95,7 @@ class QAEvaluator:
         self.parser = parser
         self.support_thresholds = list(support_thresholds)
         self.num_examples = num_examples
-        self.val_loss_batch_size = val_loss_batch_size
+        self.loss_batch_size, self.loss_max_batches = loss_batch_size, loss_max_batches
         self.loss_data = data.val_path if loss else None  # the corpus eval_loss is measured on
         self.qa_sets = {
             name: load_qa(path)[:max_questions] for name, path in qa_paths(data, qa_data, retention_qa_path).items()
@@ -113,13 +127,10 @@ class QAEvaluator:
 
     def evaluate(self, model: Model, step: int, val_rows: Any) -> dict[str, Any]:
         """eval_loss on the validation rows and every QA metric, as one flat dict for the loggers."""
-        loss = model.loss(val_rows, self.val_loss_batch_size) if self.loss_data else None
-        metrics: dict[str, Any] = {
-            "step": step,
-            "timestamp": time.time(),
-            "eval_loss": loss,
-            "eval_loss_data": self.loss_data,
-        }
+        metrics: dict[str, Any] = {"step": step, "timestamp": time.time(), "eval_loss": None}
+        if self.loss_data:
+            metrics |= self.loss_metrics(model, val_rows)
+        metrics["eval_loss_data"] = self.loss_data
         if not self.prompt_shown and is_main_process():
             name, records = next(((n, r) for n, r in self.qa_sets.items() if r), ("", []))
             if records:  # the exact text the model sees, newlines shown, once a process
@@ -127,7 +138,11 @@ class QAEvaluator:
             self.prompt_shown = True
         for name, records in self.qa_sets.items():
             raw = model.generate(
-                [self.prompt(r) for r in records], self.max_new_tokens, self.batch_size, self.stop_strings
+                [self.prompt(r) for r in records],
+                self.max_new_tokens,
+                self.batch_size,
+                self.stop_strings,
+                sampling=self.sampling,
             )
             details = self.last_details[name] = self.score(records, raw)
             if is_main_process():
@@ -139,6 +154,14 @@ class QAEvaluator:
                 [{"qa_set": name, **d} for name, details in self.last_details.items() for d in details],
             )
         return metrics
+
+    def loss_metrics(self, model: Model, rows: Any) -> dict[str, float]:
+        """eval_loss and its companions over batches of eval.loss_batch_size rows in file order (the first
+        eval.loss_max_batches of them where set): the same batches on every backend and for any number of ranks."""
+        size = self.loss_batch_size
+        batches = [np.arange(s, min(s + size, len(rows))) for s in range(0, len(rows), size)][: self.loss_max_batches]
+        sums = model.loss_sums(rows, batches)
+        return eval_loss_metrics(sums, np.array([len(b) for b in batches]), rows.one_document_per_row)
 
     def report(self, metrics: dict[str, Any]) -> str:
         """A table of every set's metrics with 95% CIs, then eval.num_examples predictions per set marked exact,

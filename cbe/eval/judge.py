@@ -7,15 +7,22 @@ file is rewritten in input order and `<name>_summary.jsonl` is written, both ato
 records, one per support threshold k (supports >= k) and one per value of each stratify field. `resume` keeps
 the records already judged and asks again for the rest, errors included. A record the judge could not score is
 kept with `llm_judge_error`, never counted as a 0.
+
+What is judged: the parsed answer (`parsed_prediction`, the default) or the raw generation (`raw_prediction`,
+`response_field="raw"`), asked with the built-in RUBRIC or a prompt template of the user's (placeholders
+{question}, {ground_truth} and {prediction}). A details file that sits in a run's eval_details/ takes its QA
+file (for supports and ids) and its support thresholds from the run's config.yaml unless they are given.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import random
 import re
+import string
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -23,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from cbe.data.jsonl import support_count
 from cbe.errors import UserError
 from cbe.eval.details import join_qa, load_details, support_thresholds_for
 from cbe.eval.metrics import MATCHES, METRICS, bootstrap_ci95
-from cbe.run import write_jsonl_atomic
+from cbe.run import RunDir, write_jsonl_atomic
 
 DEFAULT_KEYS_FILE = "secrets/gemini_keys.txt"
 KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
@@ -39,8 +48,14 @@ Reply 0 otherwise: a wrong, vaguer, partial or empty answer.
 Reply with the single character 1 or 0 and nothing else.
 
 Question: {question}
-Gold answer: {gold}
+Gold answer: {ground_truth}
 Predicted answer: {prediction}"""
+# The placeholders of a judge prompt (RUBRIC's, and those a --prompt-file may use): each is replaced by the
+# record's field on one line (whitespace runs become one space).
+PLACEHOLDERS = ("question", "ground_truth", "prediction")
+BUILT_IN_PROMPT = "built-in"
+# Which details field is judged: the parsed answer (what the metrics scored) or the raw generation.
+RESPONSE_FIELDS = {"parsed": "parsed_prediction", "raw": "raw_prediction"}
 
 _VERDICT = re.compile(r"\W*([01])\W*")
 _RETRYABLE_STATUS = {408, 429}  # and every 5xx
@@ -80,12 +95,54 @@ def prediction_of(record: dict[str, Any]) -> str:
     return record.get("parsed_prediction", record.get("raw_prediction"))
 
 
-def judge_prompt(record: dict[str, Any]) -> str:
-    return RUBRIC.format(
+def response_of(record: dict[str, Any], response_field: str = "parsed") -> str:
+    """What the judge is asked about: the parsed prediction (as the metrics) or the raw generation."""
+    return record["raw_prediction"] if response_field == "raw" else prediction_of(record)
+
+
+def judge_prompt(record: dict[str, Any], template: str = RUBRIC, response_field: str = "parsed") -> str:
+    return template.format(
         question=one_line_text(record["question"]),
-        gold=one_line_text(record["ground_truth"]),
-        prediction=one_line_text(prediction_of(record)),
+        ground_truth=one_line_text(record["ground_truth"]),
+        prediction=one_line_text(response_of(record, response_field)),
     )
+
+
+def _fields(template: str) -> list[str]:
+    """The placeholder names of a str.format template, those inside format specs included; ValueError if it is
+    malformed (a lone brace)."""
+    names = []
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            names.append(name)
+        if spec:
+            names += _fields(spec)
+    return names
+
+
+def load_prompt_template(path: str | Path) -> tuple[str, str]:
+    """A judge prompt template file and its id for the judged records (`sha256:<12 hex digits>` of its text);
+    UserError, one line, for a missing or unreadable file, a malformed template, an unknown placeholder, or no
+    {prediction}."""
+    path = Path(path)
+    where = f"--prompt-file {path}"
+    usage = "the placeholders are {question}, {ground_truth} and {prediction}; write {{ and }} for a literal brace"
+    if not path.is_file():
+        raise UserError(f"{where}: no such file; write a judge prompt there ({usage})")
+    try:
+        template = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{where}: cannot read it as UTF-8 text ({e})") from None
+    try:
+        names = _fields(template)
+    except ValueError as e:
+        raise UserError(f"{where}: not a valid template ({e}); {usage}") from None
+    unknown = [name for name in names if name not in PLACEHOLDERS]
+    if unknown:
+        raise UserError(f"{where}: unknown placeholder {{{unknown[0]}}}; {usage}")
+    if "prediction" not in names:
+        raise UserError(f"{where}: no {{prediction}} placeholder, so the judge would never see the answer; {usage}")
+    return template, f"sha256:{hashlib.sha256(template.encode()).hexdigest()[:12]}"
 
 
 def parse_verdict(text: str | None) -> bool:
@@ -175,14 +232,15 @@ def output_paths(input_path: Path, output_dir: str | Path | None) -> tuple[Path,
 
 
 def load_judge_input(
-    path: Path, qa: str | Path | None = None, stratify: Sequence[str] = ()
+    path: Path, qa: str | Path | None = None, stratify: Sequence[str] = (), response_field: str = "parsed"
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The records to judge (question, ground_truth and a parsed_prediction or raw_prediction string), with the
-    supports and ids of their questions in the QA file `qa` when given, and notes for the user."""
+    """The records to judge (question, ground_truth and a parsed_prediction or raw_prediction string; a
+    raw_prediction string for response_field "raw"), with the supports and ids of their questions in the QA file
+    `qa` when given, and notes for the user."""
     records = load_details(
         path,
         "judge",
-        predictions=("parsed_prediction", "raw_prediction"),
+        predictions=("raw_prediction",) if response_field == "raw" else ("parsed_prediction", "raw_prediction"),
         required={"question": (str,), "ground_truth": (str, int, float)},
     )
     notes = []
@@ -220,6 +278,103 @@ def read_judged(path: Path, records: Sequence[dict[str, Any]]) -> dict[int, dict
             )
         judged[index] = record
     return judged
+
+
+# -- the run's settings -------------------------------------------------------------------------------
+DETAILS_NAME = re.compile(r"(?P<qa_set>.+)_step_\d+")  # RunDir.details_path's <set>_step_<NNNNNN>
+
+
+def run_of(input_path: str | Path) -> RunDir | None:
+    """The run a details file belongs to: it sits in the eval_details/ of a dir that holds a config.yaml (a
+    training run's or a mode=eval run's, cbe.run.RunDir), else None."""
+    folder = Path(input_path).resolve().parent
+    run = RunDir(folder.parent)
+    return run if run.eval_details == folder and (run.root / "config.yaml").is_file() else None
+
+
+def _started_in(run: RunDir) -> Path | None:
+    """The dir the run was started from (Hydra's .hydra/hydra.yaml), against which its config's relative paths
+    resolve; None where that record is missing."""
+    try:
+        return Path(yaml.safe_load((run.root / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["cwd"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+def _configured_qa(run: RunDir, config: dict[str, Any], input_path: Path) -> tuple[Path | None, str]:
+    """The QA file the run evaluated as the details file's set (from `<set>_step_<N>.jsonl`), looked for in the dir
+    the run started in, then here; else None. With the set's name, or why there is no file."""
+    from omegaconf import OmegaConf
+
+    from cbe.eval.evaluator import qa_paths
+
+    match = DETAILS_NAME.fullmatch(input_path.stem)
+    if not match:
+        return None, f"{input_path.name} is not named <set>_step_<N>.jsonl, so its QA set is not known"
+    qa_set = match["qa_set"]
+    try:
+        data, evaluation = config["data"], config.get("eval") or {}
+        retention = (config.get("continual") or {}).get("retention_qa_path")
+        paths = qa_paths(OmegaConf.create(data), evaluation.get("qa_data"), retention)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None, "it has no data section naming the QA files"
+    if qa_set not in paths:
+        return None, f"it names no QA file for set {qa_set} (its sets: {', '.join(paths)})"
+    path, started = Path(paths[qa_set]), _started_in(run)
+    candidates = [path] if path.is_absolute() or started is None else [started / path, path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        where = f"in {started}, where the run started, nor here" if started and not path.is_absolute() else "here"
+        return None, f"its QA file of set {qa_set}, {path}, is not {where}"
+    return found, qa_set
+
+
+def judge_settings(
+    input_path: str | Path, qa: str | Path | None, support_thresholds: Sequence[int] | None
+) -> tuple[dict[str, Any], str | None]:
+    """The QA file and support thresholds to judge with, and where each came from: the flag where given (None
+    means not given), else, for a details file of a run, the run's config.yaml, else none. Returns them as the
+    summary records them (qa, qa_from, support_thresholds, support_thresholds_from) and, for a file of a run, a
+    note saying which were used."""
+    used: dict[str, Any] = {
+        "qa": str(qa) if qa else None,
+        "qa_from": "--qa" if qa else None,
+        "support_thresholds": list(support_thresholds or []),
+        "support_thresholds_from": None if support_thresholds is None else "--support-thresholds",
+    }
+    run = run_of(input_path)
+    if run is None:
+        return used, None
+    config_path = run.root / "config.yaml"
+    problems = []
+    if not qa or support_thresholds is None:
+        try:
+            config = yaml.safe_load(config_path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(
+                f"{config_path}: not readable as YAML ({type(e).__name__}); pass --qa and --support-thresholds"
+            ) from None
+        config = config if isinstance(config, dict) else {}
+        if not qa:
+            found, why = _configured_qa(run, config, Path(input_path))
+            if found is None:
+                problems.append(f"no QA file from {config_path}: {why}; pass --qa QA_FILE to join supports")
+            else:
+                used |= {"qa": str(found), "qa_from": str(config_path)}
+        if support_thresholds is None:
+            configured = (config.get("eval") or {}).get("support_thresholds") or []
+            if not isinstance(configured, list) or not all(isinstance(k, int) for k in configured):
+                raise UserError(
+                    f"{config_path}: eval.support_thresholds is {configured!r}, not a list of integers; "
+                    "pass --support-thresholds"
+                )
+            used |= {"support_thresholds": configured, "support_thresholds_from": str(config_path)}
+    thresholds = " ".join(map(str, used["support_thresholds"])) or "none"
+    said = [
+        f"QA file {used['qa']} from {used['qa_from']}" if used["qa"] else "no QA file",
+        f"support thresholds {thresholds} from {used['support_thresholds_from']}",
+    ]
+    return used, "; ".join(said + problems)
 
 
 # -- summary ------------------------------------------------------------------------------------------
@@ -275,7 +430,19 @@ def summarize_judged(
 
 
 # -- the run ------------------------------------------------------------------------------------------
-VERDICT_FIELDS = ("index", "judge_model", "llm_match", "llm_judge_answer", "llm_judge_error")
+VERDICT_FIELDS = (
+    "index",
+    "judge_model",
+    "judge_response_field",
+    "judge_prompt",
+    "llm_match",
+    "llm_judge_answer",
+    "llm_judge_error",
+)
+# What a verdict was asked with, which a resume must share (the values files of older versions imply), and the
+# option that sets each.
+SETUP_DEFAULTS = {"judge_model": None, "judge_response_field": "parsed", "judge_prompt": BUILT_IN_PROMPT}
+SETUP_OPTIONS = {"judge_model": "--model", "judge_response_field": "--response-field", "judge_prompt": "--prompt-file"}
 
 
 @dataclass
@@ -285,24 +452,26 @@ class JudgeReport:
     overall: dict[str, Any]  # the summary's first line: every record judged in this scope
     resumed: int  # records kept from a previous run
     notes: list[str]  # what the user should know about the summary (no supports, questions not in the QA file)
+    lines: list[dict[str, Any]]  # the whole summary: `overall`, then the support and --stratify lines
 
 
 def earlier_verdicts(
-    judged_path: Path, records: Sequence[dict[str, Any]], model: str, resume: bool
+    judged_path: Path, records: Sequence[dict[str, Any]], setup: dict[str, str], resume: bool
 ) -> dict[int, dict[str, Any]]:
     """The finished verdicts of a previous run (none without one); UserError if there is one and `resume` is
-    off, or it asked another judge model."""
+    off, or it asked otherwise: another judge model, response field or prompt (`setup`, keys of SETUP_DEFAULTS)."""
     if not judged_path.exists():
         return {}
     if not resume:
         raise UserError(f"{judged_path} exists; pass --resume to continue it, or delete it to judge again")
     done = {i: r for i, r in read_judged(judged_path, records).items() if r.get("llm_match") is not None}
-    other_models = sorted({str(r.get("judge_model")) for r in done.values()} - {model})
-    if other_models:
-        raise UserError(
-            f"{judged_path} was judged with {', '.join(other_models)}, not {model}; resume "
-            f"with that --model, or delete the file to judge again"
-        )
+    for key, value in setup.items():
+        others = sorted({str(r.get(key, SETUP_DEFAULTS[key])) for r in done.values()} - {value})
+        if others:
+            raise UserError(
+                f"{judged_path} was judged with {', '.join(others)}, not {value}; resume "
+                f"with that {SETUP_OPTIONS[key]}, or delete the file to judge again"
+            )
     return done
 
 
@@ -314,28 +483,39 @@ def judge_file(
     resume: bool = False,
     stratify: Sequence[str] = (),
     qa: str | Path | None = None,
-    support_thresholds: Sequence[int] = (),
+    support_thresholds: Sequence[int] | None = None,
     max_records: int | None = None,
+    response_field: str = "parsed",
+    prompt_file: str | Path | None = None,
 ) -> JudgeReport:
     """Judge the records of an eval_details file (the first `max_records` of them) and write the judged records
-    and their summary. The judged file keeps every verdict it has, also those of records past `max_records`."""
+    and their summary. The judged file keeps every verdict it has, also those of records past `max_records`.
+    `qa` and `support_thresholds` left None come from the run's config.yaml for a file of a run (judge_settings);
+    `response_field` is "parsed" or "raw"; `prompt_file` replaces the built-in RUBRIC (load_prompt_template)."""
     from tqdm import tqdm
 
+    if response_field not in RESPONSE_FIELDS:
+        raise UserError(f"--response-field {response_field}: pick one of {', '.join(RESPONSE_FIELDS)}")
+    template, prompt_id = load_prompt_template(prompt_file) if prompt_file else (RUBRIC, BUILT_IN_PROMPT)
     input_path = Path(input_path)
-    records, notes = load_judge_input(input_path, qa, stratify)
-    thresholds, note = support_thresholds_for(records, support_thresholds, input_path)
+    settings, settings_note = judge_settings(input_path, qa, support_thresholds)
+    records, notes = load_judge_input(input_path, settings["qa"], stratify, response_field)
+    thresholds, note = support_thresholds_for(records, settings["support_thresholds"], input_path)
     scope = range(min(len(records), max_records or len(records)))
     judged_path, summary_path = output_paths(input_path, output_dir)
-    done = earlier_verdicts(judged_path, records, judge.model, resume)
+    setup = {"judge_model": judge.model, "judge_response_field": response_field, "judge_prompt": prompt_id}
+    done = earlier_verdicts(judged_path, records, setup, resume)
     # Keep only the finished verdicts (drops old errors and a torn last line) before appending to the file.
     write_jsonl_atomic(judged_path, [done[i] for i in sorted(done)])
     resumed = sum(i in done for i in scope)
     pending = [i for i in scope if i not in done]
 
     def judge_one(index: int) -> dict[str, Any]:
-        out = {**records[index], "index": index, "judge_model": judge.model}
+        out = {**records[index], "index": index, **setup}
         try:
-            out["llm_match"], out["llm_judge_answer"] = judge.verdict(judge_prompt(records[index]))
+            out["llm_match"], out["llm_judge_answer"] = judge.verdict(
+                judge_prompt(records[index], template, response_field)
+            )
         except JudgeError as e:
             out["llm_match"], out["llm_judge_answer"], out["llm_judge_error"] = None, None, str(e)
         return out
@@ -352,10 +532,18 @@ def judge_file(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, ask nothing more
 
-    # Verdicts of an earlier run get this run's record fields (e.g. the supports a --qa join added).
-    final = [{**records[i], **{k: done[i][k] for k in VERDICT_FIELDS if k in done[i]}} for i in sorted(done)]
+    # Verdicts of an earlier run get this run's record fields (e.g. the supports a --qa join added), and the setup
+    # that earlier_verdicts found they share (which files of older versions do not name).
+    final = [{**records[i], **setup, **{k: done[i][k] for k in VERDICT_FIELDS if k in done[i]}} for i in sorted(done)]
     write_jsonl_atomic(judged_path, final)
     summary = summarize_judged([r for r in final if r["index"] in scope], stratify, thresholds)
-    summary[0] |= {"input": str(input_path), "judge_model": judge.model}
+    summary[0] |= {
+        "input": str(input_path),
+        **setup,
+        "judge_prompt_file": str(prompt_file) if prompt_file else None,
+        **settings,
+        "support_thresholds": thresholds,  # none where no record has supports (see the note)
+    }
     write_jsonl_atomic(summary_path, summary)
-    return JudgeReport(judged_path, summary_path, summary[0], resumed, [n for n in (*notes, note) if n])
+    notes = [n for n in (settings_note, *notes, note) if n]
+    return JudgeReport(judged_path, summary_path, summary[0], resumed, notes, summary)

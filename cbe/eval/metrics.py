@@ -94,6 +94,26 @@ def score_answer(raw_prediction: str, gold: str, parser: str = "default", questi
     return {"parsed_prediction": parsed, **scores}
 
 
+def eval_loss_metrics(sums: np.ndarray, rows_per_batch: np.ndarray, one_document_per_row: bool) -> dict[str, float]:
+    """The eval-loss metrics of per-batch sums ([batches, 3]: summed token loss, trained tokens, top-1 tokens).
+
+    `eval_loss` with one document per row is the benchmark's: each batch's token mean, the batches averaged weighted
+    by their documents (as transformers' Trainer averages per-batch losses); with packed rows, the token mean.
+    `eval_loss_token_mean` is the token mean in both layouts, `eval_mean_token_accuracy` the share of trained tokens
+    that are the model's top-1 prediction."""
+    loss, tokens, top1 = np.asarray(sums, dtype=np.float64).T
+    counted = tokens > 0  # a batch of one-token documents trains nothing and has no mean
+    token_mean = float(loss.sum() / max(1.0, tokens.sum()))
+    weights = np.asarray(rows_per_batch, dtype=np.float64)[counted]
+    batch_means = loss[counted] / tokens[counted]
+    benchmark = float((batch_means * weights).sum() / weights.sum()) if counted.any() else 0.0
+    return {
+        "eval_loss": benchmark if one_document_per_row else token_mean,
+        "eval_loss_token_mean": token_mean,
+        "eval_mean_token_accuracy": float(top1.sum() / max(1.0, tokens.sum())),
+    }
+
+
 def bootstrap_ci95(values: Sequence[float], resamples: int = 1000, seed: int = 0) -> list[float] | None:
     """95% bootstrap interval of a mean (percentile method, fixed seed, so the same details give the same CI)."""
     if not len(values):

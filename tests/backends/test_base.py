@@ -1,4 +1,5 @@
-"""Where a generated answer ends: at "Q:" or a newline after its first non-blank text, never at a leading newline."""
+"""Where a generated answer ends: at "Q:" where it starts a word or a newline after its first non-blank text, never at a
+leading newline."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,8 @@ import torch
 from transformers import AutoTokenizer
 
 from cbe.backends.base import NewlineStop, answer_ended
-from cbe.backends.hf.generate import NewlineStopCriteria
+from cbe.backends.hf.generate import AnswerEnds, NewlineStopCriteria
+from cbe.eval.parse import parse_answer
 from cbe.loop import lr_multiplier
 from tests.conftest import ROOT
 
@@ -22,10 +24,26 @@ from tests.conftest import ROOT
         (" Paris Q:", True),
         ("Paris", False),
         ("", False),
+        # The stop string ends an answer only where it starts a word (as cbe.eval.parse cuts).
+        ("Q:", True),
+        (" The FAQ:", False),
+        (" xQ: more", False),
+        (" xQ: more\tQ:", True),
+        (" q: more", False),
     ],
 )
 def test_answer_ended(text, ended):
     assert answer_ended(text, ["Q:"]) is ended
+
+
+@pytest.mark.parametrize(
+    "raw", [" FAQ: the Glass Marsh Q: next", " Paris\nQ: next", " xQ: 12\n", "Q: at once", " 1843 Q:Q: twice"]
+)
+def test_the_answer_ends_where_the_parser_cuts(raw):
+    """The shortest prefix that answer_ended calls complete parses as the whole generation does: generation stops no
+    earlier than the parser would cut, and the stop it makes is the parser's."""
+    end = next((n for n in range(1, len(raw) + 1) if answer_ended(raw[:n], ["Q:"])), len(raw))
+    assert parse_answer(raw[:end]) == parse_answer(raw)
 
 
 @pytest.fixture(scope="module")
@@ -68,33 +86,69 @@ def test_hf_stopping_criteria_follows_the_same_rule(tokenizer):
     assert criteria(batch, None).tolist() == [False, True, False]
 
 
-# lr_multiplier(step, total_steps, warmup_fraction, schedule, end_fraction), every value worked out by hand.
+@pytest.mark.parametrize(
+    "generated,kept",
+    [
+        (" FAQ: the Marsh Q: next", " FAQ: the Marsh Q:"),  # "Q:" inside "FAQ:" is text; " Q:" ends it
+        (" xQ: 12 and more", " xQ: 12 and more"),  # never a word start: the whole generation, not ended
+        ("Q: at once", "Q:"),
+        (" Paris\nFAQ: next", " Paris\n"),  # the newline first
+    ],
+)
+def test_the_fast_decoders_ends_follow_answer_ended(tokenizer, generated, kept):
+    """cbe.backends.hf.generate's host-side ends (StopStringCriteria's matches, kept where the stop string starts a
+    word) cut where answer_ended does."""
+    ends = AnswerEnds(tokenizer, ["Q:"], NewlineStop.of(tokenizer))
+    row = np.array([ids(tokenizer, generated)])
+    tails = np.full((1, ends.context), tokenizer.pad_token_id)
+    (n,), (ended,) = ends(tails, row)
+    assert tokenizer.decode(row[0, :n]) == kept
+    assert ended == answer_ended(generated, ["Q:"])
 
 
-def test_warmup_rises_linearly_from_one_over_the_warmup_steps_to_the_peak():
-    # 10 steps, 30% warmup: 3 warmup steps at 1/3, 2/3 and 3/3 of the peak; then the (constant) schedule.
-    assert [lr_multiplier(s, 10, 0.3, "constant", 0.0) for s in range(5)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1])
-    # 5 steps, 40%: 2 warmup steps; a fraction under one step (5% of 4 steps) means no warmup at all.
-    assert [lr_multiplier(s, 5, 0.4, "linear", 0.0) for s in range(2)] == pytest.approx([0.5, 1.0])
-    assert lr_multiplier(0, 4, 0.05, "cosine", 0.0) == 1.0
+# The benchmark's schedule is transformers' (its Trainer's): lr_multiplier is compared with transformers' own
+# schedulers, stepped as its Trainer steps them, with its Trainer's warmup steps for warmup_fraction.
 
 
-def test_cosine_falls_from_the_peak_after_warmup_to_the_end_fraction():
-    # 10 steps, 2 of warmup: the cosine runs over the 8 after it; cos(45 deg) = 0.70711.
-    assert [lr_multiplier(s, 10, 0.2, "cosine", 0.0) for s in (0, 1, 2, 4, 6, 8, 10)] == pytest.approx(
-        [0.5, 1.0, 1.0, (1 + 0.70711) / 2, 0.5, (1 - 0.70711) / 2, 0.0], abs=1e-5
+def transformers_multipliers(make_scheduler, steps: int, warmup_fraction: float, tmp_path) -> list[float]:
+    from transformers import TrainingArguments
+
+    warmup = TrainingArguments(output_dir=str(tmp_path), warmup_steps=warmup_fraction).get_warmup_steps(steps)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, warmup, steps)
+    multipliers = []
+    for _ in range(steps):
+        multipliers.append(optimizer.param_groups[0]["lr"])  # the lr this optimizer step runs at
+        optimizer.step()
+        scheduler.step()
+    return multipliers
+
+
+SCHEDULE_CASES = [(10, 0.1), (30, 0.1), (7, 0.3), (4, 0.0), (200, 0.05), (33, 0.2)]
+
+
+@pytest.mark.parametrize("steps,warmup", SCHEDULE_CASES)
+def test_cosine_and_linear_are_transformers_schedules_step_by_step(steps, warmup, tmp_path):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    for schedule, make in (("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup)):
+        expected = transformers_multipliers(make, steps, warmup, tmp_path)
+        ours = [lr_multiplier(s, steps, warmup, schedule, 0.0) for s in range(steps)]
+        assert ours == pytest.approx(expected, abs=1e-12), schedule
+    if warmup:
+        assert lr_multiplier(0, steps, warmup, "cosine", 0.0) == 0.0  # the first step trains at lr 0
+
+
+@pytest.mark.parametrize("steps,warmup", SCHEDULE_CASES)
+def test_end_fraction_and_constant_are_transformers_schedules(steps, warmup, tmp_path):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+    def cosine_to_a_fifth(optimizer, warmup_steps, total):
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total, min_lr_rate=0.2)
+
+    expected = transformers_multipliers(cosine_to_a_fifth, steps, warmup, tmp_path)
+    assert [lr_multiplier(s, steps, warmup, "cosine", 0.2) for s in range(steps)] == pytest.approx(expected, abs=1e-12)
+    expected = transformers_multipliers(
+        lambda optimizer, w, _: get_constant_schedule_with_warmup(optimizer, w), steps, warmup, tmp_path
     )
-    # With an end fraction of 0.2 it falls to 0.2 of the peak: halfway is 0.2 + 0.8 x 0.5.
-    assert [lr_multiplier(s, 10, 0.2, "cosine", 0.2) for s in (2, 6, 10)] == pytest.approx([1.0, 0.6, 0.2])
-
-
-def test_linear_falls_in_equal_steps_and_stays_at_the_end_fraction():
-    assert [lr_multiplier(s, 10, 0.0, "linear", 0.0) for s in (0, 1, 5, 9, 10, 12)] == pytest.approx(
-        [1.0, 0.9, 0.5, 0.1, 0.0, 0.0]
-    )
-    # 5 steps, 2 of warmup, end 0.1: after warmup 1.0, then 0.1 + 0.9 x (2/3, 1/3).
-    assert [lr_multiplier(s, 5, 0.4, "linear", 0.1) for s in range(5)] == pytest.approx([0.5, 1.0, 1.0, 0.7, 0.4])
-
-
-def test_constant_holds_the_peak_whatever_the_end_fraction():
-    assert [lr_multiplier(s, 10, 0.0, "constant", 0.1) for s in (0, 5, 9, 10)] == [1.0, 1.0, 1.0, 1.0]
+    assert [lr_multiplier(s, steps, warmup, "constant", 0.0) for s in range(steps)] == pytest.approx(expected)

@@ -1,4 +1,5 @@
-"""The training-throughput bench runs both modes through the real HF training path and ends with its ratio."""
+"""The training-throughput bench runs its modes through the real HF training path and ends with its ratio: the
+upstream style, ours packed, and ours in the benchmark's layout (data.packing=false)."""
 
 import re
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 from tests.conftest import ROOT
 
-MODE_LINE = re.compile(r"(upstream-style|ours): [\d,]+ useful tok/s, padding \d+\.\d%, batch \d+")
+MODE_LINE = re.compile(r"(upstream-style|ours|documents): [\d,]+ useful tok/s, padding \d+\.\d%, batch \d+")
 
 
 def test_train_throughput_prints_both_modes_and_a_positive_ratio():
@@ -22,6 +23,10 @@ def test_train_throughput_prints_both_modes_and_a_positive_ratio():
             "1",
             "--seq",
             "512",
+            "--variant",
+            "ours=",
+            "--variant",
+            "documents=data.packing=false",
         ],
         capture_output=True,
         text=True,
@@ -31,8 +36,9 @@ def test_train_throughput_prints_both_modes_and_a_positive_ratio():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     modes = [m for line in lines if (m := MODE_LINE.fullmatch(line))]
-    assert [m[1] for m in modes] == ["upstream-style", "ours"]
+    assert [m[1] for m in modes] == ["upstream-style", "ours", "documents"]
     padding = {m[1]: float(re.search(r"padding (\S+)%", m[0])[1]) for m in modes}
     assert padding["ours"] < padding["upstream-style"]  # packing fills the rows that truncate-and-pad leaves empty
+    assert padding["documents"] == 0  # one article per row, laid end to end: no padding computed
     ratio = re.fullmatch(r"ratio_vs_upstream: (\d+\.\d\d)", lines[-1])
     assert ratio and float(ratio[1]) > 0

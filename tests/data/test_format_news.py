@@ -59,10 +59,10 @@ def test_articles_follow_the_template_and_keep_article_idx(tmp_path):
     report = format_news(source, tmp_path / "out.jsonl")
     assert read(tmp_path / "out.jsonl") == [
         {
-            "text": "Title: Zürich votes\nDate: May 01 (2024-05-01 00:00:00 UTC)\nArticle: Line one.\nLine two.",
+            "text": "Title: Zürich votes\nDate: May 01 (2024-05-01 00:00:00 UTC)\nArticle: Line one.\nLine two.\n",
             "article_idx": 7,
         },
-        {"text": "Title: No index\nDate: Jan 02 (2024-01-02 00:00:00 UTC)\nArticle: Body."},  # no index in, none out
+        {"text": "Title: No index\nDate: Jan 02 (2024-01-02 00:00:00 UTC)\nArticle: Body.\n"},  # no index in, none out
     ]
     assert (report.articles, report.untitled, report.bad_lines, report.already_formatted) == (2, 0, 0, False)
     assert report.summary() == f"formatted 2 articles into {tmp_path / 'out.jsonl'}"
@@ -85,7 +85,7 @@ def test_articles_follow_the_template_and_keep_article_idx(tmp_path):
     ],
 )
 def test_an_iso_date_is_rendered_as_the_benchmark_does(tmp_path, date, shown):
-    assert rendered(tmp_path, date=date) == [f"Title: T\nDate: {shown}\nArticle: Body."]
+    assert rendered(tmp_path, date=date) == [f"Title: T\nDate: {shown}\nArticle: Body.\n"]
 
 
 @pytest.mark.parametrize(
@@ -102,12 +102,12 @@ def test_an_iso_date_is_rendered_as_the_benchmark_does(tmp_path, date, shown):
     ],
 )
 def test_an_unparseable_date_is_kept_as_it_is(tmp_path, date):
-    assert rendered(tmp_path, date=date) == [f"Title: T\nDate: {date}\nArticle: Body."]
+    assert rendered(tmp_path, date=date) == [f"Title: T\nDate: {date}\nArticle: Body.\n"]
 
 
 @pytest.mark.parametrize("date", [ABSENT, None, "", " \t\n "])
 def test_a_missing_null_or_blank_date_is_shown_as_na(tmp_path, date):
-    assert rendered(tmp_path, date=date) == ["Title: T\nDate: N/A\nArticle: Body."]
+    assert rendered(tmp_path, date=date) == ["Title: T\nDate: N/A\nArticle: Body.\n"]
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,34 @@ def test_a_missing_null_or_blank_date_is_shown_as_na(tmp_path, date):
     ],
 )
 def test_whitespace_in_title_and_date_is_collapsed(tmp_path, title, date, shown_title, shown_date):
-    assert rendered(tmp_path, title=title, date=date) == [f"Title: {shown_title}\nDate: {shown_date}\nArticle: Body."]
+    assert rendered(tmp_path, title=title, date=date) == [f"Title: {shown_title}\nDate: {shown_date}\nArticle: Body.\n"]
+
+
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        ("  Body.  ", "Body."),
+        ("\n\n\tBody.\n\n", "Body."),
+        (" \r\n Para one.\n\n  Para  two,\tindented. \n\n\n", "Para one.\n\n  Para  two,\tindented."),
+        ("Body.\n", "Body."),  # the benchmark's own trailing newline is not doubled
+    ],
+)
+def test_the_article_text_is_stripped_and_its_inner_text_kept(tmp_path, text, shown):
+    assert rendered(tmp_path, text=text) == [f"Title: T\nDate: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: {shown}\n"]
+
+
+def test_every_article_ends_with_exactly_one_newline(tmp_path):
+    texts = ["Body.", "Body.\n", "Body.\n\n\n", "Line one.\nLine two.\n \n", " \t x \t", "\r\nCRLF.\r\n"]
+    lines = [raw(i, text=text) for i, text in enumerate(texts)] + [raw(len(texts), title=None, text="Untitled.\n\n")]
+    source = write(tmp_path / "raw.jsonl", *lines)
+    for normalize in (False, True):
+        output = tmp_path / f"out_{normalize}.jsonl"
+        report = format_news(source, output, normalize=normalize, keep_untitled=True)
+        articles = [r["text"] for r in read(output)]
+        assert report.articles == len(articles) == len(texts) + 1
+        assert all(a.endswith("\n") and not a.endswith("\n\n") and not a.endswith(" \n") for a in articles)
+        assert all(a.count("\nArticle: ") + a.startswith("Article: ") == 1 for a in articles)
+        assert output.read_text(encoding="utf-8").count("\n") == len(articles)  # one JSON line per article
 
 
 def test_untitled_articles_are_dropped_and_counted(tmp_path):
@@ -141,11 +168,11 @@ def test_untitled_articles_are_dropped_and_counted(tmp_path):
 
 def test_keep_untitled_renders_them_without_a_title_line(tmp_path):
     assert rendered(tmp_path, keep_untitled=True, title=None, date="2025-09-01") == [
-        "Date: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body."
+        "Date: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body.\n"
     ]
-    assert rendered(tmp_path, keep_untitled=True, title=" \t ", date=ABSENT) == ["Date: N/A\nArticle: Body."]
+    assert rendered(tmp_path, keep_untitled=True, title=" \t ", date=ABSENT) == ["Date: N/A\nArticle: Body.\n"]
     assert rendered(tmp_path, keep_untitled=True, title="Kept\ttoo") == [
-        "Title: Kept too\nDate: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body."
+        "Title: Kept too\nDate: Sep 01 (2025-09-01 00:00:00 UTC)\nArticle: Body.\n"
     ]
 
 
@@ -164,8 +191,8 @@ def test_cli_formats_and_keeps_untitled_on_request(tmp_path, capsys):
     cli.main(["format-news", "--input", str(source), "--output", str(output), "--overwrite", "--keep-untitled"])
     assert capsys.readouterr().out == f"formatted 2 articles into {output}\n"
     assert [r["text"] for r in read(output)] == [
-        "Title: A headline\nDate: N/A\nArticle: Body of the article.",
-        "Date: Sep 01 (2025-09-01 10:00:00 UTC)\nArticle: Body of the article.",
+        "Title: A headline\nDate: N/A\nArticle: Body of the article.\n",
+        "Date: Sep 01 (2025-09-01 10:00:00 UTC)\nArticle: Body of the article.\n",
     ]
 
 
@@ -197,10 +224,12 @@ def test_formatted_output_is_left_alone(tmp_path, keep_untitled):
 @pytest.mark.parametrize(
     "text",
     [
-        "Title: T\nDate: 2024-05-01\nArticle: x",  # an older cbe kept ISO dates as they were
-        "Title: T\nArticle: x",  # and left out a missing date's line
-        "Article: x",
-        "Title: Two  spaces\nDate: N/A\nArticle: x",  # and kept the title's whitespace
+        "Title: T\nDate: 2024-05-01\nArticle: x\n",  # an older cbe kept ISO dates as they were
+        "Title: T\nArticle: x\n",  # and left out a missing date's line
+        "Article: x\n",
+        "Title: Two  spaces\nDate: N/A\nArticle: x\n",  # and kept the title's whitespace
+        "Title: T\nDate: N/A\nArticle: x",  # and ended an article without a newline
+        "Date: N/A\nArticle: x",
     ],
 )
 def test_a_file_formatted_by_an_older_cbe_is_refused(tmp_path, text):
@@ -209,6 +238,40 @@ def test_a_file_formatted_by_an_older_cbe_is_refused(tmp_path, text):
     with pytest.raises(UserError, match=r"old.jsonl:1: formatted by an older cbe, not as the benchmark renders news"):
         format_news(source, source, overwrite=True)
     assert source.read_bytes() == before and os.listdir(tmp_path) == ["old.jsonl"]
+
+
+def test_a_file_in_the_previous_format_is_refused_in_one_line(tmp_path, capsys):
+    # The format before final newlines: the same file but for the "\n" that ends each article's text.
+    source = write(tmp_path / "raw.jsonl", raw(0), raw(1, title=None), raw(2, date="2025-09-01T12:00:00Z"))
+    current = tmp_path / "current.jsonl"
+    format_news(source, current, keep_untitled=True)
+    previous = [{**r, "text": r["text"].removesuffix("\n")} for r in read(current)]
+    assert all(not r["text"].endswith("\n") for r in previous)
+    old = write(tmp_path / "old.jsonl", *(json.dumps(r, ensure_ascii=False) for r in previous))
+    before = old.read_bytes()
+    with pytest.raises(UserError, match=r"old.jsonl:1: formatted by an older cbe, not as the benchmark renders news"):
+        format_news(old, old, overwrite=True)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["format-news", "--input", str(old), "--output", str(old), "--overwrite"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("cbe: error: ") and "old.jsonl:1: formatted by an older cbe" in err
+    assert old.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["current.jsonl", "old.jsonl", "raw.jsonl"]
+    # Only the final newline tells them apart: the current file is left alone.
+    assert fn.rendered_as_benchmark(read(current)[0]["text"]) and not fn.rendered_as_benchmark(previous[0]["text"])
+    assert format_news(current, current, overwrite=True).already_formatted
+
+
+@pytest.mark.parametrize("keep_untitled", [False, True])
+def test_formatting_a_formatted_file_twice_changes_nothing(tmp_path, keep_untitled):
+    source = write(tmp_path / "raw.jsonl", raw(0, title=None, text="\n Untitled.\n"), raw(1, text="  Body.\n\n"))
+    format_news(source, source, overwrite=True, keep_untitled=keep_untitled)
+    before = source.read_bytes()
+    assert all(r["text"].endswith(".\n") for r in read(source))
+    for _ in range(2):
+        report = format_news(source, source, overwrite=True, keep_untitled=keep_untitled)
+        assert report.already_formatted and report.articles == 0
+        assert source.read_bytes() == before and os.listdir(tmp_path) == ["raw.jsonl"]
 
 
 def test_a_formatted_line_in_a_raw_file_is_refused(tmp_path):
@@ -304,7 +367,7 @@ def test_normalize_applies_to_title_date_and_text(tmp_path):
         tmp_path / "raw.jsonl", raw(0, title=" Ta&amp;lk\t\tshow ", date="&nbsp;", text="Hi&nbsp;there\r\n\r\n\r\nbye ")
     )
     format_news(source, tmp_path / "out.jsonl", normalize=True)
-    assert read(tmp_path / "out.jsonl")[0]["text"] == "Title: Ta&lk show\nDate: N/A\nArticle: Hi there\n\nbye"
+    assert read(tmp_path / "out.jsonl")[0]["text"] == "Title: Ta&lk show\nDate: N/A\nArticle: Hi there\n\nbye\n"
     with pytest.raises(UserError, match=r"raw.jsonl:1: field 'text' is empty once normalized"):
         format_news(write(source, raw(0, text="&nbsp;\x00")), tmp_path / "out.jsonl", overwrite=True, normalize=True)
 

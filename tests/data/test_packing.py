@@ -5,10 +5,12 @@ import pytest
 
 from cbe.data.packing import (
     IGNORE,
+    back_to_back,
     best_fit_decreasing,
+    document_rows,
     epochs_seen,
     pack_documents,
-    packed_corpus,
+    corpus_rows,
     repetition_report,
     split_long,
     tokenize_file,
@@ -63,6 +65,37 @@ def test_short_documents_stay_whole_and_padding_is_never_trained():
             assert rows.input_ids[r, a] == 2 and rows.labels[r, a] == IGNORE
 
 
+def test_document_rows_cut_each_document_to_the_row_with_its_eos_kept():
+    docs = docs_of([3, 62, 63, 200])  # [BOS] text [EOS]: 5, 64, 65 and 202 tokens, rows of 64
+    rows = document_rows(docs, length=64, pad_id=0)
+    assert len(rows) == 4 and rows.one_document_per_row
+    assert list(rows.lengths) == [5, 64, 64, 64]
+    for row, doc in enumerate(docs):
+        n = rows.lengths[row]
+        kept = rows.input_ids[row, :n]
+        assert kept[0] == 2 and kept[-1] == 1  # BOS first, EOS last, also where the document was cut
+        assert np.array_equal(kept[:-1], doc[: n - 1])  # the document's own first tokens
+        assert rows.labels[row, 0] == IGNORE and np.array_equal(rows.labels[row, 1:n], kept[1:])  # BOS is no target
+        assert (rows.labels[row, n:] == IGNORE).all()
+    assert rows.cut_tokens == (65 - 64) + (202 - 64)
+    assert "3 documents at the 64-token limit, 139 tokens (" in rows.describe("train")
+
+
+def test_back_to_back_lays_real_tokens_end_to_end_without_padding():
+    rows = document_rows(docs_of([3, 62, 20, 200]), length=64, pad_id=0)
+    index = np.array([3, 0, 2])
+    laid = back_to_back(rows, index)
+    assert laid.input_ids.shape == (1, 64 + 5 + 22)  # exactly the real tokens: none of the padding
+    expected = np.concatenate([rows.input_ids[i, : rows.lengths[i]] for i in index])
+    assert np.array_equal(laid.input_ids[0], expected)
+    assert list(np.flatnonzero(laid.position_ids[0] == 0)) == [0, 64, 69]  # each document restarts its positions
+    assert laid.trained_tokens == sum(rows.lengths[i] - 1 for i in index)  # every token after each BOS, no more
+    # In parts (one per device), each padded at its end to a common length rounded up to `multiple`.
+    two = back_to_back(rows, index, parts=2, multiple=32)
+    assert two.input_ids.shape == (2, 96) and list(two.lengths) == [69, 22]
+    assert (two.labels[1, 22:] == IGNORE).all() and two.trained_tokens == laid.trained_tokens
+
+
 def test_best_fit_decreasing_fills_tightly():
     bins = best_fit_decreasing([60, 40, 30, 30, 20, 10, 10], capacity=100)
     assert sorted(sum([60, 40, 30, 30, 20, 10, 10][i] for i in b) for b in bins) == [100, 100]
@@ -99,7 +132,7 @@ def test_tokenization_is_cached_by_file_and_tokenizer(tmp_path, monkeypatch):
     corpus.write_text('{"text": "Changed."}\n')
     assert len(tokenize_file(corpus, tok, tmp_path / "cache")) == 1
     assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 3
-    rows = packed_corpus("data/sample/train.jsonl", tok, 256, tmp_path / "cache")
+    rows = corpus_rows("data/sample/train.jsonl", tok, 256, tmp_path / "cache", packing=True)
     assert rows.describe("train").startswith("train: ") and rows.trained_tokens > 1000
     assert len(rows) == 8  # the sample track's rows, which the repetition tests below count with
 
@@ -108,9 +141,9 @@ def test_the_sample_recipe_is_told_that_each_step_holds_the_whole_corpus():
     """The sample track packs into 8 rows; its recipe takes 8 rows a step for 160 steps: 1 epoch a step, 160 in all."""
     report = repetition_report(num_rows=8, effective_batch_size=8, num_train_steps=160)
     assert report == [
-        "repetition: the training corpus is 8 packed rows; one optimizer step (8 rows) is 1 epoch, the whole run "
+        "repetition: the training corpus is 8 packed rows; one optimizer step (8 packed rows) is 1 epoch, the whole run "
         "(160 steps) 160 epochs",
-        "warning: one optimizer step holds the whole training corpus (8 rows a step, 8 packed rows), so every step "
+        "warning: one optimizer step holds the whole training corpus (8 packed rows a step, 8 packed rows), so every step "
         "sees every row and the run repeats the corpus 160 times; lower training.effective_batch_size or train on a "
         "larger corpus",
     ]
@@ -119,14 +152,17 @@ def test_the_sample_recipe_is_told_that_each_step_holds_the_whole_corpus():
 def test_repetition_counts_epochs_per_step_and_per_run():
     # The issue's tiny corpus: 4 rows under a batch of 32 for 30 steps, 8 times a step and 240 times over the run.
     tiny = repetition_report(4, 32, 30)
-    assert "one optimizer step (32 rows) is 8 epochs, the whole run (30 steps) 240 epochs" in tiny[0]
-    assert tiny[1].startswith("warning: one optimizer step holds the training corpus 8 times over (32 rows a step, ")
+    assert "one optimizer step (32 packed rows) is 8 epochs, the whole run (30 steps) 240 epochs" in tiny[0]
+    assert tiny[1].startswith("warning: one optimizer step holds the training corpus 8 times over (32 packed rows a step, ")
     assert "the run repeats the corpus 240 times" in tiny[1]
     # A corpus larger than a step is only reported, however many epochs the run makes of it.
     assert repetition_report(5000, 32, 10_000) == [
-        "repetition: the training corpus is 5,000 packed rows; one optimizer step (32 rows) is 0.0064 epochs, the "
+        "repetition: the training corpus is 5,000 packed rows; one optimizer step (32 packed rows) is 0.0064 epochs, the "
         "whole run (10,000 steps) 64 epochs"
     ]
+    assert repetition_report(3000, 32, 100, "document")[0].startswith(
+        "repetition: the training corpus is 3,000 documents; one optimizer step (32 documents) is 0.0107 epochs"
+    )
     assert len(repetition_report(33, 32, 10_000)) == 1 and len(repetition_report(32, 32, 1)) == 2
     assert len(repetition_report(8, 8, 0)) == 1  # a run of no steps repeats nothing
     # The epoch the backends log: rows seen / packed rows.

@@ -192,7 +192,7 @@ def test_stage_files_keep_the_records_and_the_corpora_are_formatted_as_the_bench
     news_track(tmp_path / "data", train=[article(1, "2025-09-07T23:59:59", title="A  vote")], valqa=[qa])
     folder = cut(tmp_path, "--track", "news") / "news_weekly"
     assert records(folder / "w1" / "train.jsonl")[0] == {
-        "text": "Title: A vote\nDate: Sep 07 (2025-09-07 23:59:59 UTC)\nArticle: Body of article 1.",
+        "text": "Title: A vote\nDate: Sep 07 (2025-09-07 23:59:59 UTC)\nArticle: Body of article 1.\n",
         "article_idx": 1,
     }
     assert records(folder / "w1" / "valqa.jsonl")[0] == qa  # QA records as they were, every field kept

@@ -3,11 +3,13 @@
 import json
 import re
 
+import numpy as np
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cbe.config import validate
+from cbe.data.packing import document_rows
 from cbe.data.jsonl import load_qa
 from cbe.eval.evaluator import QAEvaluator, stop_strings, unescape
 from cbe.run import RunDir, read_jsonl
@@ -44,8 +46,12 @@ class ScriptedModel:
         asked = [question for question in self.answers if question in prompt]
         return self.answers[max(asked, key=prompt.rfind)] if asked else ""
 
-    def loss(self, rows, batch_size):
-        return 1.5
+    def loss_sums(self, rows, batches):
+        return np.array([[3.0, 2.0, 1.0]] * len(batches))  # a token mean of 1.5 in every batch
+
+
+# The validation rows an evaluation measures eval_loss on: 3 documents, one batch of eval.loss_batch_size.
+VAL_ROWS = document_rows([np.array([2, 10, 11, 1]), np.array([2, 12, 1]), np.array([2, 1])], 8, 0)
 
 
 @pytest.fixture
@@ -103,7 +109,7 @@ def evaluator(tmp_path, prefix, **overrides):
         support_thresholds=[2],
         num_examples=1,
         max_questions=None,
-        val_loss_batch_size=8,
+        loss_batch_size=8,
     )
     return QAEvaluator(data, RunDir(tmp_path / "run"), **{**options, **overrides})
 
@@ -113,11 +119,11 @@ def test_prompts_put_the_prefix_before_the_question_with_a_blank_line(news_like)
     model = ScriptedModel(
         {"Who won?": " Ada Lovelace\n", "Which year?": "\n1843\n", "What types of moves?": " Ice and Fire"}
     )
-    metrics = evaluator(tmp_path, prefix).evaluate(model, 0, None)
+    metrics = evaluator(tmp_path, prefix).evaluate(model, 0, VAL_ROWS)
     assert model.prompts[0] == "Answer briefly.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n\nQ: Who won?\nA:"
     assert metrics["valqa_exact_match"] == 1.0 and metrics["testqa_fuzzy_match"] == 1.0
     zero_shot = ScriptedModel(model.answers)
-    evaluator(tmp_path, None, prompt_prefix_file=None).evaluate(zero_shot, 0, None)
+    evaluator(tmp_path, None, prompt_prefix_file=None).evaluate(zero_shot, 0, VAL_ROWS)
     assert zero_shot.prompts[0] == "Q: Who won?\nA:"
 
 
@@ -126,7 +132,7 @@ def test_details_keep_what_scoring_needs_and_not_the_whole_record(news_like):
     model = ScriptedModel(
         {"Who won?": " Ada Lovelace won\n", "Which year?": "", "What types of moves?": " Ice and Fire"}
     )
-    evaluator(tmp_path, prefix).evaluate(model, 5, None)
+    evaluator(tmp_path, prefix).evaluate(model, 5, VAL_ROWS)
     news = read_jsonl(tmp_path / "run" / "eval_details" / "valqa_step_000005.jsonl")
     assert set(news[0]) == {
         "question",
@@ -152,22 +158,37 @@ def test_num_examples_prints_that_many_predictions_and_max_questions_limits_the_
     tmp_path, prefix = news_like
     model = ScriptedModel({"Who won?": " Ada Lovelace\n", "Which year?": "1843", "What types of moves?": "Ice"})
     ev = evaluator(tmp_path, prefix, num_examples=2, max_questions=1)
-    report = ev.report(ev.evaluate(model, 0, None))
+    report = ev.report(ev.evaluate(model, 0, VAL_ROWS))
     assert ev.qa_sets["valqa"] == ev.qa_sets["valqa"][:1] and len(model.prompts) == 2
     assert re.findall(r"^\[(\w+)\] (\w+):", report, re.M) == [("exact", "valqa"), ("wrong", "testqa")]
     silent = evaluator(tmp_path, prefix, num_examples=0)
-    assert not re.findall(r"^\[", silent.report(silent.evaluate(model, 0, None)), re.M)
+    assert not re.findall(r"^\[", silent.report(silent.evaluate(model, 0, VAL_ROWS)), re.M)
+
+
+def test_eval_loss_batches_are_loss_batch_size_rows_in_order_capped_at_loss_max_batches(news_like):
+    tmp_path, prefix = news_like
+    asked = []
+
+    class Recording(ScriptedModel):
+        def loss_sums(self, rows, batches):
+            asked.append([b.tolist() for b in batches])
+            return super().loss_sums(rows, batches)
+
+    model = Recording({})
+    evaluator(tmp_path, prefix, loss_batch_size=2).evaluate(model, 0, VAL_ROWS)
+    evaluator(tmp_path, prefix, loss_batch_size=1, loss_max_batches=2).evaluate(model, 0, VAL_ROWS)
+    assert asked == [[[0, 1], [2]], [[0], [1]]]
 
 
 def test_eval_loss_names_its_corpus_or_is_skipped(news_like):
     tmp_path, prefix = news_like
     model = ScriptedModel({"Who won?": "Ada", "Which year?": "1843", "What types of moves?": "Ice"})
     ev = evaluator(tmp_path, prefix)
-    measured = ev.evaluate(model, 0, None)
+    measured = ev.evaluate(model, 0, VAL_ROWS)
     assert (measured["eval_loss"], measured["eval_loss_data"]) == (1.5, "val.jsonl")
     assert "eval_loss 1.5000 on val.jsonl" in ev.report(measured)
     skipped = evaluator(tmp_path, prefix, loss=False)
-    metrics = skipped.evaluate(model, 0, None)
+    metrics = skipped.evaluate(model, 0, VAL_ROWS)
     assert metrics["eval_loss"] is None and "eval_loss not measured" in skipped.report(metrics)
 
 
@@ -182,11 +203,11 @@ def test_the_configs_prompt_prefix_file_starts_every_prompt_of_every_set(tmp_pat
     prefix.write_text("Answer in a few words.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n")
     asked = [r["question"] for name in ("valqa", "testqa") for r in load_qa(f"data/sample/{name}.jsonl")[:3]]
     model = ScriptedModel({})
-    evaluator_of(tmp_path, f"eval.prompt_prefix_file={prefix}", "eval.max_questions=3").evaluate(model, 0, None)
+    evaluator_of(tmp_path, f"eval.prompt_prefix_file={prefix}", "eval.max_questions=3").evaluate(model, 0, VAL_ROWS)
     # The sample task's template is "{question}"; the file's text, then a blank line, then the question.
     assert model.prompts == [f"Answer in a few words.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n\n{q}" for q in asked]
     zero_shot = ScriptedModel({})
-    evaluator_of(tmp_path, "eval.max_questions=3").evaluate(zero_shot, 0, None)  # the sample task has no prefix
+    evaluator_of(tmp_path, "eval.max_questions=3").evaluate(zero_shot, 0, VAL_ROWS)  # the sample task has no prefix
     assert zero_shot.prompts == asked
 
 
@@ -206,7 +227,7 @@ def test_every_extra_qa_set_is_asked_scored_reported_and_written(tmp_path):
         f"+data.extra_qa_paths.held={tmp_path / 'held.jsonl'}",
         "eval.max_questions=2",
     )
-    metrics = ev.evaluate(model, 20, None)
+    metrics = ev.evaluate(model, 20, VAL_ROWS)
     assert (metrics["rare_n"], metrics["rare_exact_match"], metrics["rare_token_f1"]) == (2, 0.5, 0.5)
     assert (metrics["rare_n_supports_ge_2"], metrics["rare_exact_match_supports_ge_2"]) == (1, 0.0)  # 11, not 12
     assert (metrics["held_n"], metrics["held_exact_match"]) == (1, 1.0)

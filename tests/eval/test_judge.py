@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cbe import cli
 from cbe.eval.judge import JudgeError, load_keys, parse_verdict, summarize_judged
@@ -262,6 +264,12 @@ def test_failures_are_errors_not_zeros_and_resume_retries_only_them(details, cap
         ("output exists", "_llm_judged.jsonl exists; pass --resume to continue it"),
         ("no concurrency", "--concurrency must be 1 or more, got 0"),
         ("another judge model", "_llm_judged.jsonl was judged with gemini-old, not gemini-2.5-flash-lite; resume with"),
+        ("another response field", "_llm_judged.jsonl was judged with raw, not parsed; resume with that --response"),
+        ("no raw predictions", "record 1 has no raw_prediction string"),
+        ("missing prompt file", "--prompt-file nope.txt: no such file; write a judge prompt there (the placeholders"),
+        ("unknown placeholder", "judge_prompt.txt: unknown placeholder {answer}; the placeholders are {question}, "),
+        ("lone brace", "judge_prompt.txt: not a valid template (Single '}' encountered"),
+        ("no prediction placeholder", "judge_prompt.txt: no {prediction} placeholder"),
     ],
 )
 def test_user_mistakes_are_one_line(details, capfd, monkeypatch, case, message):
@@ -289,6 +297,25 @@ def test_user_mistakes_are_one_line(details, capfd, monkeypatch, case, message):
         args += ["--resume"]
     if case == "output exists":
         (details.parent / "testqa_step_000010_llm_judged.jsonl").write_text("")
+    if case == "another response field":
+        first = {"index": 0, "question": read_jsonl(details)[0]["question"], "judge_model": "gemini-2.5-flash-lite"}
+        first |= {"judge_response_field": "raw", "llm_match": True}
+        (details.parent / "testqa_step_000010_llm_judged.jsonl").write_text(json.dumps(first) + "\n")
+        args += ["--resume"]
+    if case == "no raw predictions":
+        records = [{k: v for k, v in r.items() if k != "raw_prediction"} for r in read_jsonl(details)]
+        details.write_text("".join(json.dumps(r) + "\n" for r in records))
+        args += ["--response-field", "raw"]
+    if case == "missing prompt file":
+        args += ["--prompt-file", "nope.txt"]
+    prompts = {
+        "unknown placeholder": "Q {question} A {answer} P {prediction}",
+        "lone brace": "Reply as JSON: {prediction} }",
+        "no prediction placeholder": "Question: {question}\nGold answer: {ground_truth}",
+    }
+    if case in prompts:
+        (details.parent / "judge_prompt.txt").write_text(prompts[case])
+        args += ["--prompt-file", str(details.parent / "judge_prompt.txt")]
     with pytest.raises(SystemExit) as exit_info:
         judge(*args)
     err = capfd.readouterr().err
@@ -481,3 +508,180 @@ def test_max_records_then_resume_with_the_qa_file(benchmark_files, capsys):
     assert [r.get("supports") for r in judged] == [1, 3, 2, 2, 1, None]
     summary = read_jsonl(details.parent / "testqa_step_000100_summary.jsonl")
     assert [(s["group"], s["value"], s["n"]) for s in summary] == [("all", None, 6), ("supports_ge", 2, 3)]
+
+
+# -- what is judged, with what prompt, and settings from the run ------------------------------------------
+def ask(standin: GeminiStandIn, details: Path, *args: str) -> None:
+    judge("--input", str(details), "--base-url", standin.url, *args)
+
+
+def test_response_field_raw_judges_the_raw_generation(details, monkeypatch):
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    records = read_jsonl(details)
+    records[5]["raw_prediction"] = " blue, or ochre\n\nQ: next"  # gold ochre: only the raw generation has it
+    details.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with GeminiStandIn(keys=(KEY,)) as standin:
+        ask(standin, details, "--response-field", "raw", "--output-dir", "raw")
+        raw_asked = {r["question"]: r["prediction"] for r in standin.requests}
+        standin.requests.clear()
+        ask(standin, details, "--output-dir", "parsed")  # the default: the parsed answer
+        parsed_asked = {r["question"]: r["prediction"] for r in standin.requests}
+    # The raw generation, on one line (whitespace runs become one space), else the parsed answer.
+    assert raw_asked == {r["question"]: " ".join(r["raw_prediction"].split()) for r in records}
+    assert raw_asked[records[0]["question"]] == "teal. Q: next"
+    assert parsed_asked == {r["question"]: r["parsed_prediction"] for r in records}
+    raw, parsed = (read_jsonl(Path(d) / "testqa_step_000010_llm_judged.jsonl") for d in ("raw", "parsed"))
+    assert [r["llm_match"] for r in raw] == [True, True, False, True, False, True]
+    assert [r["llm_match"] for r in parsed] == [True, True, False, True, False, False]
+    assert {r["judge_response_field"] for r in raw} == {"raw"} and {r["judge_response_field"] for r in parsed} == {
+        "parsed"
+    }
+    raw_all, parsed_all = (read_jsonl(Path(d) / "testqa_step_000010_summary.jsonl")[0] for d in ("raw", "parsed"))
+    assert raw_all["judge_response_field"] == "raw" and raw_all["llm_match"] == pytest.approx(4 / 6)
+    # The string metrics stay those of the parsed answer (what the harness scored): only the judge's input moved.
+    assert [raw_all[m] for m in ("exact_match", "substring_match", "fuzzy_match")] == [
+        parsed_all[m] for m in ("exact_match", "substring_match", "fuzzy_match")
+    ]
+
+
+def test_prompt_file_replaces_the_built_in_prompt(details, monkeypatch, capfd):
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    template = (
+        "Grade it as the benchmark does; reply 1 or 0.\n"
+        "Predicted answer: {prediction}\nQuestion: {question}\nGold answer: {ground_truth}\n"
+        'Reply as a digit, not as {{"verdict": 1}}.'
+    )
+    prompt_file = details.parent / "benchmark_judge.txt"
+    prompt_file.write_text(template)
+    records = read_jsonl(details)
+    with GeminiStandIn(keys=(KEY,)) as standin:
+        ask(standin, details, "--prompt-file", str(prompt_file))
+        asked = {r["question"]: r["prompt"] for r in standin.requests}
+        assert asked == {
+            r["question"]: template.format(
+                question=r["question"], ground_truth=r["ground_truth"], prediction=r["parsed_prediction"]
+            )
+            for r in records
+        }
+        assert asked[records[1]["question"]].endswith(
+            "Predicted answer: glowing ember moss\nQuestion: Question 1: what of the Tazzerine?\n"
+            'Gold answer: ember moss\nReply as a digit, not as {"verdict": 1}.'
+        )
+        judged = read_jsonl(details.parent / "testqa_step_000010_llm_judged.jsonl")
+        assert [r["llm_match"] for r in judged] == [True, True, False, True, False, False]
+        [prompt_id] = {r["judge_prompt"] for r in judged}
+        assert re.fullmatch(r"sha256:[0-9a-f]{12}", prompt_id)
+        overall = read_jsonl(details.parent / "testqa_step_000010_summary.jsonl")[0]
+        assert (overall["judge_prompt"], overall["judge_prompt_file"]) == (prompt_id, str(prompt_file))
+        capfd.readouterr()
+        # Verdicts of one prompt are never resumed with another (here the built-in one).
+        with pytest.raises(SystemExit):
+            ask(standin, details, "--resume")
+    err = capfd.readouterr().err
+    assert f"was judged with {prompt_id}, not built-in; resume with that --prompt-file" in err
+
+
+def test_summary_option_writes_the_printed_numbers_as_json(details, monkeypatch, capsys):
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    summary_path = details.parent / "reports" / "judge.json"  # its folder is made
+    summary_path.parent.mkdir()
+    summary_path.write_text("an older report\n")
+    with GeminiStandIn(keys=(KEY,)) as standin:
+        standin.faults = {"Question 4: what of the Clavendrell?": [400]}  # no verdict: the command exits 1
+        with pytest.raises(SystemExit) as exit_info:
+            ask(standin, details, "--summary", str(summary_path), "--stratify", "geminon_name")
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    written = json.loads(summary_path.read_text())
+    printed = re.search(
+        r"judged (\d+) of (\d+) records \((\d+) from before\): llm_match ([\d.]+), exact ([\d.]+), "
+        r"substring ([\d.]+), fuzzy ([\d.]+); the judge flips (\d+) up and (\d+) down vs exact",
+        out,
+    )
+    assert printed, out
+    assert [written[k] for k in ("judged", "n", "resumed")] == [int(g) for g in printed.groups()[:3]] == [5, 6, 0]
+    for key, text in zip(("llm_match", "exact_match", "substring_match", "fuzzy_match"), printed.groups()[3:7]):
+        assert f"{written[key]:.3f}" == text
+    assert (written["judge_yes_exact_no"], written["judge_no_exact_yes"]) == tuple(map(int, printed.groups()[7:]))
+    assert written["errors"] == 1 and len(written["llm_match_ci95"]) == 2
+    assert written["judged_file"] == str(details.parent / "testqa_step_000010_llm_judged.jsonl")
+    assert written == {**read_jsonl(details.parent / "testqa_step_000010_summary.jsonl")[0], **written}
+    assert [s["value"] for s in written["strata"]] == ["Clavendrell", "Ixtrelle", "Lirrawell", "Tazzerine", "Zorblat"]
+    assert f"wrote {summary_path}" in out
+    assert sorted(p.name for p in summary_path.parent.iterdir()) == ["judge.json"]  # replaced, no temp file left
+
+
+def write_run(root: Path, started_in: Path, records: list[dict], thresholds: list[int]) -> Path:
+    """A cbe run dir (RunDir's layout) started in `started_in`: its config.yaml names QA files relative to that
+    dir and eval.support_thresholds; Hydra's .hydra/hydra.yaml records the dir. Returns its testqa details file."""
+    config = {
+        "data": {
+            "valqa_path": "data/qa/valqa.jsonl",
+            "testqa_path": "data/qa/testqa.jsonl",
+            "extra_qa_paths": {},
+            "stages": [],
+        },
+        "eval": {"support_thresholds": thresholds, "qa_data": None},
+        "continual": {"retention_qa_path": None},
+    }
+    (root / ".hydra").mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    (root / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"cwd": str(started_in)}}}))
+    details = root / "eval_details" / "testqa_step_000010.jsonl"
+    details.parent.mkdir()
+    details.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return details
+
+
+def write_qa(path: Path, records: list[dict], supports: list[int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [{"question": r["question"], "answer": r["ground_truth"], "supports": s} for r, s in zip(records, supports)]
+    path.write_text("".join(json.dumps(q) + "\n" for q in lines))
+    return path
+
+
+def test_a_run_file_takes_its_qa_file_and_support_thresholds_from_the_runs_config(details, monkeypatch, capsys):
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    records = [{k: v for k, v in r.items() if k != "supports"} for r in read_jsonl(details)]  # supports: QA's
+    start = details.parent.parent / "checkout"  # where the run was started (the cwd is elsewhere)
+    qa = write_qa(start / "data" / "qa" / "testqa.jsonl", records, [5, 1, 3, 5, 2, 1])
+    run = details.parent.parent / "outputs" / "cbe" / "run"
+    run_details = write_run(run, start, records, [3, 5])
+    config = run / "config.yaml"
+
+    def strata(output_dir: str) -> list[tuple]:
+        summary = read_jsonl(Path(output_dir) / "testqa_step_000010_summary.jsonl")
+        return [(s["group"], s["value"], s["n"], s["llm_match"]) for s in summary]
+
+    with GeminiStandIn(keys=(KEY,)) as standin:
+        ask(standin, run_details, "--output-dir", "from_config")
+        err = capsys.readouterr().err
+        # Verdicts [1, 1, 0, 1, 0, 0]; supports >= 3: records 0, 2, 3; >= 5: records 0 and 3.
+        assert strata("from_config") == [("all", None, 6, 0.5), ("supports_ge", 3, 3, 2 / 3), ("supports_ge", 5, 2, 1)]
+        assert f"cbe: note: QA file {qa} from {config}; support thresholds 3 5 from {config}\n" in err
+        overall = read_jsonl(Path("from_config") / "testqa_step_000010_summary.jsonl")[0]
+        assert overall["qa"] == str(qa) and overall["qa_from"] == overall["support_thresholds_from"] == str(config)
+
+        # Flags win over the config, each on its own; --support-thresholds with no K asks for none.
+        other = write_qa(details.parent / "other_qa.jsonl", records, [1, 1, 1, 1, 1, 4])
+        ask(standin, run_details, "--output-dir", "flags", "--qa", str(other), "--support-thresholds", "4")
+        assert strata("flags") == [("all", None, 6, 0.5), ("supports_ge", 4, 1, 0)]
+        err = capsys.readouterr().err
+        assert f"note: QA file {other} from --qa; support thresholds 4 from --support-thresholds\n" in err
+        ask(standin, run_details, "--output-dir", "none", "--support-thresholds")
+        assert strata("none") == [("all", None, 6, 0.5)]
+        assert f"note: QA file {qa} from {config}; support thresholds none from --support-thresholds\n" in (
+            capsys.readouterr().err
+        )
+
+        # A QA file the config names but that is not found (no record of where the run started): said, and the
+        # file's own supports (none here) are used.
+        (run / ".hydra" / "hydra.yaml").unlink()
+        ask(standin, run_details, "--output-dir", "missing")
+        assert strata("missing") == [("all", None, 6, 0.5)]
+        err = capsys.readouterr().err
+        assert (
+            f"note: no QA file; support thresholds 3 5 from {config}; no QA file from {config}: its QA file of set "
+            "testqa, data/qa/testqa.jsonl, is not here; pass --qa QA_FILE to join supports\n"
+        ) in err
+        assert f"note: no supports in {run_details}; pass --qa QA_FILE to stratify by support" in err

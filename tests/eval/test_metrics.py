@@ -1,8 +1,18 @@
 """Parsing and metrics follow the benchmark's published rules (issue 13), and ours where we differ on purpose."""
 
+import numpy as np
 import pytest
 
-from cbe.eval.metrics import exact_match, fuzzy_match, normalize, score_answer, substring_match, summarize, token_f1
+from cbe.eval.metrics import (
+    eval_loss_metrics,
+    exact_match,
+    fuzzy_match,
+    normalize,
+    score_answer,
+    substring_match,
+    summarize,
+    token_f1,
+)
 from cbe.eval.parse import parse_answer
 
 
@@ -14,6 +24,13 @@ from cbe.eval.parse import parse_answer
         ("1843 Q: next question", "1843"),
         ("e.g.", "e.g"),  # one trailing period only
         ("", ""),
+        # "Q:" ends the answer only where it starts a word: at the start, or after a space, tab or newline.
+        (" FAQ: the Glass Marsh.\nQ: next", "FAQ: the Glass Marsh"),
+        (" xQ: 12 Q: next", "xQ: 12"),
+        ("Q: next question", ""),
+        (" 1843\tQ: next", "1843"),
+        (" Paris.Q: next", "Paris.Q: next"),  # glued to the period: not a word start
+        (" Paris q: next", "Paris q: next"),  # case-sensitive (the benchmark's parser also stops at "q:")
     ],
 )
 def test_parse_answer(raw, parsed):
@@ -148,3 +165,15 @@ def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
     assert summarize(details)["fuzzy_match_ci95"] == m["fuzzy_match_ci95"]  # fixed seed
     assert m["substring_match"] == 0.334 and m["substring_match_ci95"][0] < 0.334 < m["substring_match_ci95"][1]
     assert summarize([])["exact_match_ci95"] is None and summarize([])["n"] == 0
+
+
+def test_eval_loss_is_the_benchmarks_batch_weighted_mean_with_one_document_per_row():
+    # Two batches: 1 document with 1 target token (loss 2.0), 3 documents with 4 target tokens (loss 6.0 in all).
+    sums, documents = np.array([[2.0, 1, 1], [6.0, 4, 2]]), np.array([1, 3])
+    benchmark = eval_loss_metrics(sums, documents, one_document_per_row=True)
+    # Batch means 2.0 and 1.5, weighted by documents: (2.0 x 1 + 1.5 x 3) / 4; the token mean is 8 / 5.
+    assert benchmark == pytest.approx(
+        {"eval_loss": 1.625, "eval_loss_token_mean": 1.6, "eval_mean_token_accuracy": 0.6}
+    )
+    packed = eval_loss_metrics(sums, documents, one_document_per_row=False)
+    assert packed["eval_loss"] == pytest.approx(1.6) == packed["eval_loss_token_mean"]

@@ -1,6 +1,6 @@
-"""Greedy QA answers over a static KV cache: the shared few-shot prefix computed once, and on a GPU each decode step
-replayed as one CUDA graph (generation is launch-bound: a decode step of Gemma 3 1B launches about 2,000 small
-kernels, each costing more to launch than to run).
+"""QA answers (greedy, or sampled as cbe.backends.sampling defines) over a static KV cache: the shared few-shot
+prefix computed once, and on a GPU each decode step replayed as one CUDA graph (generation is launch-bound: a
+decode step of Gemma 3 1B launches about 2,000 small kernels, each costing more to launch than to run).
 
 Why our own loop rather than `model.generate(cache_implementation="static")` with its compiled step: generate cannot
 share one prefix among the rows of a left-padded batch, checks its stopping criteria on the host after every token,
@@ -20,8 +20,12 @@ left-padded prompt. Attention is masked by position rather than slot: a key is s
 query's (and, in a sliding layer, less than a window before it). Padding sits at position 2**30, after every real
 token, so no real token sees it, and answer slots not yet written hold positions after the current one.
 
-Answers end where `model.generate` would have ended them (EOS, cbe.backends.base's newline rule, transformers'
-StopStringCriteria), decided on the host every few steps: the device never waits for a per-token check.
+Answers end where `model.generate` would have ended them (EOS, cbe.backends.base's newline rule, a stop string that
+starts a word: `answer_ended`), decided on the host every few steps: the device never waits for a per-token check.
+
+Sampled answers draw each token on the device (`draw`) with the uniform of its question and answer position, which
+sit in a device tensor for the whole batch before its first step: the graph's step reads its column by the step
+counter, without a host sync.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StopStringCriteria
 
 from cbe.backends.base import NewlineStop
+from cbe.backends.sampling import GREEDY, UNITS, Sampling
+from cbe.eval.parse import marker_at_word_start
 from cbe.run import is_main_process
 
 PAD_POSITION = 1 << 30  # after every real position: causality hides padding from real tokens
@@ -81,6 +87,27 @@ def sdpa_attention(model: torch.nn.Module):
         config._attn_implementation = before
 
 
+def draw(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """cbe.backends.sampling's draw in torch, on the device and without a host sync (a CUDA graph captures it): the
+    token ids [rows, 1] that `logits` [rows, vocab] and one uniform each (`u`, [rows]) give."""
+    x, order = torch.sort(logits.float() / sampling.temperature, dim=-1, descending=True, stable=True)
+    if sampling.top_k > 0:
+        x[:, sampling.top_k :] = -torch.inf
+    units = (torch.softmax(x, dim=-1) * UNITS).floor().long()
+    if sampling.top_p < 1:  # keep a token while the tokens before it hold less than top_p
+        before = units.cumsum(-1) - units
+        units = units.masked_fill(before.float() >= sampling.top_p * units.sum(-1, keepdim=True).float(), 0)
+    cdf = units.cumsum(-1)
+    threshold = u[:, None] * cdf[:, -1:].float()
+    pick = torch.minimum((cdf.float() <= threshold).sum(-1, keepdim=True), (units > 0).sum(-1, keepdim=True) - 1)
+    return order.gather(-1, pick)
+
+
+def next_tokens(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Each row's next token [rows, 1]: greedy (argmax) at temperature 0, else drawn with its uniform."""
+    return logits.argmax(-1, keepdim=True) if sampling.greedy else draw(logits, u, sampling)
+
+
 class SlotCache:
     """Every layer's keys and values in fixed [rows, kv heads, slots, head dim] buffers (transformers' cache
     interface, `update`): a forward writes its tokens' keys and values at `slots`."""
@@ -98,13 +125,16 @@ class SlotCache:
 
 
 class AnswerEnds:
-    """Where `model.generate` (greedy, with cbe's stopping criteria) ends each answer: at EOS, at a newline after
-    the answer's first non-blank text (NewlineStop), or where transformers' StopStringCriteria matches a stop
-    string (reused, not re-derived: its matching lets a stop string end inside a token or begin in the prompt)."""
+    """Where each answer ends, as cbe.backends.base.answer_ended says: at EOS, at a newline after the answer's first
+    non-blank text (NewlineStop), or at a stop string that starts a word. Transformers' StopStringCriteria finds the
+    tokens where a stop string ends (reused, not re-derived: a stop string may end inside a token), wherever it is
+    ("FAQ:" too); the answer's text up to such a token, decoded for those rows alone, says whether one starts a
+    word there."""
 
     def __init__(self, tokenizer, stop_strings: Sequence[str], newline_stop: NewlineStop):
-        self.eos, self.newline = tokenizer.eos_token_id, newline_stop
+        self.eos, self.newline, self.tokenizer = tokenizer.eos_token_id, newline_stop, tokenizer
         self.strings = StopStringCriteria(tokenizer, list(stop_strings)) if stop_strings else None
+        self.markers = marker_at_word_start(stop_strings)
         self.context = self.strings.maximum_token_len if self.strings else 1  # prompt tokens a match may span
 
     def __call__(self, prompt_tails: np.ndarray, generated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,17 +148,37 @@ class AnswerEnds:
         if self.strings is not None:  # one window per generated token: it and the `context - 1` tokens before it
             windows = sliding_window_view(np.concatenate([prompt_tails, generated], 1), self.context, axis=1)[:, 1:]
             matched = self.strings(torch.from_numpy(windows.reshape(-1, self.context).astype(np.int64)), None)
-            stop |= matched.numpy().reshape(generated.shape)
+            candidates = matched.numpy().reshape(generated.shape) & (np.cumsum(stop, 1) == 0)  # before other ends
+            stop |= self.word_starts(generated, candidates)
         ended = stop.any(1)
         return np.where(ended, stop.argmax(1) + 1, generated.shape[1]), ended
+
+    def word_starts(self, generated: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Per row, the first candidate token up to which the answer's text holds a stop string that starts a word."""
+        found = np.zeros_like(candidates)
+        for row in np.flatnonzero(candidates.any(1)):
+            for t in np.flatnonzero(candidates[row]):
+                if self.markers.search(self.tokenizer.decode(generated[row, : t + 1], skip_special_tokens=True)):
+                    found[row, t] = True
+                    break
+        return found
 
 
 class StaticDecoder:
     """One call's decoding state at fixed addresses (the cache, the step's inputs and outputs), so that a CUDA graph
     of the decode step can replay it; every batch of the call reuses it."""
 
-    def __init__(self, model, rows: int, prefix: Sequence[int], question_slots: int, max_new_tokens: int, graph: bool):
-        self.model, self.config = model, model.config.get_text_config()
+    def __init__(
+        self,
+        model,
+        rows: int,
+        prefix: Sequence[int],
+        question_slots: int,
+        max_new_tokens: int,
+        graph: bool,
+        sampling: Sampling = GREEDY,
+    ):
+        self.model, self.config, self.sampling = model, model.config.get_text_config(), sampling
         embeddings = model.get_input_embeddings().weight
         self.device, self.dtype = embeddings.device, embeddings.dtype
         self.prefix_length, self.max_new_tokens, self.use_graph = len(prefix), max_new_tokens, graph
@@ -143,6 +193,7 @@ class StaticDecoder:
         self.decode_slot = torch.zeros(1, **long)  # ...and its slot
         self.step = torch.zeros(1, **long)
         self.answer = torch.zeros(rows, max_new_tokens, **long)
+        self.uniforms = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=self.device)  # sampled only
         self.graph = None
         if prefix:
             self.prefill_prefix(prefix)
@@ -180,7 +231,7 @@ class StaticDecoder:
         self.key_positions[:, self.answer_slot :] = p + lengths + torch.arange(self.max_new_tokens, device=self.device)
         self.cache.slots = torch.arange(self.answer_slot - width, self.answer_slot, device=self.device)
         logits = self.forward(self.cache, torch.from_numpy(ids).to(self.device), positions, self.key_positions)
-        self.tokens.copy_(logits.argmax(-1, keepdim=True))
+        self.tokens.copy_(next_tokens(logits, self.uniforms[:, 0], self.sampling))
         self.answer[:, :1] = self.tokens
         self.positions.copy_(p + lengths)
         self.cache.slots = self.decode_slot
@@ -188,9 +239,11 @@ class StaticDecoder:
         self.step.fill_(1)
 
     def decode_step(self) -> None:
-        """Feed every row's latest token, write its keys, and make its greedy successor the next input."""
+        """Feed every row's latest token, write its keys, and make its successor (greedy or drawn with the uniform
+        of this answer position) the next input."""
         logits = self.forward(self.cache, self.tokens, self.positions, self.key_positions)
-        self.tokens.copy_(logits.argmax(-1, keepdim=True))
+        u = self.uniforms.index_select(1, self.step)[:, 0]
+        self.tokens.copy_(next_tokens(logits, u, self.sampling))
         self.answer.index_copy_(1, self.step, self.tokens)
         for counter in (self.positions, self.decode_slot, self.step):
             counter.add_(1)
@@ -211,9 +264,14 @@ class StaticDecoder:
             self.decode_step()
         return graph
 
-    def answers(self, questions: Sequence[Sequence[int]], pad_id: int, ends) -> tuple[np.ndarray, np.ndarray]:
-        """Greedy answer tokens of one batch ([rows, n <= max_new_tokens]) and how many of each to keep; `ends`
-        says which answers have ended, so decoding stops once all have."""
+    def answers(
+        self, questions: Sequence[Sequence[int]], pad_id: int, ends, uniforms: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Answer tokens of one batch ([rows, n <= max_new_tokens]) and how many of each to keep; `ends` says which
+        answers have ended, so decoding stops once all have. `uniforms` [rows, max_new_tokens]: each row's draws
+        (sampled decoding)."""
+        if uniforms is not None:
+            self.uniforms.copy_(torch.from_numpy(uniforms))
         self.prefill_questions(questions, pad_id)
         n = 1
         while n < self.max_new_tokens:
@@ -231,7 +289,7 @@ class StaticDecoder:
 
 
 @torch.no_grad()
-def greedy_answers(
+def decode_answers(
     model,
     tokenizer,
     prompts: Sequence[str],
@@ -240,13 +298,18 @@ def greedy_answers(
     batch_size: int,
     stop_strings: Sequence[str],
     newline_stop: NewlineStop,
+    sampling: Sampling = GREEDY,
+    question_ids: Sequence[int] | None = None,
     cuda_graph: bool | None = None,
 ) -> list[str]:
-    """Greedy answers, prompt excluded, identical to `model.generate`'s with EOS, the stop strings and the newline
-    rule as stopping criteria; batches of `batch_size` (or of all prompts, when fewer).
-    `cuda_graph` (default: on a GPU) replays the decode step as a CUDA graph."""
+    """Answers, prompt excluded, ended where `model.generate` ends them with EOS, the stop strings and the newline
+    rule as stopping criteria (greedy: identical to its answers); batches of `batch_size` (or of all prompts, when
+    fewer). Sampled answers draw with the uniforms of `question_ids` (each prompt's index among all questions;
+    default: its index here). `cuda_graph` (default: on a GPU) replays the decode step as a CUDA graph."""
     if not prompts:
         return []
+    question_ids = range(len(prompts)) if question_ids is None else question_ids
+    uniforms = None if sampling.greedy else sampling.uniforms(question_ids, max_new_tokens)
     ids = tokenizer(list(prompts))["input_ids"]
     prefix = shared_prefix_length(ids)
     questions = [row[prefix:] for row in ids]
@@ -259,14 +322,16 @@ def greedy_answers(
     answers = [""] * len(prompts)
     with sdpa_attention(model):
         slots = -(-(prefix + max(map(len, questions)) + max_new_tokens) // 16) * 16  # aligned rows for sdpa's kernels
-        decoder = StaticDecoder(model, rows, ids[0][:prefix], slots - prefix - max_new_tokens, max_new_tokens, graph)
+        question_slots = slots - prefix - max_new_tokens
+        decoder = StaticDecoder(model, rows, ids[0][:prefix], question_slots, max_new_tokens, graph, sampling)
         order = sorted(range(len(prompts)), key=lambda i: len(questions[i]))
         quiet = None if is_main_process() else True  # None: shown where there is a terminal
         bar = tqdm(total=len(prompts), desc="generating", unit="question", leave=False, disable=quiet)
         for start in range(0, len(order), rows):
             batch = order[start : start + rows]
             batch += [batch[-1]] * (rows - len(batch))  # the last batch keeps the shape, so the graph fits it
-            generated, kept = decoder.answers([questions[i] for i in batch], pad, lambda g: ends(tails[batch], g))
+            draws = None if uniforms is None else uniforms[batch]
+            generated, kept = decoder.answers([questions[i] for i in batch], pad, lambda g: ends(tails[batch], g), draws)
             for i, tokens, n in zip(batch, generated, kept):
                 answers[i] = tokenizer.decode(tokens[:n], skip_special_tokens=True)
             bar.update(min(rows, len(order) - start))

@@ -30,9 +30,12 @@ def hub_id(name: str) -> str:
     return f"google/gemma-3-{match[1]}-{match[2] or 'pt'}" if match else name
 
 
-def compute_dtype() -> torch.dtype:
-    """bf16 where a GPU runs it, fp32 on the CPU."""
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+def compute_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype for training.precision: `auto` is bf16 where a GPU runs it and fp32 on the CPU; `bf16` is
+    pure bf16 anywhere (the benchmark's), `fp32` fp32 anywhere."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _from_pretrained(loader, name: str, **kwargs):
@@ -80,16 +83,15 @@ def load_checkpoint(cfg: DictConfig, checkpoint: str, attn_implementation: str =
         from peft import PeftModel
 
         model, tokenizer = load_base_model(cfg, attn_implementation)
-        return PeftModel.from_pretrained(model, path), tokenizer
-    model = _from_pretrained(
-        AutoModelForCausalLM, str(path), dtype=compute_dtype(), attn_implementation=attn_implementation
-    )
+        return PeftModel.from_pretrained(model, path, autocast_adapter_dtype=cfg.adapter.dtype == "fp32"), tokenizer
+    dtype = compute_dtype(cfg.training.precision)
+    model = _from_pretrained(AutoModelForCausalLM, str(path), dtype=dtype, attn_implementation=attn_implementation)
     return model, load_tokenizer(cfg, path)
 
 
 def load_base_model(cfg: DictConfig, attn: str = "sdpa"):
     """The base model (not yet adapted) and its tokenizer, by model.source."""
-    dtype = compute_dtype()
+    dtype = compute_dtype(cfg.training.precision)
     if cfg.model.source == "init":
         set_seed(cfg.training.seed)
         tokenizer = load_tokenizer(cfg)
@@ -128,7 +130,8 @@ def apply_adapter(model, cfg: DictConfig):
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    # PEFT upcasts a bf16 model's adapters to fp32 unless told not to; the benchmark keeps them bf16 (adapter.dtype).
+    model = get_peft_model(model, lora, autocast_adapter_dtype=cfg.adapter.dtype == "fp32")
     init_lora_a(model, cfg.training.seed)
     return model
 

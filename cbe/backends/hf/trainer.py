@@ -1,7 +1,8 @@
 """The HuggingFace backend: a transformers model (PEFT LoRA where adapted), stepped by our own optimizer loop.
 
-cbe.loop hands it each optimizer step's packed rows and learning rate. Rows carry position ids that restart per
-document and no attention mask: with use_cache=False transformers then builds a block-diagonal causal mask, so
+cbe.loop hands it each optimizer step's rows and learning rate: packed rows, or one document per row (the
+benchmark's layout), whose micro-batches are laid end to end with no padding (cbe.data.packing.back_to_back), so a
+step costs what its real tokens cost. Rows carry position ids that restart per document and no attention mask: with use_cache=False transformers then builds a block-diagonal causal mask, so
 documents never see each other (under varlen attention no mask at all: the documents' boundaries,
 cbe.backends.hf.attention). The loss is TRL's fused LM head (logits in tiles, never the whole vocabulary at
 once), summed over the step's trained tokens and divided by their count on every rank, so a step's gradient is the
@@ -27,9 +28,10 @@ from trl.trainer.utils import add_fused_lm_head
 from cbe import memory
 from cbe.backends.base import NewlineStop
 from cbe.backends.hf.attention import VARLEN, documents_per_row, varlen_inputs
-from cbe.backends.hf.generate import greedy_answers
-from cbe.backends.hf.models import load_checkpoint, load_model_and_tokenizer
-from cbe.data.packing import IGNORE, PackedRows
+from cbe.backends.hf.generate import decode_answers
+from cbe.backends.hf.models import compute_dtype, load_checkpoint, load_model_and_tokenizer
+from cbe.backends.sampling import GREEDY, Sampling
+from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
 from cbe.run import RunDir, atomic_dir, is_main_process, world_size
 
@@ -107,6 +109,15 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         raise UserError(f"{checkpoint} lacks {sorted(missing - tied)[:3]}: it is not a checkpoint of this model")
 
 
+def add_loss_head(model: torch.nn.Module) -> None:
+    """TRL's fused LM head (logits in tiles, never the whole vocabulary at once), which also says whether each
+    label is the model's top-1 token (mean_token_accuracy); on the base model under a PEFT wrapper."""
+    add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs=FUSED_OUTPUTS)
+
+
+FUSED_OUTPUTS = ("log_probs", "is_top1")
+
+
 class HFTrainer:
     """One run's model with transformers/PEFT: training steps, checkpoints, generation and loss (cbe.backends.base).
 
@@ -142,8 +153,7 @@ class HFTrainer:
         card = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         checkpointing = plan_memory(cfg, card, self.gradient_checkpointing)
         self.model, self.tokenizer = load_model_and_tokenizer(cfg, self.attn_implementation)
-        peft = hasattr(self.model, "get_base_model")
-        add_fused_lm_head(self.model.get_base_model() if peft else self.model)  # before compiling the layers
+        add_loss_head(self.model)  # before compiling the layers
         self.model.to(self.device)
         if checkpoint is not None:
             load_weights(self.model, checkpoint)
@@ -175,6 +185,7 @@ class HFTrainer:
 
     def load(self, checkpoint: str) -> None:
         self.model, self.tokenizer = load_checkpoint(self.cfg, checkpoint, self.attn_implementation)
+        add_loss_head(self.model)
         self.model.to(self.device)
 
     def save(self, step: int) -> Path:
@@ -191,12 +202,15 @@ class HFTrainer:
         return path
 
     # -- training ------------------------------------------------------------------------------------
-    def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[float]:
+    def train_steps(
+        self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray
+    ) -> list[dict[str, float]]:
         """One optimizer step per row of `batches`; this rank takes its share of each step's rows, in micro-batches
         of training.per_device_batch_size."""
         t, o = self.cfg.training, self.cfg.optimizer
         self.model.train()
         losses = torch.zeros(len(batches), dtype=torch.float64, device=self.device)
+        top1 = torch.zeros(len(batches), dtype=torch.float64, device=self.device)
         for i, (batch, lr) in enumerate(zip(batches, learning_rates)):
             trained_tokens = int((rows.labels[batch, 1:] != IGNORE).sum())  # of the whole step, all ranks
             share = len(batch) // self.world
@@ -209,6 +223,7 @@ class HFTrainer:
                     out = self.stepped(**inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=trained_tokens)
                     (out.loss * self.world).backward()  # DDP averages over ranks; the loss is already a share of all
                 losses[i] += out.loss.detach()
+                top1[i] += out.is_top1[out.label_mask].sum().detach() / trained_tokens
             if o.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.max_grad_norm)
             for group in self.optimizer.param_groups:
@@ -217,11 +232,15 @@ class HFTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:
             dist.all_reduce(losses)
-        return losses.tolist()
+            dist.all_reduce(top1)
+        return [{"loss": loss, "mean_token_accuracy": acc} for loss, acc in zip(losses.tolist(), top1.tolist())]
 
     def tensors(self, rows: PackedRows, index: np.ndarray) -> dict[str, torch.Tensor]:
-        """The model inputs of some packed rows, on this rank's device; under varlen attention also their documents'
-        boundaries (cbe.backends.hf.attention), sized for as many documents as the fullest row of `rows` holds."""
+        """The model inputs of some rows, on this rank's device; under varlen attention also their documents'
+        boundaries (cbe.backends.hf.attention), sized for as many documents as the fullest row of `rows` holds.
+        One document per row, the documents go end to end in one row: no padding is computed."""
+        if rows.one_document_per_row:
+            rows, index = back_to_back(rows, index), np.zeros(1, dtype=np.int64)
         arrays = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": rows.labels}
         inputs = {k: torch.from_numpy(v[index].astype(np.int64)).to(self.device) for k, v in arrays.items()}
         text = self.model.config.get_text_config()
@@ -233,8 +252,9 @@ class HFTrainer:
         return inputs | varlen_inputs(rows.position_ids[index], capacity, text.layer_types, self.device)
 
     def autocast(self):
-        """bf16 matmuls on a GPU that has them (the weights are bf16 there already); nothing on the CPU."""
-        on = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        """bf16 matmuls on a GPU where the weights are bf16 (fp32 adapters then compute in bf16 too); nothing on the
+        CPU, where bf16 weights compute in bf16 as they are."""
+        on = self.device.type == "cuda" and compute_dtype(self.cfg.training.precision) == torch.bfloat16
         return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -244,12 +264,22 @@ class HFTrainer:
         max_new_tokens: int,
         batch_size: int,
         stop_strings: Sequence[str],
+        sampling: Sampling = GREEDY,
         cuda_graph: bool | None = None,
     ) -> list[str]:
-        """Greedy answers to every prompt; under torchrun each rank answers every world-th one and all ranks
-        get all answers (rank-0-only generation would leave the others waiting at their next collective).
+        """Answers to every prompt, greedy or sampled; under torchrun each rank answers every world-th one (drawing
+        with that question's uniforms, as one process would) and all ranks get all answers (rank-0-only generation
+        would leave the others waiting at their next collective).
         `cuda_graph` (default: on a GPU) replays the decode step as a CUDA graph; bench/eval_speed.py turns it off."""
-        mine = self._generate(prompts[self.rank :: self.world], max_new_tokens, batch_size, stop_strings, cuda_graph)
+        mine = self._generate(
+            prompts[self.rank :: self.world],
+            max_new_tokens,
+            batch_size,
+            stop_strings,
+            cuda_graph,
+            sampling,
+            question_ids=range(len(prompts))[self.rank :: self.world],
+        )
         if self.world == 1:
             return mine
         parts: list[list[str]] = [[] for _ in range(self.world)]
@@ -266,15 +296,17 @@ class HFTrainer:
         batch_size: int,
         stop_strings: Sequence[str],
         cuda_graph: bool | None,
+        sampling: Sampling = GREEDY,
+        question_ids: Sequence[int] | None = None,
     ) -> list[str]:
-        """Greedy continuations over a static cache, the shared prefix computed once (cbe.backends.hf.generate),
+        """Continuations (greedy, or sampled with the uniforms of `question_ids`) over a static cache, the shared prefix computed once (cbe.backends.hf.generate),
         each stopped at EOS, a stop string or a newline after the answer's first non-blank text
         (cbe.backends.base.answer_ended)."""
         was_training = self.model.training
         self.model.eval()
         try:
             with eager():  # training's compiled layers run eagerly here; on a GPU the decode step is a CUDA graph
-                return greedy_answers(
+                return decode_answers(
                     self.model,
                     self.tokenizer,
                     prompts,
@@ -282,6 +314,8 @@ class HFTrainer:
                     batch_size=batch_size,
                     stop_strings=stop_strings,
                     newline_stop=self.newline_stop,
+                    sampling=sampling,
+                    question_ids=question_ids,
                     cuda_graph=cuda_graph,
                 )
         finally:
@@ -292,20 +326,17 @@ class HFTrainer:
         return NewlineStop.of(self.tokenizer, self.model.config.get_text_config().vocab_size)
 
     @torch.no_grad()
-    def loss(self, rows: PackedRows, batch_size: int) -> float:
-        """Mean next-token loss over the trained positions of the rows (each rank takes every world-th batch)."""
+    def loss_sums(self, rows: PackedRows, batches: list[np.ndarray]) -> np.ndarray:
+        """Per batch: summed next-token loss, trained tokens, top-1 tokens (each rank takes every world-th batch)."""
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
-        for start in range(self.rank * batch_size, len(rows), batch_size * self.world):
-            batch = self.tensors(rows, np.arange(start, min(start + batch_size, len(rows))))
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        sums = torch.zeros((len(batches), 3), dtype=torch.float64, device=self.device)
+        for i in range(self.rank, len(batches), self.world):
             with eager(), self.autocast():
-                total += float(self.model(**batch, use_cache=False).loss) * n
-            count += n
+                out = self.model(**self.tensors(rows, batches[i]), use_cache=False, fused_lm_head=True)
+            mask = out.label_mask
+            sums[i] = torch.stack([-out.log_probs[mask].sum(), mask.sum(), out.is_top1[mask].sum()]).double()
         self.model.train(was_training)
         if self.world > 1:
-            sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
             dist.all_reduce(sums)
-            total, count = sums.tolist()
-        return total / max(1, count)
+        return sums.cpu().numpy()

@@ -1,4 +1,4 @@
-"""Batched greedy decoding for gemma models, using gemma's KV cache.
+"""Batched decoding for gemma models, greedy or sampled (cbe.backends.sampling), using gemma's KV cache.
 
 Why it is built this way:
 
@@ -17,10 +17,14 @@ Why it is built this way:
     after its first non-blank text: cbe.backends.base.NewlineStop). Batches
     are filled with dummy rows to a fixed size and prompt lengths are rounded up
     to a few buckets, so a whole eval compiles only a couple of programs.
+* Sampled decoding draws each token inside the loop (`draw`) with the uniform
+    of its question and answer position, from a [batch, max_new_tokens]
+    table passed in with the batch: the same draws as the HF backend's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbe.backends.base import NewlineStop
+from cbe.backends.sampling import GREEDY, UNITS, Sampling
 
 
-def greedy_generate(
+def decode_ids(
     model,
     params,
     prompts: list[list[int]],
@@ -39,9 +44,15 @@ def greedy_generate(
     eos_id: int,
     pad_id: int,
     batch_size: int,
+    sampling: Sampling = GREEDY,
 ) -> list[list[int]]:
-    """Greedy continuation token ids of every prompt (prompt excluded), each cut where its answer ended."""
+    """Continuation token ids of every prompt (prompt excluded), greedy or sampled, each cut where its answer
+    ended; prompt i draws with the uniforms of question i."""
     tables = tuple(jnp.asarray(a) for a in (stop.newline, stop.ends_alone, stop.blank))
+    uniforms = np.zeros((len(prompts), max_new_tokens), np.float32)
+    if not sampling.greedy:
+        uniforms = sampling.uniforms(range(len(prompts)), max_new_tokens)
+    draws = dataclasses.replace(sampling, seed=0)  # what the compiled loop needs: the seed is in the uniforms
     # Similar lengths go together so that little of each batch is padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
@@ -50,13 +61,24 @@ def greedy_generate(
         length = _bucket(max(len(prompts[i]) for i in rows))
         tokens = np.full((batch_size, length), pad_id, np.int32)
         lengths = np.zeros((batch_size,), np.int32)  # dummy rows keep length 0
+        batch_uniforms = np.zeros((batch_size, max_new_tokens), np.float32)
         for r, i in enumerate(rows):
             if prompts[i]:
                 tokens[r, length - len(prompts[i]) :] = prompts[i]
             lengths[r] = len(prompts[i])
+            batch_uniforms[r] = uniforms[i]
         out = np.asarray(
             _generate_batch(
-                model, params, tokens, lengths, tables, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id
+                model,
+                params,
+                tokens,
+                lengths,
+                tables,
+                batch_uniforms,
+                max_new_tokens=max_new_tokens,
+                eos_id=eos_id,
+                pad_id=pad_id,
+                sampling=draws,
             )
         )
         for r, i in enumerate(rows):
@@ -70,10 +92,30 @@ def _bucket(length: int) -> int:
     return max(32, 1 << (length - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
-def _generate_batch(model, params, tokens, lengths, tables, *, max_new_tokens, eos_id, pad_id):
-    """Greedy ids [B, max_new_tokens] for left-padded `tokens` [B, L]; rows of length 0 are dummies.
-    `tables` are NewlineStop's (newline, ends_alone, blank) per token id."""
+def draw(logits: jax.Array, u: jax.Array, sampling: Sampling) -> jax.Array:
+    """cbe.backends.sampling's draw in JAX: the token ids [rows] that `logits` [rows, vocab] and one uniform each
+    (`u`, [rows]) give."""
+    x = logits.astype(jnp.float32) / sampling.temperature
+    order = jnp.argsort(-x, axis=-1, stable=True)  # highest first, equal values by lower id
+    x = jnp.take_along_axis(x, order, axis=-1)
+    if sampling.top_k > 0:
+        x = x.at[:, sampling.top_k :].set(-jnp.inf)
+    units = jnp.floor(jax.nn.softmax(x, axis=-1) * UNITS).astype(jnp.int32)
+    if sampling.top_p < 1:  # keep a token while the tokens before it hold less than top_p
+        before = jnp.cumsum(units, axis=-1) - units
+        total = jnp.sum(units, axis=-1, keepdims=True).astype(jnp.float32)
+        units = jnp.where(before.astype(jnp.float32) < sampling.top_p * total, units, 0)
+    cdf = jnp.cumsum(units, axis=-1)
+    threshold = u[:, None] * cdf[:, -1:].astype(jnp.float32)
+    pick = jnp.minimum(jnp.sum(cdf.astype(jnp.float32) <= threshold, axis=-1), jnp.sum(units > 0, axis=-1) - 1)
+    return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id", "sampling"))
+def _generate_batch(model, params, tokens, lengths, tables, uniforms, *, max_new_tokens, eos_id, pad_id, sampling):
+    """Token ids [B, max_new_tokens] for left-padded `tokens` [B, L], greedy or drawn with `uniforms`
+    [B, max_new_tokens]; rows of length 0 are dummies. `tables` are NewlineStop's (newline, ends_alone, blank) per
+    token id."""
     newline, ends_alone, blank = tables
     batch, length = tokens.shape
     prefill = length - 1  # the last prompt token is fed by the first loop step
@@ -108,7 +150,11 @@ def _generate_batch(model, params, tokens, lengths, tables, *, max_new_tokens, e
         out = model.apply(
             {"params": params}, token[:, None], positions=(slot - first)[:, None], cache=cache, attention_mask=mask
         )
-        nxt = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
+        logits = out.logits[:, 0]
+        if sampling.greedy:
+            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            nxt = draw(logits, uniforms[:, t], sampling).astype(jnp.int32)
         nxt = jnp.where(done, pad_id, nxt)  # finished rows just idle
         ids = ids.at[:, t].set(nxt)
         ended = (nxt == eos_id) | ends_alone[nxt] | (newline[nxt] & text_before)

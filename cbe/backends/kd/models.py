@@ -23,9 +23,12 @@ _ATTENTION = {"sliding_attention": gm.nn.AttentionType.LOCAL_SLIDING, "full_atte
 _QUERY_SCALE = gm.nn.config.QueryPreAttentionNormalisation
 
 
-def param_dtype() -> jnp.dtype:
-    """bf16 on accelerators, fp32 on the CPU (as the HF backend)."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+def param_dtype(precision: str) -> jnp.dtype:
+    """The weights' dtype for training.precision (as the HF backend): `auto` is bf16 on accelerators and fp32 on
+    the CPU; `bf16` and `fp32` hold anywhere."""
+    if precision == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.bfloat16 if precision == "bf16" else jnp.float32
 
 
 def gemma_config(hf) -> gm.nn.config.TransformerConfig:
@@ -87,10 +90,20 @@ class PackedGemma3(gm.nn.Transformer):
         return super().__call__(tokens, positions=positions, attention_mask=attention_mask, **kwargs)
 
 
-def build_model(config: gm.nn.config.TransformerConfig, lora_rank: int = 0, **keys: str):
-    """The model Kauldron trains: keys name the batch fields it reads (tokens=..., positions=...)."""
-    model = PackedGemma3(config=config, dtype=param_dtype(), **keys)
-    return gm.nn.LoRA(rank=lora_rank, model=model, dtype=param_dtype()) if lora_rank else model
+def build_model(
+    config: gm.nn.config.TransformerConfig,
+    precision: str,
+    lora_rank: int = 0,
+    adapter_dtype: str = "bf16",
+    **keys: str,
+):
+    """The model Kauldron trains: keys name the batch fields it reads (tokens=..., positions=...). LoRA's weights
+    are bf16 where the model's are and adapter.dtype says so, fp32 otherwise."""
+    dtype = param_dtype(precision)
+    model = PackedGemma3(config=config, dtype=dtype, **keys)
+    if not lora_rank:
+        return model
+    return gm.nn.LoRA(rank=lora_rank, model=model, dtype=jnp.float32 if adapter_dtype == "fp32" else dtype)
 
 
 def load_hf_weights(cfg: DictConfig) -> tuple[Any, dict[str, Any], Any]:

@@ -5,6 +5,10 @@ and its checkpointer (orbax, `checkpoints/ckpt_<step>`); cbe.loop hands this bac
 learning rate. One optimizer step is `accumulation` micro-batches (`optax.MultiSteps`); the learning rate is a
 hyperparameter in the optimizer state (`optax.inject_hyperparams`), set before each step.
 
+Packed rows go to the devices as they are; one document per row (the benchmark's layout), each device's documents
+of a micro-batch go end to end in one row (cbe.data.packing.back_to_back), its length rounded up to a multiple of
+LENGTH_BUCKET tokens, so that a run compiles a handful of programs and computes little padding.
+
 Each example carries next-token targets and a loss weight per token. The weights make a step's loss the mean over
 every trained token of the optimizer step, as the HF backend computes it (not the mean of the micro-batch means):
 with Kauldron's loss normalized by the number of values, a token weighs accumulation x micro-batch values / trained
@@ -27,21 +31,36 @@ from kauldron import kd
 from omegaconf import DictConfig
 
 from cbe.backends.base import NewlineStop, answer_ended
-from cbe.backends.kd.generate import greedy_generate
+from cbe.backends.kd.generate import decode_ids
 from cbe.backends.kd.models import build_model, gemma_config, load_gemma_params, load_hf_weights
-from cbe.data.packing import IGNORE, PackedRows
+from cbe.backends.sampling import GREEDY, Sampling
+from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
 from cbe.run import RunDir, step_of
 
 
+LENGTH_BUCKET = 256  # one document per row: laid-out rows are a multiple of this many tokens
+
+
 def next_token_example(rows: PackedRows, i: int) -> dict[str, np.ndarray]:
     labels = np.append(rows.labels[i, 1:], IGNORE)
+    trained = (labels != IGNORE)[:, None]
     return {
         "input_ids": rows.input_ids[i],
         "position_ids": rows.position_ids[i],
         "target": np.maximum(labels, 0)[:, None],
-        "loss_mask": (labels != IGNORE)[:, None].astype(np.float32),
+        "loss_mask": trained.astype(np.float32),  # scaled per step by train_steps
+        "token_mask": trained,  # mean_token_accuracy's
     }
+
+
+def next_token_batch(rows: PackedRows, index: np.ndarray, parts: int) -> dict[str, np.ndarray]:
+    """The examples of rows[index] as `parts` rows: packed rows as they are, one document per row laid end to end
+    (`parts` rows of their documents, padded to a multiple of LENGTH_BUCKET)."""
+    if rows.one_document_per_row:
+        rows, index = back_to_back(rows, index, parts, LENGTH_BUCKET), np.arange(parts)
+    examples = [next_token_example(rows, int(i)) for i in index]
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
 class _Weights(kd.ckpts.AbstractPartialLoader):
@@ -88,7 +107,12 @@ class KDTrainer:
         self.weights = load_gemma_params(gemma_params) if gemma_params else params
         self.model_config = gemma_config(hf_config)
         self.model = build_model(
-            self.model_config, cfg.adapter.rank, tokens="batch.input_ids", positions="batch.position_ids"
+            self.model_config,
+            t.precision,
+            cfg.adapter.rank,
+            cfg.adapter.dtype,
+            tokens="batch.input_ids",
+            positions="batch.position_ids",
         )
         self.fsdp = _FSDP(min_size_to_shard_mb=fsdp_min_size_mb)
         self.params = None  # set by start() or load()
@@ -124,7 +148,7 @@ class KDTrainer:
         source is one blank row, only for the shapes the state is built from: cbe.loop brings the rows."""
         t = self.cfg.training
         blank = np.zeros((1, self.cfg.data.sequence_length), np.int32)
-        example = next_token_example(PackedRows(blank, blank, blank, 0), 0)
+        example = next_token_example(PackedRows(blank, blank, blank, np.zeros(1, np.int64)), 0)
         return kd.train.Trainer(
             seed=t.seed,
             workdir=str(workdir or self.run.root),
@@ -142,6 +166,9 @@ class KDTrainer:
                 "xent": kd.losses.SoftmaxCrossEntropyWithIntLabels(
                     logits="preds.logits", labels="batch.target", mask="batch.loss_mask", normalize_by="values"
                 )
+            },
+            train_metrics={
+                "top1": kd.metrics.Accuracy(logits="preds.logits", labels="batch.target", mask="batch.token_mask")
             },
             optimizer=self._optimizer(),
             checkpointer=kd.ckpts.Checkpointer(save_interval_steps=1, max_to_keep=None),  # cbe.loop prunes
@@ -173,7 +200,7 @@ class KDTrainer:
 
     def load(self, checkpoint: str) -> None:
         if checkpoint == "base":
-            self.model = build_model(self.model_config)
+            self.model = build_model(self.model_config, self.cfg.training.precision)
             self.params = jax.tree.map(jnp.asarray, self.weights)
             return
         path = Path(checkpoint).resolve()  # a ckpt_<step> dir: validate checked who wrote it
@@ -188,33 +215,46 @@ class KDTrainer:
         return self.run.checkpoint_dir(step, self.name)
 
     # -- training ------------------------------------------------------------------------------------
-    def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[float]:
+    def train_steps(
+        self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray
+    ) -> list[dict[str, float]]:
         """One optimizer step per row of `batches`, each `accumulation` micro-batches of the train step."""
-        values = batches.shape[1] * rows.input_ids.shape[1]  # loss values in one optimizer step
+        parts = self.devices if rows.one_document_per_row else self.rows_per_micro_step  # rows of a micro-batch
         steps = []
         for batch, lr in zip(batches, learning_rates):
             self._set_learning_rate(lr)
-            weight = np.float32(values / max(1, int((rows.labels[batch, 1:] != IGNORE).sum())))
-            micro_losses = []
+            trained = max(1, int((rows.labels[batch, 1:] != IGNORE).sum()))
+            losses, top1 = [], []
             for start in range(0, len(batch), self.rows_per_micro_step):
-                examples = [next_token_example(rows, int(i)) for i in batch[start : start + self.rows_per_micro_step]]
-                micro = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
-                micro["loss_mask"] = micro["loss_mask"] * weight
+                micro = next_token_batch(rows, batch[start : start + self.rows_per_micro_step], parts)
+                # Kauldron divides each micro-batch's loss by its values and MultiSteps averages the micro-batches:
+                # this weight makes the step's loss the mean over its trained tokens.
+                micro["loss_mask"] *= np.float32(self.accumulation * micro["loss_mask"].size / trained)
                 micro = kd.sharding.device_put(micro, self.trainer.sharding.ds)
-                self.state, aux = self.trainer.trainstep.step(self.state, micro, return_losses=True)
-                micro_losses.append(aux.loss_states["xent"])
-            steps.append(micro_losses)
+                self.state, aux = self.trainer.trainstep.step(self.state, micro, return_losses=True, return_metrics=True)
+                losses.append(aux.loss_states["xent"])
+                top1.append(aux.metric_states["top1"])
+            steps.append((losses, functools.reduce(lambda a, b: a.merge(b), top1)))
         self.params = self.state.params
-        return [float(np.mean([loss.compute() for loss in micro_losses])) for micro_losses in steps]
+        return [
+            {"loss": float(np.mean([loss.compute() for loss in losses])), "mean_token_accuracy": float(top1.compute())}
+            for losses, top1 in steps
+        ]
 
     # -- evaluation ----------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, stop_strings: Sequence[str]
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        stop_strings: Sequence[str],
+        sampling: Sampling = GREEDY,
     ) -> list[str]:
-        """Greedy answers, each cut where `answer_ended` says, or at EOS (as the HF backend's are)."""
+        """Answers, greedy or sampled (the HF backend's draws), each cut where `answer_ended` says, or at EOS (as
+        the HF backend's are)."""
         tok = self.tokenizer
         ids = [tok(p)["input_ids"] for p in prompts]
-        outputs = greedy_generate(
+        outputs = decode_ids(
             self.model,
             self.params,
             ids,
@@ -223,6 +263,7 @@ class KDTrainer:
             tok.eos_token_id,
             tok.pad_token_id,
             batch_size,
+            sampling,
         )
         return [self._cut(out, stop_strings) for out in outputs]
 
@@ -239,21 +280,23 @@ class KDTrainer:
                 return text
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def loss(self, rows: PackedRows, batch_size: int) -> float:
-        """Mean next-token loss over the trained positions of the rows."""
-        total, count = 0.0, 0
-        for start in range(0, len(rows), batch_size):
-            examples = [next_token_example(rows, i) for i in range(start, min(start + batch_size, len(rows)))]
-            examples += [{**examples[0], "loss_mask": np.zeros_like(examples[0]["loss_mask"])}] * (
-                batch_size - len(examples)
-            )  # a fixed batch shape keeps it one compiled program
-            batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
-            batch_total, batch_count = self._loss_sums(self.params, batch)
-            total, count = total + float(batch_total), count + float(batch_count)
-        return total / max(1.0, count)
+    def loss_sums(self, rows: PackedRows, batches: list[np.ndarray]) -> np.ndarray:
+        """Per batch: summed next-token loss, trained tokens, top-1 tokens. A short last batch of packed rows is
+        filled with untrained copies of its first row: one batch shape, one compiled program."""
+        sums = []
+        for index in batches:
+            if rows.one_document_per_row:
+                batch = next_token_batch(rows, index, 1)
+            else:
+                batch = next_token_batch(rows, np.resize(index, len(batches[0])), len(batches[0]))
+                batch["loss_mask"][len(index) :] = 0
+            sums.append(np.array(self._loss_sums(self.params, batch), dtype=np.float64))
+        return np.array(sums).reshape(len(batches), 3)
 
     def _loss_sums_of_batch(self, params, batch):
         logits = self.model.apply({"params": params}, batch["input_ids"], positions=batch["position_ids"]).logits
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         token_loss = -jnp.take_along_axis(logp, batch["target"], axis=-1)
-        return jnp.sum(token_loss * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+        mask = batch["loss_mask"]
+        top1 = (jnp.argmax(logits, axis=-1)[..., None] == batch["target"]) * mask
+        return jnp.sum(token_loss * mask), jnp.sum(mask), jnp.sum(top1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cbe.data.packing import packed_corpus, training_order
+from cbe.data.packing import corpus_rows, training_order
 from cbe.loop import lr_multiplier
 from cbe.plot import read_tensorboard_scalars
 from tests.conftest import ROOT, loop_in_process
@@ -92,16 +92,21 @@ def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
     assert "eval | step 5" in proc.stdout
     # How often the run repeats its corpus, said once at the start: the sample track packs into 8 rows, 8 a step.
     repetition = (
-        "repetition: the training corpus is 8 packed rows; one optimizer step (8 rows) is 1 epoch, the whole "
+        "repetition: the training corpus is 8 packed rows; one optimizer step (8 packed rows) is 1 epoch, the whole "
         "run (5 steps) 5 epochs\nwarning: one optimizer step holds the whole training corpus"
     )
     assert log.count(repetition) == 1 and proc.stdout.count(repetition) == 1
-    # The learning rate each step trained at, logged after it: 3e-3 x 1/2, 2/2 in warmup, then 1, 0.7, 0.4
-    # (0.1 + 0.9 x 3/3, 2/3, 1/3): optimizer.lr x lr_multiplier of the step.
-    learning_rates = read_tensorboard_scalars(run / "logs" / "tensorboard")["train/learning_rate"]
-    assert learning_rates == pytest.approx({1: 1.5e-3, 2: 3e-3, 3: 3e-3, 4: 2.1e-3, 5: 1.2e-3}, rel=1e-6)
+    # The learning rate each step trained at, logged after it, as transformers' schedule gives it: 2 warmup steps
+    # (ceil(0.4 x 5)) at 3e-3 x 0/2 and 1/2, the peak at step 3, then 0.7 and 0.4 (0.1 + 0.9 x 2/3, 1/3).
+    scalars = read_tensorboard_scalars(run / "logs" / "tensorboard")
+    learning_rates = scalars["train/learning_rate"]
+    assert learning_rates == pytest.approx({1: 0.0, 2: 1.5e-3, 3: 3e-3, 4: 2.1e-3, 5: 1.2e-3}, rel=1e-6, abs=1e-12)
     schedule = {s: 3e-3 * lr_multiplier(s - 1, 5, 0.4, "linear", 0.1) for s in range(1, 6)}
     assert learning_rates == pytest.approx(schedule, rel=1e-6)
+    # The share of trained tokens the model ranks first, logged for training and evaluation; memorizing raises it.
+    accuracy = scalars["eval/eval_mean_token_accuracy"]
+    assert set(scalars["train/mean_token_accuracy"]) == {1, 2, 3, 4, 5}
+    assert 0 <= accuracy[0] < accuracy[5] <= 1
 
     # Saved at 2, 4 and at the end (5, off the cadence); the oldest pruned to keep max_checkpoints=2.
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
@@ -217,7 +222,7 @@ def small_steps_run(tmp_path_factory, cache_dir):
 def test_each_step_trains_on_the_rows_of_the_training_order(small_steps_run, cache_dir):
     backend, seen, _ = small_steps_run
     data, t = backend.cfg.data, backend.cfg.training
-    rows = packed_corpus(data.train_path, backend.tokenizer, data.sequence_length, cache_dir)
+    rows = corpus_rows(data.train_path, backend.tokenizer, data.sequence_length, cache_dir, packing=True)
     order = training_order(len(rows), t.num_train_steps * t.effective_batch_size, t.seed)
     assert len(rows) == 8 and sorted(order[:8]) == list(range(8)) and list(order[:8]) != list(range(8))
     for key, given in seen.items():
@@ -347,7 +352,7 @@ from transformers import Gemma3ForCausalLM
 import cbe.backends.hf.trainer as hf_trainer
 
 counts = open(os.path.join(os.path.dirname(__file__), "counts.rank" + os.environ["RANK"]), "a", buffering=1)
-answers, forward, wandb_init = hf_trainer.greedy_answers, Gemma3ForCausalLM.forward, wandb.init
+answers, forward, wandb_init = hf_trainer.decode_answers, Gemma3ForCausalLM.forward, wandb.init
 
 
 def counted_answers(model, tokenizer, prompts, **kwargs):
@@ -366,7 +371,7 @@ def counted_wandb_init(*args, **kwargs):
     return wandb_init(*args, **kwargs)
 
 
-hf_trainer.greedy_answers = counted_answers
+hf_trainer.decode_answers = counted_answers
 Gemma3ForCausalLM.forward = counted_forward
 wandb.init = counted_wandb_init
 sys.argv[0] = os.path.join(os.getcwd(), "main.py")
@@ -392,7 +397,7 @@ def test_torchrun_trains_like_one_process_with_the_same_effective_batch(run_main
         "training.save_every=3",
         "eval.max_questions=12",
         "data.sequence_length=64",  # 29 training rows, 8 a step; 4 validation rows...
-        "eval.val_loss_batch_size=1",  # ...2 for each rank
+        "eval.loss_batch_size=1",  # ...2 for each rank
         "training.effective_batch_size=8",
         "training.per_device_batch_size=4",
         "optimizer.weight_decay=0.1",

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from cbe.backends.hf.attention import VARLEN, attention_implementation, varlen_inputs
 from cbe.config import register_configs, validate
-from cbe.data.packing import pack_documents, tokenize_documents
+from cbe.data.packing import document_rows, pack_documents, tokenize_documents
 from cbe.errors import UserError
 from cbe.loop import build
 from cbe.run import RunDir
@@ -105,10 +105,16 @@ def test_varlen_training_steps_equal_sdpa_steps(backends, rows):
     Parameters are not compared: Adam's first step moves a weight by +-lr whatever its gradient's size, so a
     gradient within float noise of 0 may move either way; the losses see such weights only at float noise."""
     sdpa, varlen = backends
-    losses = [b.train_steps(rows, np.array([[0, 1], [1, 0]]), np.array([1e-3, 1e-3])) for b in (sdpa, varlen)]
+    steps = [b.train_steps(rows, np.array([[0, 1], [1, 0]]), np.array([1e-3, 1e-3])) for b in (sdpa, varlen)]
+    losses = [[s["loss"] for s in backend] for backend in steps]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert losses[0][1] < losses[0][0]  # the second step saw the first one's update
-    assert varlen.loss(rows, batch_size=1) == pytest.approx(sdpa.loss(rows, batch_size=1), rel=1e-5)
+    batches = [np.array([0]), np.array([1])]
+    assert varlen.loss_sums(rows, batches) == pytest.approx(sdpa.loss_sums(rows, batches), rel=1e-5)
+    # One document per row (data.packing=false): a micro-batch's documents laid end to end, the boundaries varlen's.
+    documents = document_rows([rows.input_ids[0, :40], rows.input_ids[1, :90], rows.input_ids[0, 5:20]], 64, 0)
+    both = [b.loss_sums(documents, [np.array([2, 0, 1])]) for b in (sdpa, varlen)]
+    assert both[1] == pytest.approx(both[0], rel=1e-5)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbe.backends.base import NewlineStop
-from cbe.backends.kd.generate import greedy_generate
+from cbe.backends.kd.generate import decode_ids
 
 # Token ids of a five-word vocabulary: 0 pad, 1 EOS, 2 "\n", 3 " Paris", 4 " Rome".
 STOP = NewlineStop(
@@ -46,7 +46,7 @@ def test_leading_newlines_do_not_end_the_answer():
     )  # only newlines: never ends early, stops at max_new_tokens
     params = {"embedder": {"input_embedding": jnp.zeros((VOCAB, 2), jnp.float32)}}
     prompts = [[3, 4, 3]] * 3
-    out = greedy_generate(
+    out = decode_ids(
         ScriptedModel(script, 3), params, prompts, max_new_tokens=6, stop=STOP, eos_id=1, pad_id=0, batch_size=3
     )
     assert out == [[2, 2, 3, 2], [3, 1], [2, 2, 2, 2, 2, 2]]

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cbe.backends.hf.models import load_base_model
 from cbe.backends.kd.convert import gemma_to_hf, text_weights
 from cbe.backends.kd.models import load_hf_weights
-from cbe.data.packing import packed_corpus, training_order
+from cbe.data.packing import corpus_rows, training_order
 from cbe.plot import read_tensorboard_scalars
 from tests.backends.hf.test_trainer import assert_same_metrics, eval_results
 from tests.conftest import loop_in_process
@@ -329,7 +329,7 @@ def test_each_kd_step_trains_on_the_rows_the_loop_hands_it(tmp_path, cache_dir, 
     loop = loop_in_process(tmp_path, "backend=kd", *steps, *batch, "logging=none", f"data.cache_dir={cache_dir}")
     loop.train()
     data = loop.cfg.data
-    rows = packed_corpus(data.train_path, loop.backend.tokenizer, data.sequence_length, cache_dir)
+    rows = corpus_rows(data.train_path, loop.backend.tokenizer, data.sequence_length, cache_dir, packing=True)
     order = training_order(len(rows), 3 * 4, loop.cfg.training.seed)
     assert len(rows) == 29 and [len(b) for b in seen] == [2] * 6
     assert np.array_equal(np.concatenate(seen), rows.input_ids[order])
