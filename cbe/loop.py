@@ -1,9 +1,10 @@
 """The one run loop, above the backends: what happens when, in which order, for either backend.
 
 A run trains `training.num_train_steps` optimizer steps over the corpus's rows (packed, or one document per row:
-data.packing) in `training_order`, at the learning rates of `lr_multiplier`, in chunks between events. After each chunk, in this order: the train line (every
-`logging.log_every_n_steps`), the evaluation (every `training.eval_every`), the checkpoint (every
-`training.save_every`); all three at the last step. The base model is evaluated at step 0 of a fresh run.
+data.packing) in `training_order`, at the learning rates of `lr_multiplier`, in chunks between events. After each
+chunk, in this order: the train line (every `logging.log_every_n_steps`), the evaluation (every
+`training.eval_every`), the checkpoint (every `training.save_every`); all three at the last step. The base model
+is evaluated at step 0 of a fresh run.
 
 A run with `data.stages` goes through them in turn, each for its own steps (the schedule per stage or over the
 run, optionally replaying earlier stages' rows and resetting the optimizer), evaluates every stage's QA sets and, at

@@ -118,3 +118,15 @@ def test_evaluations_that_ask_different_things_are_named_apart():
         "eval.max_new_tokens=16",
     )  # news's template, on the sample sets
     assert evaluation_name(typed) == evaluation_name(real_newline)
+
+
+def test_sampled_evaluations_are_named_apart_and_greedy_ones_as_before():
+    def name(*overrides: str) -> str:
+        return evaluation_name(compose_config("mode=eval", "checkpoint=base", *overrides))
+
+    sampled = ["eval.temperature=0.8", "eval.top_k=40", "eval.top_p=0.9", "eval.seed=1"]
+    changed = [sampled, *(sampled[:i] + [f"{sampled[i]}5"] + sampled[i + 1 :] for i in range(4))]
+    names = {name(*overrides) for overrides in changed}
+    assert len(names) == 5 and name() not in names  # each setting changes the answers, hence the name
+    # Greedy decoding ignores top_k, top_p and seed: the name every greedy evaluation has had.
+    assert name("eval.top_k=40", "eval.top_p=0.9", "eval.seed=1") == name() == "valqa+testqa-" + name()[-8:]

@@ -1,5 +1,6 @@
 """Every option of every group composes and validates; bad overrides fail with one line naming the problem."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,28 @@ def test_missing_track_files_say_how_to_get_them():
         UserError, match=r"data.train_path: file data/news/train.jsonl does not exist; run `make download TRACK=news`"
     ):
         validate(compose_config("task=news"))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("eval.temperature=-0.5", "eval.temperature=-0.5 must be 0 (greedy) or more"),
+        ("eval.top_k=-1", "eval.top_k=-1 must be 0 (every token) or more"),
+        ("eval.top_p=0", "eval.top_p=0.0 must be in (0, 1] (1: every token)"),
+        ("eval.top_p=1.5", "eval.top_p=1.5 must be in (0, 1] (1: every token)"),
+        ("eval.seed=-2", "eval.seed=-2 must be 0 or more"),
+    ],
+)
+def test_sampling_settings_out_of_range_are_refused_in_one_line(override, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        validate(compose_config(override))
+
+
+def test_sampling_settings_in_range_validate():
+    cfg = validate(compose_config("eval.temperature=0.8", "eval.top_k=40", "eval.top_p=1", "eval.seed=7"))
+    assert (cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p, cfg.eval.seed) == (0.8, 40, 1.0, 7)
+    defaults = compose_config().eval
+    assert (defaults.temperature, defaults.top_k, defaults.top_p, defaults.seed) == (0.0, 0, 1.0, 0)  # greedy
 
 
 def test_batch_must_divide_across_devices():

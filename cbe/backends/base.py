@@ -24,9 +24,7 @@ class Backend(Protocol):
         """The training state: the base model with the adapter and a fresh optimizer, or the state saved in
         `checkpoint` (a dir `save` wrote)."""
 
-    def train_steps(
-        self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray
-    ) -> list[dict[str, float]]:
+    def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[dict[str, float]]:
         """One optimizer step per row of `batches` ([steps, effective batch] indices into `rows`), at the given
         learning rates; returns each step's `loss` (the mean over its trained tokens) and `mean_token_accuracy` (the
         share of them that are the model's top-1 prediction). With one document per row (the benchmark's layout),

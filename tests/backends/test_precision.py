@@ -60,10 +60,11 @@ def test_kd_precision_and_adapter_dtype(tmp_path):
     # In a process of its own: gemma's LoRA wrapper keeps the adapter dtype of the first LoRA model a process builds
     # over the same base layers, so a second model in this process would report the first one's.
     script = (
-        "import sys, jax; from pathlib import Path; from tests.conftest import ROOT, loop_in_process; "
+        "import sys; from pathlib import Path; from tests.conftest import loop_in_process; "
         "from tests.backends.test_precision import kd_dtypes, LORA; "
-        "loop = loop_in_process(Path(sys.argv[1]), 'backend=kd', *LORA, 'training.precision=bf16', 'adapter.dtype=fp32'); "
-        "loop.backend.start(None); print(sorted((k, sorted(v)) for k, v in kd_dtypes(loop.backend.state.params).items()))"
+        "loop = loop_in_process(Path(sys.argv[1]), 'backend=kd', *LORA, 'training.precision=bf16', "
+        "'adapter.dtype=fp32'); loop.backend.start(None); "
+        "print(sorted((k, sorted(v)) for k, v in kd_dtypes(loop.backend.state.params).items()))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "upcast")], cwd=ROOT, capture_output=True, text=True, timeout=300

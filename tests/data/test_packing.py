@@ -7,10 +7,10 @@ from cbe.data.packing import (
     IGNORE,
     back_to_back,
     best_fit_decreasing,
+    corpus_rows,
     document_rows,
     epochs_seen,
     pack_documents,
-    corpus_rows,
     repetition_report,
     split_long,
     tokenize_file,
@@ -141,11 +141,11 @@ def test_the_sample_recipe_is_told_that_each_step_holds_the_whole_corpus():
     """The sample track packs into 8 rows; its recipe takes 8 rows a step for 160 steps: 1 epoch a step, 160 in all."""
     report = repetition_report(num_rows=8, effective_batch_size=8, num_train_steps=160)
     assert report == [
-        "repetition: the training corpus is 8 packed rows; one optimizer step (8 packed rows) is 1 epoch, the whole run "
-        "(160 steps) 160 epochs",
-        "warning: one optimizer step holds the whole training corpus (8 packed rows a step, 8 packed rows), so every step "
-        "sees every row and the run repeats the corpus 160 times; lower training.effective_batch_size or train on a "
-        "larger corpus",
+        "repetition: the training corpus is 8 packed rows; one optimizer step (8 packed rows) is 1 epoch, the whole "
+        "run (160 steps) 160 epochs",
+        "warning: one optimizer step holds the whole training corpus (8 packed rows a step, 8 packed rows), so every "
+        "step sees every row and the run repeats the corpus 160 times; lower training.effective_batch_size or train on "
+        "a larger corpus",
     ]
 
 
@@ -153,12 +153,14 @@ def test_repetition_counts_epochs_per_step_and_per_run():
     # The issue's tiny corpus: 4 rows under a batch of 32 for 30 steps, 8 times a step and 240 times over the run.
     tiny = repetition_report(4, 32, 30)
     assert "one optimizer step (32 packed rows) is 8 epochs, the whole run (30 steps) 240 epochs" in tiny[0]
-    assert tiny[1].startswith("warning: one optimizer step holds the training corpus 8 times over (32 packed rows a step, ")
+    assert tiny[1].startswith(
+        "warning: one optimizer step holds the training corpus 8 times over (32 packed rows a step, "
+    )
     assert "the run repeats the corpus 240 times" in tiny[1]
     # A corpus larger than a step is only reported, however many epochs the run makes of it.
     assert repetition_report(5000, 32, 10_000) == [
-        "repetition: the training corpus is 5,000 packed rows; one optimizer step (32 packed rows) is 0.0064 epochs, the "
-        "whole run (10,000 steps) 64 epochs"
+        "repetition: the training corpus is 5,000 packed rows; one optimizer step (32 packed rows) is 0.0064 epochs, "
+        "the whole run (10,000 steps) 64 epochs"
     ]
     assert repetition_report(3000, 32, 100, "document")[0].startswith(
         "repetition: the training corpus is 3,000 documents; one optimizer step (32 documents) is 0.0107 epochs"

@@ -8,9 +8,10 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cbe.backends.sampling import GREEDY, Sampling
 from cbe.config import validate
-from cbe.data.packing import document_rows
 from cbe.data.jsonl import load_qa
+from cbe.data.packing import document_rows
 from cbe.eval.evaluator import QAEvaluator, stop_strings, unescape
 from cbe.run import RunDir, read_jsonl
 from tests.conftest import ROOT
@@ -34,11 +35,11 @@ class ScriptedModel:
     not a model, is under test."""
 
     def __init__(self, answers):
-        self.answers, self.prompts, self.stop_strings = answers, [], None
+        self.answers, self.prompts, self.stop_strings, self.sampling = answers, [], None, None
 
-    def generate(self, prompts, max_new_tokens, batch_size, stop_strings):
+    def generate(self, prompts, max_new_tokens, batch_size, stop_strings, sampling=GREEDY):
         self.prompts += prompts
-        self.stop_strings = stop_strings
+        self.stop_strings, self.sampling = stop_strings, sampling
         return [self.answer(p) for p in prompts]
 
     def answer(self, prompt):
@@ -209,6 +210,14 @@ def test_the_configs_prompt_prefix_file_starts_every_prompt_of_every_set(tmp_pat
     zero_shot = ScriptedModel({})
     evaluator_of(tmp_path, "eval.max_questions=3").evaluate(zero_shot, 0, VAL_ROWS)  # the sample task has no prefix
     assert zero_shot.prompts == asked
+
+
+def test_the_configs_sampling_settings_reach_generate(tmp_path):
+    greedy, sampled = ScriptedModel({}), ScriptedModel({})
+    evaluator_of(tmp_path, "eval.loss=false", "eval.max_questions=1").evaluate(greedy, 0, None)
+    settings = ["eval.temperature=0.7", "eval.top_k=40", "eval.top_p=0.9", "eval.seed=3"]
+    evaluator_of(tmp_path, "eval.loss=false", "eval.max_questions=1", *settings).evaluate(sampled, 0, None)
+    assert greedy.sampling == GREEDY and sampled.sampling == Sampling(0.7, 40, 0.9, 3)
 
 
 def test_every_extra_qa_set_is_asked_scored_reported_and_written(tmp_path):

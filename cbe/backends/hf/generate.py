@@ -93,7 +93,8 @@ def draw(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> torch.Ten
     x, order = torch.sort(logits.float() / sampling.temperature, dim=-1, descending=True, stable=True)
     if sampling.top_k > 0:
         x[:, sampling.top_k :] = -torch.inf
-    units = (torch.softmax(x, dim=-1) * UNITS).floor().long()
+    e = torch.exp(x - x[:, :1])  # the softmax as the reference writes it (torch.softmax rounds differently)
+    units = (e / e.sum(-1, keepdim=True) * UNITS).floor().long()
     if sampling.top_p < 1:  # keep a token while the tokens before it hold less than top_p
         before = units.cumsum(-1) - units
         units = units.masked_fill(before.float() >= sampling.top_p * units.sum(-1, keepdim=True).float(), 0)
@@ -331,7 +332,9 @@ def decode_answers(
             batch = order[start : start + rows]
             batch += [batch[-1]] * (rows - len(batch))  # the last batch keeps the shape, so the graph fits it
             draws = None if uniforms is None else uniforms[batch]
-            generated, kept = decoder.answers([questions[i] for i in batch], pad, lambda g: ends(tails[batch], g), draws)
+            generated, kept = decoder.answers(
+                [questions[i] for i in batch], pad, lambda g: ends(tails[batch], g), draws
+            )
             for i, tokens, n in zip(batch, generated, kept):
                 answers[i] = tokenizer.decode(tokens[:n], skip_special_tokens=True)
             bar.update(min(rows, len(order) - start))

@@ -2,11 +2,12 @@
 
 cbe.loop hands it each optimizer step's rows and learning rate: packed rows, or one document per row (the
 benchmark's layout), whose micro-batches are laid end to end with no padding (cbe.data.packing.back_to_back), so a
-step costs what its real tokens cost. Rows carry position ids that restart per document and no attention mask: with use_cache=False transformers then builds a block-diagonal causal mask, so
-documents never see each other (under varlen attention no mask at all: the documents' boundaries,
-cbe.backends.hf.attention). The loss is TRL's fused LM head (logits in tiles, never the whole vocabulary at
-once), summed over the step's trained tokens and divided by their count on every rank, so a step's gradient is the
-same however its rows are split into micro-batches and processes (DDP averages over processes).
+step costs what its real tokens cost. Rows carry position ids that restart per document and no attention mask:
+with use_cache=False transformers then builds a block-diagonal causal mask, so documents never see each other
+(under varlen attention no mask at all: the documents' boundaries, cbe.backends.hf.attention). The loss is TRL's
+fused LM head (logits in tiles, never the whole vocabulary at once), summed over the step's trained tokens and
+divided by their count on every rank, so a step's gradient is the same however its rows are split into micro-batches
+and processes (DDP averages over processes).
 """
 
 from __future__ import annotations
@@ -202,9 +203,7 @@ class HFTrainer:
         return path
 
     # -- training ------------------------------------------------------------------------------------
-    def train_steps(
-        self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray
-    ) -> list[dict[str, float]]:
+    def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[dict[str, float]]:
         """One optimizer step per row of `batches`; this rank takes its share of each step's rows, in micro-batches
         of training.per_device_batch_size."""
         t, o = self.cfg.training, self.cfg.optimizer
@@ -299,9 +298,9 @@ class HFTrainer:
         sampling: Sampling = GREEDY,
         question_ids: Sequence[int] | None = None,
     ) -> list[str]:
-        """Continuations (greedy, or sampled with the uniforms of `question_ids`) over a static cache, the shared prefix computed once (cbe.backends.hf.generate),
-        each stopped at EOS, a stop string or a newline after the answer's first non-blank text
-        (cbe.backends.base.answer_ended)."""
+        """Continuations (greedy, or sampled with the uniforms of `question_ids`) over a static cache, the shared
+        prefix computed once (cbe.backends.hf.generate), each stopped at EOS, a stop string or a newline after the
+        answer's first non-blank text (cbe.backends.base.answer_ended)."""
         was_training = self.model.training
         self.model.eval()
         try:

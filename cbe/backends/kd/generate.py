@@ -100,7 +100,8 @@ def draw(logits: jax.Array, u: jax.Array, sampling: Sampling) -> jax.Array:
     x = jnp.take_along_axis(x, order, axis=-1)
     if sampling.top_k > 0:
         x = x.at[:, sampling.top_k :].set(-jnp.inf)
-    units = jnp.floor(jax.nn.softmax(x, axis=-1) * UNITS).astype(jnp.int32)
+    e = jnp.exp(x - x[:, :1])  # the softmax as the reference writes it
+    units = jnp.floor(e / jnp.sum(e, axis=-1, keepdims=True) * UNITS).astype(jnp.int32)
     if sampling.top_p < 1:  # keep a token while the tokens before it hold less than top_p
         before = jnp.cumsum(units, axis=-1) - units
         total = jnp.sum(units, axis=-1, keepdims=True).astype(jnp.float32)

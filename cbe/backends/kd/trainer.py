@@ -38,7 +38,6 @@ from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
 from cbe.run import RunDir, step_of
 
-
 LENGTH_BUCKET = 256  # one document per row: laid-out rows are a multiple of this many tokens
 
 
@@ -215,9 +214,7 @@ class KDTrainer:
         return self.run.checkpoint_dir(step, self.name)
 
     # -- training ------------------------------------------------------------------------------------
-    def train_steps(
-        self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray
-    ) -> list[dict[str, float]]:
+    def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[dict[str, float]]:
         """One optimizer step per row of `batches`, each `accumulation` micro-batches of the train step."""
         parts = self.devices if rows.one_document_per_row else self.rows_per_micro_step  # rows of a micro-batch
         steps = []
@@ -231,7 +228,9 @@ class KDTrainer:
                 # this weight makes the step's loss the mean over its trained tokens.
                 micro["loss_mask"] *= np.float32(self.accumulation * micro["loss_mask"].size / trained)
                 micro = kd.sharding.device_put(micro, self.trainer.sharding.ds)
-                self.state, aux = self.trainer.trainstep.step(self.state, micro, return_losses=True, return_metrics=True)
+                self.state, aux = self.trainer.trainstep.step(
+                    self.state, micro, return_losses=True, return_metrics=True
+                )
                 losses.append(aux.loss_states["xent"])
                 top1.append(aux.metric_states["top1"])
             steps.append((losses, functools.reduce(lambda a, b: a.merge(b), top1)))

@@ -229,10 +229,9 @@ def test_sampled_answers_equal_model_generate_drawing_the_reference_tokens(model
     logits: the same tokens, the same ends."""
     model, tokenizer = model_and_tokenizer
     prompts = [NEWS_PREFIX + TEMPLATE.format(question=q) for q in sample_questions()[:9]]
-    expected, ids = reference(model, tokenizer, prompts, batch_size=4, sampling=sampling)
+    expected, _ = reference(model, tokenizer, prompts, batch_size=4, sampling=sampling)
     assert len(set(expected)) == len(expected)  # noise, a different answer to every question...
     assert sum(text != greedy for text, greedy in zip(expected, ours(model, tokenizer, prompts, 4))) >= 8  # ...drawn
-    assert sum(tokenizer.pad_token_id in row for row in ids) >= 2  # some end early
     assert ours(model, tokenizer, prompts, batch_size=4, sampling=sampling) == expected  # 9 prompts: the last padded
 
 
@@ -260,10 +259,13 @@ def test_each_rank_of_the_hf_backend_draws_its_questions_as_one_process(tmp_path
     sampling = Sampling(1.5, seed=9)
     alone = backend.generate(prompts, 8, 4, evaluator.stop_strings, sampling=sampling)
     assert len(set(alone)) == len(alone)
-    monkeypatch.setattr(hf_trainer.dist, "all_gather_object", lambda parts, mine: parts.__setitem__(1, mine))
+
+    def gather(parts, mine):  # rank 0 answers its share as the single process did
+        parts[:] = [alone[0::2], mine]
+
+    monkeypatch.setattr(hf_trainer.dist, "all_gather_object", gather)
     backend.rank, backend.world = 1, 2
-    together = backend.generate(prompts, 8, 4, evaluator.stop_strings, sampling=sampling)
-    assert together[1::2] == alone[1::2] and together[0::2] == [""] * 4  # rank 0's part: not gathered here
+    assert backend.generate(prompts, 8, 4, evaluator.stop_strings, sampling=sampling) == alone
 
 
 @pytest.mark.parametrize(

@@ -37,11 +37,13 @@ def eval_results(run_dir: Path) -> list[dict]:
 
 
 def assert_same_metrics(a: dict, b: dict) -> None:
-    """Two evaluations agree on every metric (the timestamp aside, eval_loss up to float noise)."""
+    """Two evaluations agree on every metric (the timestamp aside, the eval losses up to float noise)."""
     assert a.keys() == b.keys()
-    for key in a.keys() - {"timestamp", "eval_loss"}:
+    losses = {"eval_loss", "eval_loss_token_mean"}
+    for key in a.keys() - {"timestamp", *losses}:
         assert a[key] == b[key], key
-    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
+    for key in losses:
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
 def only_dir(folder: Path) -> Path:
@@ -252,11 +254,11 @@ def test_gradient_checkpointing_and_compiled_layers_train_alike_on_the_cpu(small
 
 
 def test_a_cosine_run_logs_the_learning_rate_of_each_step(tiny_wandb_run):
-    """The shared tiny W&B run: 4 steps, cosine, no warmup (5% of 4 steps is under one step), so 3e-3 x
-    (1 + cos(pi x 0, 1/4, 2/4, 3/4)) / 2, with cos(pi/4) = 0.70711."""
+    """The shared tiny W&B run: 4 steps, cosine, 5% warmup, which rounds up to one step (transformers' ceil): lr 0
+    at step 1, then 3e-3 x (1 + cos(pi x 0, 1/3, 2/3)) / 2 = 3e-3 x (1, 0.75, 0.25)."""
     learning_rates = read_tensorboard_scalars(tiny_wandb_run / "logs" / "tensorboard")["train/learning_rate"]
-    expected = [1.0, (1 + 0.70711) / 2, 0.5, (1 - 0.70711) / 2]
-    assert learning_rates == pytest.approx({step: 3e-3 * m for step, m in enumerate(expected, 1)}, rel=1e-4)
+    expected = [0.0, 1.0, 0.75, 0.25]
+    assert learning_rates == pytest.approx({s: 3e-3 * m for s, m in enumerate(expected, 1)}, rel=1e-6, abs=1e-12)
 
 
 def test_lora_trains_only_the_adapter(run_main, tmp_path, cache_dir):

@@ -1,4 +1,5 @@
-"""The KD decode loop ends each row where the answer ends: EOS, or a newline after its first non-blank token."""
+"""The KD decode loop ends each row where the answer ends: EOS, or a newline after its first non-blank token; sampled,
+it draws each row's tokens as the reference draw does (cbe.backends.sampling), with its own question's uniforms."""
 
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -6,9 +7,12 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cbe.backends.base import NewlineStop
 from cbe.backends.kd.generate import decode_ids
+from cbe.backends.kd.generate import draw as jax_draw
+from cbe.backends.sampling import Sampling, draw
 
 # Token ids of a five-word vocabulary: 0 pad, 1 EOS, 2 "\n", 3 " Paris", 4 " Rome".
 STOP = NewlineStop(
@@ -50,3 +54,68 @@ def test_leading_newlines_do_not_end_the_answer():
         ScriptedModel(script, 3), params, prompts, max_new_tokens=6, stop=STOP, eos_id=1, pad_id=0, batch_size=3
     )
     assert out == [[2, 2, 3, 2], [3, 1], [2, 2, 2, 2, 2, 2]]
+
+
+FLAT_VOCAB = 64  # STOP's five tokens and plain words
+FLAT_STOP = NewlineStop(
+    *(np.pad(table, (0, FLAT_VOCAB - VOCAB)) for table in (STOP.newline, STOP.ends_alone, STOP.blank))
+)
+
+
+@dataclass(frozen=True)
+class FlatModel:
+    """Every token equally likely at every step: a sampled token is then the reference draw from flat logits with
+    that step's uniform, so each row shows which uniforms it was given."""
+
+    def init_cache(self, batch_size, dtype, cache_length):
+        return {}
+
+    def apply(self, variables, tokens, positions, cache, attention_mask):
+        return SimpleNamespace(logits=jnp.zeros((*tokens.shape, FLAT_VOCAB)), cache=cache)
+
+
+def test_each_prompt_draws_with_its_own_questions_uniforms_in_any_batch():
+    prompts = [[3] * n for n in (5, 2, 9, 3, 4)]  # sorted by length into batches of 2, the last with a dummy row
+    sampling = Sampling(1.0, seed=4)
+    params = {"embedder": {"input_embedding": jnp.zeros((VOCAB, 2), jnp.float32)}}
+    out = decode_ids(
+        FlatModel(),
+        params,
+        prompts,
+        max_new_tokens=6,
+        stop=FLAT_STOP,
+        eos_id=1,
+        pad_id=0,
+        batch_size=2,
+        sampling=sampling,
+    )
+    uniforms = sampling.uniforms(range(len(prompts)), 6)
+    expected = [draw(np.zeros((6, FLAT_VOCAB), np.float32), row, sampling).tolist() for row in uniforms]
+    assert out == [ids[: FLAT_STOP.end(ids, 1)] for ids in expected]
+    assert len({tuple(ids) for ids in out}) == len(out)
+    other = decode_ids(
+        FlatModel(),
+        params,
+        prompts,
+        max_new_tokens=6,
+        stop=FLAT_STOP,
+        eos_id=1,
+        pad_id=0,
+        batch_size=3,
+        sampling=sampling,
+    )
+    assert other == out  # other batches, the same draws
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [Sampling(1.0), Sampling(0.6, top_k=7), Sampling(1.7, top_p=0.8), Sampling(2.0, top_k=50, top_p=0.5)],
+    ids=str,
+)
+def test_the_jax_draw_is_the_reference_draw(sampling):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (2000, 1024)).astype(np.float32)
+    logits[1000:] = np.round(logits[1000:])  # many equal logits: ties go to the lower id
+    u = rng.random(2000, dtype=np.float32)
+    drawn = jax.jit(jax_draw, static_argnums=2)(logits, u, sampling)
+    assert np.array_equal(np.asarray(drawn), draw(logits, u, sampling))
