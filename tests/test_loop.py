@@ -187,10 +187,11 @@ def test_stage_steps_and_the_schedule_per_stage_or_global():
     assert cfg.training.num_train_steps == 14
     lr = cfg.optimizer.lr
     per_stage = schedule(cfg, stages)
-    assert per_stage[[0, 4, 10]] == pytest.approx([lr, lr, lr])  # every stage warms up again: 1 step of 4 ...
-    assert per_stage[5] == pytest.approx(lr)  # ... and of 6 (int(0.25 x 6) = 1 warmup step)
-    assert per_stage[3] < per_stage[1] and per_stage[9] < per_stage[5]  # and decays within the stage
+    # Every stage warms up again from lr 0: 1 step of 4 (ceil(0.25 x 4)), peak at its second step ...
+    assert per_stage[[0, 1, 10, 11]] == pytest.approx([0, lr, 0, lr])
+    assert per_stage[4:7] == pytest.approx([0, lr / 2, lr])  # ... and 2 of 6 (ceil(0.25 x 6))
+    assert per_stage[3] < per_stage[1] and per_stage[9] < per_stage[6]  # and decays within the stage
     cfg.continual.schedule = "global"
     whole = schedule(cfg, stages)
-    assert whole[:3] == pytest.approx([lr / 3, 2 * lr / 3, lr])  # int(0.25 x 14) = 3 warmup steps over the run
-    assert np.all(np.diff(whole[3:]) <= 0)  # one decay across the stages
+    assert whole[:5] == pytest.approx([0, lr / 4, lr / 2, 3 * lr / 4, lr])  # ceil(0.25 x 14) = 4 warmup steps
+    assert np.all(np.diff(whole[4:]) <= 0)  # one decay across the stages

@@ -342,19 +342,18 @@ def test_zero_steps_evaluates_the_start_only(run_main, tmp_path):
 
 
 # main.py under torchrun, with each rank's share of the work counted, one line per call in counts.rank<N>: the
-# prompts the HF backend's decoder gets, the validation rows its eval-loss forward passes get (labels, no gradient), and
-# the W&B runs it starts.
+# prompts the HF backend's decoder gets, the validation rows its eval-loss forward passes get (inputs built without
+# gradient), and the W&B runs it starts.
 COUNTING_MAIN = """
 import os, runpy, sys
 
 import torch
 import wandb
-from transformers import Gemma3ForCausalLM
 
 import cbe.backends.hf.trainer as hf_trainer
 
 counts = open(os.path.join(os.path.dirname(__file__), "counts.rank" + os.environ["RANK"]), "a", buffering=1)
-answers, forward, wandb_init = hf_trainer.decode_answers, Gemma3ForCausalLM.forward, wandb.init
+answers, tensors, wandb_init = hf_trainer.decode_answers, hf_trainer.HFTrainer.tensors, wandb.init
 
 
 def counted_answers(model, tokenizer, prompts, **kwargs):
@@ -362,10 +361,10 @@ def counted_answers(model, tokenizer, prompts, **kwargs):
     return answers(model, tokenizer, prompts, **kwargs)
 
 
-def counted_forward(self, *args, **kwargs):
-    if kwargs.get("labels") is not None and not torch.is_grad_enabled():
-        counts.write(f"val_rows {len(kwargs['input_ids'])}\\n")
-    return forward(self, *args, **kwargs)
+def counted_tensors(self, rows, index):
+    if not torch.is_grad_enabled():
+        counts.write(f"val_rows {len(index)}\\n")
+    return tensors(self, rows, index)
 
 
 def counted_wandb_init(*args, **kwargs):
@@ -374,7 +373,7 @@ def counted_wandb_init(*args, **kwargs):
 
 
 hf_trainer.decode_answers = counted_answers
-Gemma3ForCausalLM.forward = counted_forward
+hf_trainer.HFTrainer.tensors = counted_tensors
 wandb.init = counted_wandb_init
 sys.argv[0] = os.path.join(os.getcwd(), "main.py")
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -456,5 +455,6 @@ def test_the_demo_memorizes_the_sample_track(run_main, tmp_path):
     run_main("logging.run_name=demo")
     results = eval_results(tmp_path / "outputs" / "cbe" / "demo")
     losses = [m["eval_loss"] for m in results]
-    assert losses[-1] < losses[0] / 4 and losses[-1] == min(losses)
+    # The cosine ends at lr 0: the last evaluations are level, so the last is the lowest up to float noise.
+    assert losses[-1] < losses[0] / 4 and losses[-1] == pytest.approx(min(losses), rel=1e-4)
     assert results[0]["valqa_exact_match"] <= 0.05 and results[-1]["valqa_exact_match"] >= 0.8
