@@ -71,7 +71,7 @@ def test_multimodal_names_map_to_the_text_model():
 
 def test_both_libraries_give_the_same_logits_on_a_packed_row():
     hf = random_hf_model()
-    model = build_model(gemma_config(hf.config))
+    model = build_model(gemma_config(hf.config), "fp32")
     # Two documents and padding, longer than the sliding window, with token id 0 inside a document.
     tokens = np.random.default_rng(0).integers(1, ARCH["vocab_size"], size=(1, 40))
     tokens[0, 5] = 0

@@ -168,14 +168,21 @@ def tie_and_take_lora_a(peft_model, num_heads: int, head_dim: int) -> dict[tuple
     return gemma_a
 
 
-def test_clipping_is_the_same_in_both_backends(run_main, tmp_path):
-    """optimizer.max_grad_norm clips both backends' gradients alike (null clips nothing: the test below)."""
-    runs = run_both(run_main, tmp_path, *TINY_STEPS, "optimizer.max_grad_norm=0.05")
-    clipped = {backend: train_losses(run) for backend, run in runs.items()}
+def test_clipping_is_the_same_in_both_backends(tmp_path, cache_dir):
+    """optimizer.max_grad_norm clips both backends' gradients alike (null clips nothing: the test below). In-process
+    runs: what is compared is the training, not a process's start."""
+
+    def train_losses_of(name: str, *overrides: str) -> list[float]:
+        # No warmup: every step updates (a warmup's first step trains at lr 0).
+        args = [*TINY_STEPS, "optimizer.warmup_fraction=0", f"data.cache_dir={cache_dir}", *overrides]
+        loop = loop_in_process(tmp_path / name, *args)
+        loop.train()
+        loop.loggers.close()
+        return train_losses(tmp_path / name)
+
+    clipped = {b: train_losses_of(b, f"backend={b}", "optimizer.max_grad_norm=0.05") for b in ("hf", "kd")}
     assert clipped["kd"] == pytest.approx(clipped["hf"], rel=1e-3)
-    (tmp_path / "outputs" / "cbe" / "hf").rename(tmp_path / "clipped")
-    run_main("backend=hf", *TINY_STEPS, "optimizer.max_grad_norm=null", "logging.run_name=hf")
-    unclipped = train_losses(tmp_path / "outputs" / "cbe" / "hf")
+    unclipped = train_losses_of("unclipped", "backend=hf", "optimizer.max_grad_norm=null")
     assert clipped["hf"][0] == pytest.approx(unclipped[0])  # the same start: clipping acts from the first update
     # Clipping changed training by several times the tolerance the backends agree to (AdamW undoes most of a
     # gradient's scale, so the change is small, about 0.4% here).
@@ -273,7 +280,7 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path, cache_dir):
     assert predictions(evaluated, "valqa", 5) == predictions(run, "valqa", 5)
 
 
-def test_two_devices_shard_the_params_and_match_one_device(run_main, tmp_path, monkeypatch):
+def test_two_devices_shard_the_params_and_match_one_device(run_main, tmp_path, monkeypatch, cache_dir):
     common = [
         "backend=kd",
         "training.num_train_steps=3",
@@ -285,12 +292,13 @@ def test_two_devices_shard_the_params_and_match_one_device(run_main, tmp_path, m
     ]
     # 1 device: 2 accumulated micro-batches of 4 rows; 2 devices: 1 micro-batch of 8 rows, FSDP params.
     # Each step's loss is the mean over all its trained tokens, so both compute the same updates.
-    run_main(*common, "logging.run_name=one")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    loop_in_process(tmp_path / "one", *common, f"data.cache_dir={cache_dir}").train()  # this process: 1 device
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # a new process sees 2
     two = run_main(*common, "logging.run_name=two")
     assert "arrays sharded over 2 device(s) (FSDP), accumulation 1" in two.stdout
     assert " 0 of " not in two.stdout.split("params: ")[1].splitlines()[0]
-    one_results, two_results = (eval_results(tmp_path / "outputs" / "cbe" / name) for name in ("one", "two"))
+    one_results, two_results = eval_results(tmp_path / "one"), eval_results(tmp_path / "outputs" / "cbe" / "two")
+    assert len(one_results) == len(two_results) == 2
     for a, b in zip(one_results, two_results):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
 

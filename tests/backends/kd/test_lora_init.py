@@ -30,7 +30,7 @@ def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero():
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=["backend=kd", "adapter=lora128"])
     hf, converted, _ = load_hf_weights(cfg)
-    model = build_model(gemma_config(hf), cfg.adapter.rank, tokens="batch.input_ids")
+    model = build_model(gemma_config(hf), cfg.training.precision, cfg.adapter.rank, tokens="batch.input_ids")
     initialized = model.init(jax.random.key(cfg.training.seed), jnp.zeros((1, 8), jnp.int32))["params"]
     loaded = _Weights(converted).transform(State(params=initialized)).params  # the base weights go in; LoRA stays
     by_fan_in: dict[int, list[np.ndarray]] = {}
