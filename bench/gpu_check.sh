@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 20's GPU measurements on one H100/H200 in one call of at most 6 minutes, each step under its own time limit
+# Issue 20's and 25's GPU measurements on one H100/H200 in one call of at most 7 minutes, each step under its own limit
 # (one failure or OOM keeps the rest), a table of every result line last; full output in LOGDIR/gpu_check.log:
 # - varlen-check: varlen attention against sdpa on the same packed rows and weights (Gemma 3 1B): both losses, the
 #   attention gradients' difference, PASS/FAIL (bench/train_throughput.py --check-varlen);
