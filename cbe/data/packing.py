@@ -12,8 +12,8 @@ Every document becomes [BOS] text [EOS].
 
 Each row carries position ids that restart at every chunk: the backend turns them into a block-diagonal mask, so
 attention never crosses documents. Padding (only at row ends) and the first token of each chunk have label -100 and
-are never trained on. Padding is storage only: `back_to_back` lays a micro-batch's real tokens end to end, so no
-step computes it.
+are never trained on. With one document per row the padding is storage only: `back_to_back` lays a micro-batch's
+real tokens end to end, so no step computes it.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class PackedRows:
         if not self.one_document_per_row:
             return (
                 f"{name}: {len(self)} packed rows of {length} tokens, {self.real_tokens:,} tokens per "
-                f"epoch ({self.trained_tokens:,} trained), padding {self.padding_fraction:.1%} (not computed)"
+                f"epoch ({self.trained_tokens:,} trained), padding {self.padding_fraction:.1%}"
             )
         cut = int((self.lengths == length).sum())  # a row filled to the end may have been cut
         return (
