@@ -78,33 +78,26 @@ def test_each_prompt_draws_with_its_own_questions_uniforms_in_any_batch():
     prompts = [[3] * n for n in (5, 2, 9, 3, 4)]  # sorted by length into batches of 2, the last with a dummy row
     sampling = Sampling(1.0, seed=4)
     params = {"embedder": {"input_embedding": jnp.zeros((VOCAB, 2), jnp.float32)}}
-    out = decode_ids(
-        FlatModel(),
-        params,
-        prompts,
-        max_new_tokens=6,
-        stop=FLAT_STOP,
-        eos_id=1,
-        pad_id=0,
-        batch_size=2,
-        sampling=sampling,
-    )
+
+    def decode(batch_size: int) -> list[list[int]]:
+        return decode_ids(
+            FlatModel(),
+            params,
+            prompts,
+            max_new_tokens=6,
+            stop=FLAT_STOP,
+            eos_id=1,
+            pad_id=0,
+            batch_size=batch_size,
+            sampling=sampling,
+        )
+
+    out = decode(2)
     uniforms = sampling.uniforms(range(len(prompts)), 6)
     expected = [draw(np.zeros((6, FLAT_VOCAB), np.float32), row, sampling).tolist() for row in uniforms]
     assert out == [ids[: FLAT_STOP.end(ids, 1)] for ids in expected]
     assert len({tuple(ids) for ids in out}) == len(out)
-    other = decode_ids(
-        FlatModel(),
-        params,
-        prompts,
-        max_new_tokens=6,
-        stop=FLAT_STOP,
-        eos_id=1,
-        pad_id=0,
-        batch_size=3,
-        sampling=sampling,
-    )
-    assert other == out  # other batches, the same draws
+    assert decode(3) == out  # other batches, the same draws
 
 
 @pytest.mark.parametrize(
