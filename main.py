@@ -11,15 +11,17 @@ import os
 import sys
 
 import hydra
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
 
-from cbe.checkpoints import inherit_run_overrides
+from cbe.checkpoints import eval_dir_override, inherit_run_overrides
 from cbe.config import register_configs, validate
 from cbe.errors import exit_on_user_error, run_and_report_user_errors
 from cbe.logging import Loggers
 from cbe.loop import Loop, build
+from cbe.plan import stages_of
 from cbe.run import RunDir, adopt_slurm_ranks, is_main_process, world_size
+from cbe.specs import SPECS
 
 register_configs()
 
@@ -32,7 +34,7 @@ def main(cfg: DictConfig) -> None:
     run = RunDir(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     if cfg.mode == "train":
         run.refuse_a_different_run(cfg)
-        steps = run.completed_steps(cfg.training.num_train_steps)
+        steps = run.completed_steps(stages_of(cfg)[-1].last_step)
         if steps is not None:  # a re-submitted sweep or job: leave the finished run as it is
             print(
                 f"{run.root} is complete: {steps} steps trained and evaluated; raise training.num_train_steps to "
@@ -43,6 +45,9 @@ def main(cfg: DictConfig) -> None:
     run.create(cfg).capture_output()
     if is_main_process():
         print(f"run dir: {run.root}", flush=True)
+    setup = SPECS[cfg.backend.name].process_setup
+    if setup:  # the backend's share of the job: its device, its process group
+        get_method(setup)()
     loggers = Loggers(
         run, [instantiate(spec, run=run) for spec in cfg.logging.loggers.values()] if is_main_process() else []
     )
@@ -54,7 +59,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def evaluate_or_train() -> None:
-    sys.argv[1:] = inherit_run_overrides(sys.argv[1:])  # mode=eval of a run's checkpoint composes as the run did
+    argv = inherit_run_overrides(sys.argv[1:])  # mode=eval of a run's checkpoint composes as the run did
+    sys.argv[1:] = argv + eval_dir_override(argv)
     main()
 
 

@@ -14,6 +14,11 @@ One line per way (questions/s), ours also saying how many answers equal HF's on 
 (all, on the CPU; bf16 on a GPU may differ in near ties); then ours without the CUDA graph at the last batch size
 (on a GPU its answers must equal the graph's, every one); last `speedup: <ours at the last --batch-size / HF>`.
 A way that fails prints `<name>: failed: <error>` and the run exits 1 after measuring the others.
+
+HF-only. Ours goes through the public wiring (cbe.loop.build, the backend's load and generate), plus the HF
+backend's own generate option cuda_graph for the eager line. hf_generate is an upstream-style baseline: uses the HF
+backend's internals (its model, device, newline-stop table, sdpa switch and HF-generate stopping criterion) because
+it runs plain HF `model.generate` on the same weights with the same stops.
 """
 
 import argparse
@@ -45,12 +50,13 @@ def compose_config(args):
 
 
 def hf_generate(backend, prompts, max_new_tokens: int, batch_size: int, stop_strings) -> list[str]:
-    """HF's way: `model.generate` on left-padded batches of similar length, dynamic cache, eager, our stops."""
+    """HF's way: `model.generate` on left-padded batches of similar length, dynamic cache, eager, our stops.
+    Upstream-style baseline: uses the HF backend's internals because HF generate needs its model, and our newline
+    stop as an HF stopping criterion."""
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
     from cbe.backends.hf.generate import NewlineStopCriteria, sdpa_attention
-    from cbe.backends.hf.trainer import eager
 
     tok = backend.tokenizer
     config = GenerationConfig(
@@ -62,7 +68,7 @@ def hf_generate(backend, prompts, max_new_tokens: int, batch_size: int, stop_str
     )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
-    with torch.no_grad(), eager(), sdpa_attention(backend.model):
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), sdpa_attention(backend.model):
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             inputs = tok([prompts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left")

@@ -1,4 +1,7 @@
-"""Estimated peak GPU memory of every (task, model, adapter) recipe, as the HF backend plans it (cbe.memory).
+"""Estimated peak GPU memory of every (task, model, adapter) recipe, as the HF backend plans it.
+
+HF-only by nature: it prints the README's memory table from the HF backend's own memory plan
+(cbe.backends.hf.memory), which the KD backend does not have, so it imports that module directly.
 
     .venv/bin/python bench/memory_table.py [--card-gb 40]
 
@@ -22,8 +25,9 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from cbe import memory
+    from cbe.backends.hf import memory
     from cbe.config import register_configs
+    from cbe.loop import settings_of
 
     register_configs()
     card = args.card_gb * memory.GB
@@ -36,7 +40,7 @@ def main() -> None:
             for model in ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b"):
                 for adapter in ("full", "lora128"):
                     cfg = compose("config", overrides=[f"task={task}", f"model={model}", f"adapter={adapter}"])
-                    plan = memory.plan_run(cfg, card)
+                    plan = memory.plan_run(settings_of(cfg), card)
                     peak = plan.estimate
                     cell = (
                         f"refused: {peak.static_bytes / memory.GB:.0f} GB of weights and optimizer state"

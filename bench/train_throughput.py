@@ -22,6 +22,11 @@ One line per mode, then last `ratio_vs_upstream: <useful tok/s of the first vari
 --check-varlen measures nothing: it runs one training forward and backward of the same packed rows and weights
 through sdpa and through varlen attention (cbe/backends/hf/attention.py) and prints both losses, how far the
 attention weights' gradients differ, and PASS or FAIL against bf16 tolerance.
+
+Ours goes through the public wiring only (cbe.loop.build, the Backend protocol's start, tokenizer and train_steps).
+Upstream-style baselines (run_hf's padded path, check_varlen) use the HF backend's internals (its model, optimizer,
+tensors and autocast) because they reproduce a bare transformers training loop, which the protocol does not expose;
+the parameter count and peak memory read each backend's model or state, which no protocol method reports.
 """
 
 import argparse
@@ -121,17 +126,12 @@ class Measurement:
         self.seconds = 0.0
 
 
-def run_hf(args, cfg, rows: PackedRows, mask: np.ndarray | None, measurement: Measurement, order: np.ndarray):
-    """Steps the HF backend (ours: its train_steps; upstream style: its model and optimizer on padded rows with
-    their attention mask, as upstream trains); returns the base model's parameter count and the peak GPU memory
-    in GB."""
+def run_hf(args, cfg, backend, rows: PackedRows, mask: np.ndarray | None, measurement: Measurement, order):
+    """Steps the started HF backend, ours through its train_steps; returns the base model's parameter count and the
+    peak GPU memory in GB. With a `mask`, the upstream-style baseline: uses the HF backend's internals (its model and
+    optimizer) because it trains padded rows with their attention mask, as upstream does and train_steps does not."""
     import torch
 
-    from cbe.loop import build
-    from cbe.run import RunDir
-
-    backend, _ = build(cfg, RunDir(tempfile.mkdtemp()))
-    backend.start(None)
     base_params = sum(p.numel() for n, p in backend.model.named_parameters() if "lora_" not in n)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -159,15 +159,11 @@ def run_hf(args, cfg, rows: PackedRows, mask: np.ndarray | None, measurement: Me
     return base_params, peak
 
 
-def run_kd(args, cfg, rows: PackedRows, measurement: Measurement, order: np.ndarray) -> tuple[int, float | None]:
-    """Steps the KD backend's train_steps (Kauldron's train step: jit, donated state, FSDP); returns as run_hf."""
+def run_kd(args, cfg, backend, rows: PackedRows, measurement: Measurement, order) -> tuple[int, float | None]:
+    """Steps the started KD backend's train_steps (Kauldron's train step: jit, donated state, FSDP); returns as
+    run_hf."""
     import jax
 
-    from cbe.loop import build
-    from cbe.run import RunDir
-
-    backend, _ = build(cfg, RunDir(tempfile.mkdtemp()))
-    backend.start(None)
     batches = order.reshape(-1, cfg.training.effective_batch_size)
 
     def steps(first: int, last: int) -> None:
@@ -198,11 +194,14 @@ def timed(steps, args, synchronize) -> float:
 
 def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bool) -> float:
     """Train warmup + steps optimizer steps in one mode and print its line; returns useful tokens/s."""
+    from cbe.loop import build
+    from cbe.run import RunDir
+
     cfg = compose_config(args, overrides, batch_size, tempfile.mkdtemp())
     batch_size = cfg.training.effective_batch_size  # a variant may set its own (per-device = effective)
-    from cbe.backends.hf.models import load_tokenizer
-
-    tok = load_tokenizer(cfg)
+    backend, _ = build(cfg, RunDir(tempfile.mkdtemp()))
+    backend.start(None)
+    tok = backend.tokenizer
     vocab = cfg.model.architecture.vocab_size
     specials = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
     needed = (args.warmup + args.steps) * batch_size
@@ -219,9 +218,9 @@ def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bo
     order = training_order(len(rows), needed, cfg.training.seed)
     m = Measurement(args, rows, useful, order, batch_size)
     if args.backend == "hf":
-        params, peak = run_hf(args, cfg, rows, mask, m, order)
+        params, peak = run_hf(args, cfg, backend, rows, mask, m, order)
     else:
-        params, peak = run_kd(args, cfg, rows, m, order)
+        params, peak = run_kd(args, cfg, backend, rows, m, order)
     rate = m.useful_tokens / m.seconds
     line = f"{name}: {rate:,.0f} useful tok/s, padding {m.padding:.1%}, batch {batch_size}"
     if peak is not None:  # on a GPU
@@ -242,15 +241,17 @@ GRADIENT_RTOL = 5e-2  # of the gradients' norm: a wrong mask or window moves the
 def check_varlen(args) -> bool:
     """The varlen path against sdpa on one micro-batch of packed news-like rows, same weights: the training loss
     (TRL's fused head, as train_steps computes it) and the attention weights' gradients, by layer kind. The
-    loss alone would not do: a random-init model predicts near-uniformly, so a wrong mask barely moves it."""
+    loss alone would not do: a random-init model predicts near-uniformly, so a wrong mask barely moves it.
+    Upstream-style baseline: uses the HF backend's internals (its model, tensors and autocast) because it compares
+    the varlen path with transformers' own sdpa on the same weights, gradients included."""
     import torch
 
-    from cbe.backends.hf.attention import attention_implementation
     from cbe.loop import build
     from cbe.run import RunDir
 
+    # The backend loads the model with varlen (registering it with transformers); set_attn_implementation switches.
     # Eager layers: compiling them twice (once per attention) would cost this check most of its time limit.
-    overrides = ["backend.trainer.attn_implementation=sdpa", "backend.trainer.torch_compile=false"]
+    overrides = ["backend.trainer.attn_implementation=varlen", "backend.trainer.torch_compile=false"]
     cfg = compose_config(args, overrides, args.batch_size, tempfile.mkdtemp())
     backend, _ = build(cfg, RunDir(tempfile.mkdtemp()))
     backend.start(None)
@@ -265,7 +266,7 @@ def check_varlen(args) -> bool:
     kinds = model.config.get_text_config().layer_types
     losses, gradients = {}, {}
     for name in ("sdpa", "varlen"):
-        model.set_attn_implementation(attention_implementation(name))
+        model.set_attn_implementation(name)
         model.zero_grad(set_to_none=True)
         with backend.autocast():
             inputs = backend.tensors(rows, index)
@@ -293,7 +294,8 @@ def check_varlen(args) -> bool:
     return passed
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line (see the module's docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="a conf/model option (non-tiny: random init)")
     parser.add_argument("--adapter", default="full", help="a conf/adapter option")
@@ -313,8 +315,11 @@ def main() -> None:
     )
     parser.add_argument("--no-upstream", action="store_true", help="measure only the variants (no ratio)")
     parser.add_argument("--check-varlen", action="store_true", help="check varlen's loss against sdpa's, no timing")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def print_setup(args) -> None:
+    """The device, the framework versions and what is measured: the first lines of the output."""
     if args.backend == "hf":
         import torch
         import transformers
@@ -330,6 +335,11 @@ def main() -> None:
         f"{args.warmup} warmup + {args.steps} timed steps",
         flush=True,
     )
+
+
+def main() -> None:
+    args = parse_args()
+    print_setup(args)
     if args.check_varlen:
         sys.exit(0 if check_varlen(args) else 1)
     upstream_overrides = []

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
 
 from cbe.errors import UserError
-from cbe.paths import resolve_path
-from cbe.run import checkpoint_backend
+from cbe.paths import PROJECT_ROOT, resolve_path
+from cbe.run import RunDir
+from cbe.specs import SPECS, backend_of_checkpoint
 
 # The run's overrides that an evaluation does not replay: where it writes, what it evaluates, how it is launched.
 NOT_INHERITED = ("mode", "checkpoint", "output_root", "logging", "hydra", "experiment")
@@ -28,11 +28,8 @@ NOT_INHERITED = ("mode", "checkpoint", "output_root", "logging", "hydra", "exper
 
 def run_dir_of(checkpoint: str) -> Path | None:
     """The run dir that holds a checkpoint dir (<run>/checkpoints/<name>), or None for base or a loose dir."""
-    if checkpoint == "base":
-        return None
-    path = Path(checkpoint).resolve()  # `latest` becomes the checkpoint it points at
-    run = path.parent.parent
-    return run if path.parent.name == "checkpoints" and (run / ".hydra" / "overrides.yaml").is_file() else None
+    run = None if checkpoint == "base" else RunDir.of_checkpoint(checkpoint)
+    return run.root if run else None
 
 
 def _override_key(override: str) -> str:
@@ -58,15 +55,11 @@ def inherit_run_overrides(argv: list[str]) -> list[str]:
 
 
 def written_by(checkpoint: Path) -> tuple[str, str | None]:
-    """(backend, adapter) that wrote a checkpoint dir; the adapter is None where the dir does not say."""
+    """(backend, adapter) that wrote a checkpoint dir; the adapter is None where neither the run nor the dir says."""
     run = run_dir_of(str(checkpoint))
     saved = yaml.safe_load((run / "config.yaml").read_text()) if run and (run / "config.yaml").is_file() else {}
-    adapter = (saved.get("adapter") or {}).get("name")
-    if checkpoint_backend(checkpoint) == "kd":
-        return "kd", adapter
-    if (checkpoint / "adapter_config.json").is_file():
-        return "hf", adapter or "lora128"
-    return "hf", adapter or "full"
+    backend = backend_of_checkpoint(checkpoint) or "hf"  # a loose dir: an HF model or adapter saved by hand
+    return backend, (saved.get("adapter") or {}).get("name") or SPECS[backend].adapter_of(checkpoint)
 
 
 def check_checkpoint(cfg: Any) -> None:
@@ -120,9 +113,8 @@ def model_label(name: str) -> str:
     return "/".join(parts) or "model"
 
 
-def eval_run_dir(*, _root_: Any) -> str:
-    """The run dir of `mode=eval` (the `eval_run_dir` resolver of conf/mode/eval.yaml)."""
-    cfg = _root_
+def eval_run_dir(cfg: Any) -> str:
+    """The run dir of a composed `mode=eval` config."""
     run = run_dir_of(cfg.checkpoint)
     if run is not None:
         where = run / "eval" / Path(cfg.checkpoint).resolve().name
@@ -139,5 +131,18 @@ def eval_run_dir(*, _root_: Any) -> str:
     return str(where / evaluation_name(cfg))
 
 
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("eval_run_dir", eval_run_dir, replace=True)
+def eval_dir_override(argv: list[str]) -> list[str]:
+    """The argv pre-pass's `hydra.run.dir=...` of a single `mode=eval` (its eval_run_dir), named here from the
+    composed config, before Hydra composes it for the run: composing imports no evaluator. None for a training run,
+    a multirun (its sweep dir) or a run dir given on the command line."""
+    overrides = [a for a in argv if not a.startswith("-")]
+    if "mode=eval" not in overrides or len(overrides) < len(argv) or any("hydra.run.dir=" in o for o in overrides):
+        return []
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base=None):
+            where = eval_run_dir(compose("config", overrides=overrides))
+    except Exception:  # a mistake in the command line: the run's own composition reports it in one line
+        return []
+    return ["hydra.run.dir='" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"]

@@ -1,15 +1,4 @@
-"""The `cbe` command: data and result tools beside `python main.py` (which trains).
-
-    cbe download --track news [--corpus small] [--qa small] [--revision main] [--list]
-    cbe format-news --input IN --output OUT [--overwrite] [--normalize] [--skip-bad]
-    cbe make-stages --track news --by week|month  |  --track geminon --stages N  [--data-dir data]
-    cbe rescore outputs/.../eval_details/valqa_step_001000.jsonl [--parser news] [--support-thresholds K ...] [--qa QA]
-    cbe judge --input outputs/.../eval_details/testqa_step_001000.jsonl [--concurrency 8] [--resume] [--qa QA]
-              [--response-field parsed|raw] [--prompt-file PROMPT.txt] [--summary SUMMARY.json]
-    cbe plot outputs/<project>/<task> [--metric valqa_exact_match]
-    cbe sweep-summary outputs/<project>/<run_name>
-    cbe continual-summary outputs/<project>/<staged run>
-    cbe retention-set --details BASE_DETAILS --qa QA --output RETENTION_QA
+"""The `cbe` command: data and result tools beside `python main.py` (which trains); `cbe <tool> --help` for each.
 
 rescore, judge and plot also read what the benchmark's own harness writes (details files, JAX run dirs).
 """
@@ -17,15 +6,19 @@ rescore, judge and plot also read what the benchmark's own harness writes (detai
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from cbe.errors import UserError, exit_with
 from cbe.eval.parse import PARSERS
 
 SIZES = ("small", "medium", "large")
+DETAILS_HELP = "an eval_details/<set>_step_<N>.jsonl file, of cbe or the benchmark's harness"
 
 
 def download(args: argparse.Namespace) -> None:
+    """Download a track's files from the hub (or --list them)."""
     from cbe.data.download import download_track, files_to_fetch, list_files, load_recipe, source
 
     recipe = load_recipe()
@@ -46,32 +39,24 @@ def download(args: argparse.Namespace) -> None:
 
 
 def format_news(args: argparse.Namespace) -> None:
+    """Render raw news articles as the benchmark's text and print what was done."""
     from cbe.data.format_news import format_news as run
 
-    print(
-        run(
-            args.input,
-            args.output,
-            overwrite=args.overwrite,
-            normalize=args.normalize,
-            skip_bad=args.skip_bad,
-            keep_untitled=args.keep_untitled,
-        ).summary()
-    )
+    options = _options(args, "overwrite", "normalize", "skip_bad", "keep_untitled")
+    print(run(args.input, args.output, **options).summary())
 
 
 def make_stages(args: argparse.Namespace) -> None:
+    """Cut a downloaded track into continual-learning stages."""
     from cbe.data.stages import TASK_DIR
     from cbe.data.stages import make_stages as run
 
-    cut = run(args.track, args.data_dir, args.by, args.stages, args.month, args.task_dir or TASK_DIR)
-    print(cut.summary())
+    print(run(args.track, args.data_dir, args.by, args.stages, args.month, args.task_dir or TASK_DIR).summary())
 
 
 def rescore(args: argparse.Namespace) -> None:
-    import json
-
-    from cbe.eval.details import join_qa, load_details, support_thresholds_for
+    """Recompute every metric of a details file; print them as JSON."""
+    from cbe.eval.details import join_qa, load_details, markers_of, support_thresholds_for
     from cbe.eval.metrics import score_answer, summarize
 
     records = load_details(args.details, "rescore", predictions=("raw_prediction",))
@@ -80,10 +65,11 @@ def rescore(args: argparse.Namespace) -> None:
         _note(note)
     thresholds, note = support_thresholds_for(records, args.support_thresholds, args.details)
     _note(note)
-    details = [
-        {**r, **score_answer(r["raw_prediction"], str(r["ground_truth"]), args.parser, str(r.get("question", "")))}
-        for r in records
-    ]
+    markers = markers_of(args.details)  # the question marker of the run's prompt template
+    details = []
+    for r in records:
+        gold, question = str(r["ground_truth"]), str(r.get("question", ""))
+        details.append({**r, **score_answer(r["raw_prediction"], gold, args.parser, question, markers)})
     print(json.dumps(summarize(details, thresholds)))
 
 
@@ -93,94 +79,75 @@ def _note(text: str | None) -> None:
         print(f"cbe: note: {text}", file=sys.stderr)
 
 
-def judge(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
+def _options(args: argparse.Namespace, *names: str) -> dict:
+    """The named options, as keyword arguments of the same names."""
+    return {name: getattr(args, name) for name in names}
 
-    from cbe.eval.judge import GeminiJudge, judge_file, load_keys
+
+def judge(args: argparse.Namespace) -> None:
+    """Re-score a details file with a Gemini judge; print its summary (and write it, with --summary)."""
     from cbe.run import write_atomic
+
+    report = _judge_records(args)
+    for note in report.notes:
+        _note(note)
+    _print_judge_summary(report)
+    if args.summary:  # the printed numbers, the files written and the strata, as one JSON file
+        files = {"judged_file": str(report.judged_path), "summary_file": str(report.summary_path)}
+        summary = {**report.overall, "resumed": report.resumed, **files, "strata": report.lines[1:]}
+        write_atomic(args.summary, json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
+        print(f"wrote {args.summary}")
+    o = report.overall
+    if o["errors"]:
+        unjudged = f"{o['errors']} of {o['n']} records got no verdict (llm_judge_error in {report.judged_path})"
+        exit_with(f"{unjudged}; rerun with --resume to retry them", code=1)
+
+
+def _judge_records(args: argparse.Namespace):
+    """Check judge's options, then judge the input file with one Gemini client per key (closed after)."""
+    from cbe.eval.judge import GeminiJudge, judge_file, load_keys
 
     for option in ("concurrency", "max_attempts", "max_records"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UserError(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
     if not Path(args.input).is_file():
         raise UserError(f"{args.input}: no such file; pass an eval_details/<set>_step_<N>.jsonl file")
-    keys = load_keys(args.keys_file)
-    gemini = GeminiJudge(
-        keys,
-        args.model,
-        base_url=args.base_url,
-        timeout_seconds=args.timeout_seconds,
-        max_attempts=args.max_attempts,
-        retry_base_seconds=args.retry_base_seconds,
-    )
+    requests = _options(args, "base_url", "timeout_seconds", "max_attempts", "retry_base_seconds")
+    gemini = GeminiJudge(load_keys(args.keys_file), args.model, **requests)
+    judging = ("concurrency", "resume", "stratify", "qa", "support_thresholds", "max_records", "response_field")
     try:
-        report = judge_file(
-            args.input,
-            gemini,
-            args.output_dir,
-            args.concurrency,
-            args.resume,
-            args.stratify,
-            args.qa,
-            args.support_thresholds,
-            args.max_records,
-            args.response_field,
-            args.prompt_file,
-        )
+        return judge_file(args.input, gemini, args.output_dir, prompt_file=args.prompt_file, **_options(args, *judging))
     finally:
         gemini.close()
-    for note in report.notes:
-        _note(note)
-    o = report.overall  # the summary's first line: every record
 
-    def rate(value):
-        return "n/a" if value is None else f"{value:.3f}"
+
+def _print_judge_summary(report) -> None:
+    """The summary's first line (every record): the judge's rate beside the string metrics', and its flips."""
+    o = report.overall
+
+    def rate(name: str) -> str:
+        return "n/a" if o[name] is None else f"{o[name]:.3f}"
 
     flips = ", ".join(
         f"{o[f'judge_yes_{m}_no']} up and {o[f'judge_no_{m}_yes']} down vs {m}" for m in ("exact", "substring", "fuzzy")
     )
     print(
-        f"judged {o['judged']} of {o['n']} records ({report.resumed} from before): llm_match {rate(o['llm_match'])}, "
-        f"exact {rate(o['exact_match'])}, substring {rate(o['substring_match'])}, fuzzy {rate(o['fuzzy_match'])}; "
+        f"judged {o['judged']} of {o['n']} records ({report.resumed} from before): llm_match {rate('llm_match')}, "
+        f"exact {rate('exact_match')}, substring {rate('substring_match')}, fuzzy {rate('fuzzy_match')}; "
         f"the judge flips {flips}"
     )
     print(f"wrote {report.judged_path} and {report.summary_path}")
-    if args.summary:
-        write_atomic(
-            args.summary,
-            json.dumps(
-                {
-                    **o,
-                    "resumed": report.resumed,
-                    "judged_file": str(report.judged_path),
-                    "summary_file": str(report.summary_path),
-                    "strata": report.lines[1:],
-                },
-                ensure_ascii=False,
-                indent=1,
-            )
-            + "\n",
-        )
-        print(f"wrote {args.summary}")
-    if o["errors"]:
-        exit_with(
-            f"{o['errors']} of {o['n']} records got no verdict (llm_judge_error in {report.judged_path}); "
-            f"rerun with --resume to retry them",
-            code=1,
-        )
 
 
 def plot(args: argparse.Namespace) -> None:
+    """Plot every run under a folder; print what each run has."""
     from cbe.plot import BENCHMARK_JAX, plot_folder
 
     path, runs = plot_folder(args.folder, args.metric, args.output)
     for run in runs:
-        curve = (
-            f"no {args.metric} curve (the benchmark's JAX runs keep only losses)"
-            if run.backend == BENCHMARK_JAX
-            else f"{len(run.metric)} evaluations"
-        )
+        curve = f"{len(run.metric)} evaluations"
+        if run.backend == BENCHMARK_JAX:
+            curve = f"no {args.metric} curve (the benchmark's JAX runs keep only losses)"
         if run.stages:  # a staged run: its own figures show the metric per stage
             curve = f"{len(run.stages)} stages, {max(map(len, run.stage_metric.values()), default=0)} evaluations"
         print(
@@ -193,6 +160,7 @@ def plot(args: argparse.Namespace) -> None:
 
 
 def sweep_summary(args: argparse.Namespace) -> None:
+    """(Re)write a multirun's summary and print its table."""
     from cbe.sweep import SUMMARY_FILE, format_table, summarize_sweep
 
     print(format_table(summarize_sweep(args.sweep_dir)))
@@ -200,8 +168,7 @@ def sweep_summary(args: argparse.Namespace) -> None:
 
 
 def continual_summary(args: argparse.Namespace) -> None:
-    import json
-
+    """Print and save a staged run's continual-learning summary."""
     from cbe.continual import continual_summary, save_continual_summary
 
     summary, notes = continual_summary(args.run_dir)
@@ -212,14 +179,14 @@ def continual_summary(args: argparse.Namespace) -> None:
 
 
 def retention_set(args: argparse.Namespace) -> None:
+    """Write the retention QA set: the questions the base model answers exactly."""
     from cbe.continual import build_retention_set
 
     print(build_retention_set(args.details, args.qa, args.output))
 
 
 def add_strata_options(p: argparse.ArgumentParser, verb: str, from_run: bool = False) -> None:
-    """--support-thresholds and --qa, which rescore and judge share; `from_run`: not given, they come from the
-    config.yaml of the run the details file is in (the default of both is then None: not given)."""
+    """--support-thresholds and --qa of rescore and judge; `from_run`: not given (None), the run's config.yaml's."""
     run_default = " (default: the run's config.yaml, for a file in a run's eval_details/)" if from_run else ""
     p.add_argument(
         "--support-thresholds",
@@ -237,10 +204,7 @@ def add_strata_options(p: argparse.ArgumentParser, verb: str, from_run: bool = F
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbe", description="Data and result tools for cbe runs.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _data_parsers(commands) -> None:
     p = commands.add_parser("download", help="download a track from the HuggingFace hub into data/<track>/")
     p.add_argument("--track", help="news or geminon (default: every track in data/download.yaml)")
     p.add_argument("--corpus", choices=SIZES, default="small", help="corpus size (default: small)")
@@ -288,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-dir", help="where the task config goes (default: this checkout's conf/task)")
     p.set_defaults(run=make_stages)
 
+
+def _result_parsers(commands) -> None:
     p = commands.add_parser("rescore", help="recompute every metric of a saved eval_details file")
-    p.add_argument("details", help="an eval_details/<set>_step_<N>.jsonl file, of cbe or the benchmark's harness")
+    p.add_argument("details", help=DETAILS_HELP)
     p.add_argument("--parser", choices=sorted(PARSERS), default="default", help="how to parse raw_prediction")
     add_strata_options(p, "report")
     p.set_defaults(run=rescore)
@@ -321,10 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the retention QA file to write")
     p.set_defaults(run=retention_set)
 
+
+def _judge_parser(commands) -> None:
     p = commands.add_parser("judge", help="re-score an eval_details file with a Gemini judge (paraphrases count)")
-    p.add_argument(
-        "--input", required=True, help="an eval_details/<set>_step_<N>.jsonl file, of cbe or the benchmark's harness"
-    )
+    p.add_argument("--input", required=True, help=DETAILS_HELP)
     p.add_argument("--model", default="gemini-2.5-flash-lite", help="the judge model (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="keep the verdicts of an earlier run, judge the rest")
@@ -376,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=judge)
 
+
+def _plot_parser(commands) -> None:
     p = commands.add_parser(
         "plot",
         help="plot a metric, eval loss and train loss of every run under a folder "
@@ -389,10 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="the PNG to write (default: <folder>/runs_plot.png)")
     p.set_defaults(run=plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `cbe` parser: one subcommand per tool, added by the functions above in `cbe --help`'s order."""
+    parser = argparse.ArgumentParser(prog="cbe", description="Data and result tools for cbe runs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _data_parsers(commands)
+    _result_parsers(commands)
+    _judge_parser(commands)
+    _plot_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one `cbe` subcommand; a user mistake exits with one line, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

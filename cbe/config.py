@@ -6,6 +6,8 @@ rules that span keys, and both report a mistake as one line naming the key.
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 import warnings
 from dataclasses import dataclass, field, fields
@@ -16,10 +18,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
-from cbe.checkpoints import check_checkpoint, register_resolvers
+from cbe.checkpoints import check_checkpoint
 from cbe.errors import UserError
 from cbe.eval.parse import PARSERS
 from cbe.paths import resolve_path
+from cbe.specs import SPECS
 
 
 @dataclass
@@ -114,7 +117,7 @@ class OptimizerConfig:
 class TrainingConfig:
     effective_batch_size: int = 32  # sequences per optimizer step, all devices together
     per_device_batch_size: int = 8  # memory knob; gradient accumulation = effective / (per_device x devices)
-    num_train_steps: int = 10_000  # optimizer steps
+    num_train_steps: Optional[int] = 10_000  # optimizer steps; null in a staged run: its stages' sum
     eval_every: int = 1_000
     save_every: int = 1_000
     max_checkpoints: int = 5
@@ -148,28 +151,6 @@ class BackendConfig:
 
 
 @dataclass
-class HFOptions:
-    """The types of backend.trainer of backend=hf (its values and their meaning: conf/backend/hf.yaml)."""
-
-    _target_: str = MISSING
-    attn_implementation: str = MISSING
-    torch_compile: str = MISSING
-    gradient_checkpointing: str = MISSING
-
-
-@dataclass
-class KDOptions:
-    """The types of backend.trainer of backend=kd (its values and their meaning: conf/backend/kd.yaml)."""
-
-    _target_: str = MISSING
-    gemma_params: Optional[str] = MISSING
-    fsdp_min_size_mb: float = MISSING
-
-
-BACKEND_OPTIONS = {"hf": HFOptions, "kd": KDOptions}
-
-
-@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -195,10 +176,9 @@ warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStor
 def register_configs() -> None:
     """Make the schema the base that conf/config.yaml composes onto."""
     ConfigStore.instance().store(name="cbe_schema", node=Config)
-    register_resolvers()
 
 
-# Keys whose value must be one of a few names.
+# Keys whose value must be one of a few names (a backend's options: its spec, cbe.specs).
 CHOICES = {
     "mode": ("train", "eval"),
     "eval.parser": tuple(PARSERS),
@@ -207,18 +187,36 @@ CHOICES = {
     "adapter.dtype": ("bf16", "fp32"),
     "continual.schedule": ("per_stage", "global"),
     "model.source": ("hub", "gguf", "init"),
-    # str keys: `true` on the command line becomes "True"
-    "backend.trainer.attn_implementation": ("auto", "varlen", "sdpa", "eager", "flex_attention"),
-    "backend.trainer.torch_compile": ("auto", "True", "False"),
-    "backend.trainer.gradient_checkpointing": ("auto", "True", "False"),
 }
 
-
-def _positive(cfg: DictConfig, *keys: str) -> None:
-    for key in keys:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise UserError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-
+# Keys that must be positive (None: not set, where that is allowed), and those in a range.
+POSITIVE = (
+    "training.effective_batch_size",
+    "training.per_device_batch_size",
+    "training.eval_every",
+    "training.save_every",
+    "training.max_checkpoints",
+    "data.sequence_length",
+    "eval.max_new_tokens",
+    "eval.batch_size",
+    "eval.loss_batch_size",
+    "optimizer.lr",
+    "optimizer.max_grad_norm",  # null turns clipping off
+    "eval.max_questions",
+    "eval.loss_max_batches",
+)
+RANGES = {  # key -> (0 allowed, 1 allowed, what the range means): values between 0 and 1
+    "optimizer.warmup_fraction": (True, False, ""),
+    "optimizer.end_lr_fraction": (True, True, ""),
+    "continual.replay_fraction": (True, False, ""),
+    "eval.top_p": (False, True, " (1: every token)"),
+}
+AT_LEAST_ZERO = {
+    "eval.num_examples": "0 or more (sample predictions printed)",
+    "eval.temperature": "0 (greedy) or more",
+    "eval.top_k": "0 (every token) or more",
+    "eval.seed": "0 or more",
+}
 
 # Sections whose keys are free: names of QA sets, a model's shape, logger specs.
 FREE_FORM = ("data.extra_qa_paths", "model.architecture", "logging.loggers")
@@ -232,8 +230,8 @@ def _refuse_unknown_keys(cfg: DictConfig) -> None:
         "": [f.name for f in fields(Config)],
         **{name: [f.name for f in fields(section)] for name, section in sections.items()},
     }
-    if cfg.backend.name in BACKEND_OPTIONS:
-        allowed["backend.trainer"] = [f.name for f in fields(BACKEND_OPTIONS[cfg.backend.name])]
+    if cfg.backend.name in SPECS:
+        allowed["backend.trainer"] = [f.name for f in fields(SPECS[cfg.backend.name].options)]
     for where, known in allowed.items():
         node = OmegaConf.select(cfg, where) if where else cfg
         unknown = sorted(set(node) - set(known)) if where not in FREE_FORM else []
@@ -242,27 +240,64 @@ def _refuse_unknown_keys(cfg: DictConfig) -> None:
             raise UserError(f"unknown config key {key!r}; {where or 'the top level'} has {', '.join(known)}")
 
 
-def _typed_backend_options(cfg: DictConfig) -> None:
-    """backend.trainer with each value of its option's type (`true` given to a str option becomes "True")."""
-    schema = BACKEND_OPTIONS.get(cfg.backend.name)
-    if schema is None:
-        raise UserError(f"backend.name={cfg.backend.name!r} is not one of {', '.join(BACKEND_OPTIONS)}")
+def backend_options(cfg: DictConfig) -> dict[str, Any]:
+    """backend.trainer with each value of its option's type (`true` given to a str option is "True")."""
+    spec = SPECS.get(cfg.backend.name)
+    if spec is None:
+        raise UserError(f"backend.name={cfg.backend.name!r} is not one of {', '.join(SPECS)}")
     try:
-        options = OmegaConf.merge(OmegaConf.structured(schema), cfg.backend.trainer)
+        options = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(spec.options), cfg.backend.trainer))
     except ValidationError as e:
         raise UserError(f"backend.trainer.{e.key}: {str(e).splitlines()[0]}")
-    cfg.backend.trainer = OmegaConf.to_container(options)
+    for key, allowed in spec.choices.items():
+        if options[key] not in allowed:
+            raise UserError(f"backend.trainer.{key}={options[key]!r} is not one of {', '.join(allowed)}")
+    return options
 
 
-def _check_stages(cfg: DictConfig) -> None:
-    """A continual run's stages have distinct plain names and positive steps; training.num_train_steps becomes
-    their sum (what the run trains in all)."""
-    c, stages = cfg.continual, cfg.data.stages
-    if not 0 <= c.replay_fraction < 1:
-        raise UserError(f"continual.replay_fraction={c.replay_fraction} must be in [0, 1)")
+def _check_values(cfg: DictConfig, world_size: int) -> None:
+    """Every value set and resolvable, each key's own rule, and the batch that the devices must divide."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise UserError(f"config value {e.full_key} is not set; set it on the command line, e.g. {e.full_key}=...")
+    except InterpolationResolutionError as e:
+        raise UserError(f"config value {e.full_key} cannot be resolved: {str(e).splitlines()[0]}")
+    for key, allowed in CHOICES.items():
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)!r} is not one of {', '.join(allowed)}")
+    value = functools.partial(OmegaConf.select, cfg)
+    for key in POSITIVE:
+        if value(key) is not None and value(key) <= 0:
+            raise UserError(f"{key} must be positive, got {value(key)}")
+    for key, (zero, one, meaning) in RANGES.items():
+        v = value(key)
+        if not ((0 <= v if zero else 0 < v) and (v <= 1 if one else v < 1)):
+            raise UserError(f"{key}={v} must be in {'[' if zero else '('}0, 1{']' if one else ')'}{meaning}")
+    for key, allowed in AT_LEAST_ZERO.items():
+        if value(key) < 0:
+            raise UserError(f"{key}={value(key)} must be {allowed}")
+    t, per_step = cfg.training, cfg.training.per_device_batch_size * world_size
+    if cfg.mode == "train" and t.effective_batch_size % per_step:
+        raise UserError(
+            f"training.effective_batch_size={t.effective_batch_size} is not divisible by "
+            f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {world_size}; "
+            f"pick a multiple of {per_step}"
+        )
+    if "{question}" not in cfg.eval.prompt_template:
+        raise UserError(f"eval.prompt_template={cfg.eval.prompt_template!r} must contain {{question}}")
+
+
+def _check_steps(cfg: DictConfig) -> None:
+    """A continual run's stages have distinct plain names and positive steps, and training.num_train_steps, where
+    set, is their sum; a run without stages sets it, to 0 (evaluate the start only) or more."""
+    stages, steps = cfg.data.stages, cfg.training.num_train_steps
     if not stages:
+        if steps is None or steps < 0:
+            raise UserError(f"training.num_train_steps must be 0 (evaluate the start only) or more, got {steps}")
         return
-    _positive(cfg, "continual.steps_per_stage")
+    if cfg.continual.steps_per_stage <= 0:
+        raise UserError(f"continual.steps_per_stage must be positive, got {cfg.continual.steps_per_stage}")
     names = [s.name for s in stages]
     for i, stage in enumerate(stages):
         if not re.fullmatch(r"[A-Za-z0-9]+", stage.name) or names.count(stage.name) > 1:
@@ -274,105 +309,51 @@ def _check_stages(cfg: DictConfig) -> None:
             raise UserError(
                 f"data.stages[{i}].steps must be positive, got {stage.steps} (null: continual.steps_per_stage)"
             )
-    cfg.training.num_train_steps = sum(s.steps or c.steps_per_stage for s in stages)
+    total = sum(s.steps or cfg.continual.steps_per_stage for s in stages)
+    if steps is not None and steps != total:
+        raise UserError(
+            f"training.num_train_steps={steps} differs from the {total} steps of data.stages; leave it null (a staged "
+            "run trains its stages' steps) or change the stages' steps"
+        )
 
 
-def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
-    """Check the rules that span keys and that every value is set; return the resolved config, its input files
-    (data, prompt prefix, QA sets, tokenizer dir) found by cbe.paths.resolve_path."""
-    _refuse_unknown_keys(cfg)
-    _typed_backend_options(cfg)
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as e:
-        raise UserError(f"config value {e.full_key} is not set; set it on the command line, e.g. {e.full_key}=...")
-    except InterpolationResolutionError as e:
-        raise UserError(f"config value {e.full_key} cannot be resolved: {str(e).splitlines()[0]}")
-    t = cfg.training
-    if t.num_train_steps < 0:
-        raise UserError(
-            f"training.num_train_steps must be 0 (evaluate the start only) or more, got {t.num_train_steps}"
-        )
-    _positive(
-        cfg,
-        "training.effective_batch_size",
-        "training.per_device_batch_size",
-        "training.eval_every",
-        "training.save_every",
-        "training.max_checkpoints",
-        "data.sequence_length",
-        "eval.max_new_tokens",
-        "eval.batch_size",
-        "optimizer.lr",
-    )
-    for key, allowed in CHOICES.items():
-        if OmegaConf.select(cfg, key, default=allowed[0]) not in allowed:  # a key of the other backend is absent
-            raise UserError(f"{key}={OmegaConf.select(cfg, key)!r} is not one of {', '.join(allowed)}")
-    per_step = t.per_device_batch_size * world_size
-    if cfg.mode == "train" and t.effective_batch_size % per_step:
-        raise UserError(
-            f"training.effective_batch_size={t.effective_batch_size} is not divisible by "
-            f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {world_size}; "
-            f"pick a multiple of {per_step}"
-        )
-    if not 0 <= cfg.optimizer.warmup_fraction < 1:
-        raise UserError(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction} must be in [0, 1)")
-    if cfg.optimizer.max_grad_norm is not None:
-        _positive(cfg, "optimizer.max_grad_norm")  # null turns clipping off
-    if not 0 <= cfg.optimizer.end_lr_fraction <= 1:
-        raise UserError(f"optimizer.end_lr_fraction={cfg.optimizer.end_lr_fraction} must be in [0, 1]")
-    if cfg.mode == "eval":
-        check_checkpoint(cfg)
-    if cfg.eval.num_examples < 0:
-        raise UserError(f"eval.num_examples={cfg.eval.num_examples} must be 0 or more (sample predictions printed)")
-    if cfg.eval.max_questions is not None:
-        _positive(cfg, "eval.max_questions")
-    if cfg.eval.temperature < 0:
-        raise UserError(f"eval.temperature={cfg.eval.temperature} must be 0 (greedy) or more")
-    if cfg.eval.top_k < 0:
-        raise UserError(f"eval.top_k={cfg.eval.top_k} must be 0 (every token) or more")
-    if not 0 < cfg.eval.top_p <= 1:
-        raise UserError(f"eval.top_p={cfg.eval.top_p} must be in (0, 1] (1: every token)")
-    if cfg.eval.seed < 0:
-        raise UserError(f"eval.seed={cfg.eval.seed} must be 0 or more")
-    _positive(cfg, "eval.loss_batch_size")
-    if cfg.eval.loss_max_batches is not None:
-        _positive(cfg, "eval.loss_max_batches")
-    if cfg.backend.name == "kd" and world_size > 1:
-        raise UserError(
-            f"backend=kd runs as one process that drives all of its host's devices, not {world_size} processes; "
-            "start it with plain `python main.py` (SLURM: hydra.launcher.tasks_per_node=1, nodes=1); multi-host JAX "
-            "is not supported yet"
-        )
-    arch = cfg.model.architecture
-    if cfg.backend.name == "kd" and arch and arch.get("num_key_value_heads") == arch.get("num_attention_heads"):
-        # gemma would fuse q, k and v into one qkv_einsum, a layout the real models do not have.
-        raise UserError("model.architecture: num_key_value_heads must be fewer than num_attention_heads for backend=kd")
-    _check_stages(cfg)
-    if "{question}" not in cfg.eval.prompt_template:
-        raise UserError(f"eval.prompt_template={cfg.eval.prompt_template!r} must contain {{question}}")
-    files = {
-        "data.train_path": cfg.data.train_path,
-        "data.val_path": cfg.data.val_path,
-        "data.valqa_path": cfg.data.valqa_path,
-        "data.testqa_path": cfg.data.testqa_path,
-        **{f"data.extra_qa_paths.{k}": v for k, v in cfg.data.extra_qa_paths.items()},
-    }
-    for i, stage in enumerate(cfg.data.stages):
+def input_files(cfg: DictConfig) -> dict[str, str]:
+    """Config key -> path of every input file a run reads (data, QA sets, prompt prefix, retention set)."""
+    data = cfg.data
+    files = {f"data.{k}": data[k] for k in ("train_path", "val_path", "valqa_path", "testqa_path")}
+    files |= {f"data.extra_qa_paths.{k}": v for k, v in data.extra_qa_paths.items()}
+    for i, stage in enumerate(data.stages):
         files |= {f"data.stages[{i}].{k}": stage[k] for k in ("train_path", "val_path", "valqa_path", "testqa_path")}
-    for key in ("prompt_prefix_file", "qa_data"):
-        if cfg.eval[key]:
-            files[f"eval.{key}"] = cfg.eval[key]
+    files |= {f"eval.{key}": cfg.eval[key] for key in ("prompt_prefix_file", "qa_data") if cfg.eval[key]}
     if cfg.continual.retention_qa_path:
         files["continual.retention_qa_path"] = cfg.continual.retention_qa_path
-    for key, path in files.items():
-        found = resolve_path(path)  # a file that ships with cbe is found from any directory
-        if not Path(found).is_file():
+    return files
+
+
+def _check_input_files(cfg: DictConfig) -> None:
+    for key, path in input_files(cfg).items():
+        if not Path(resolve_path(path)).is_file():  # a file that ships with cbe is found from any directory
             hint = f"run `make download TRACK={cfg.task.name}`" if key.startswith("data.") else "check the path"
             if key.startswith("data.stages"):
                 hint = "run `make download TRACK=<track>`, then `make stages TRACK=<track> ...` (README)"
             raise UserError(f"{key}: file {path} does not exist; {hint}")
-        OmegaConf.update(cfg, key, found, merge=False)  # every reader opens the file found here
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """Check the config, one line naming the key where a rule fails; return the config to run: a copy whose input
+    files (and tokenizer dir) are the ones found by cbe.paths.resolve_path, the given config left as it is."""
+    _refuse_unknown_keys(cfg)
+    backend_options(cfg)
+    _check_values(cfg, world_size)
+    for problem in SPECS[cfg.backend.name].problems(cfg, world_size):
+        raise UserError(problem)
+    _check_steps(cfg)
+    if cfg.mode == "eval":
+        check_checkpoint(cfg)
+    _check_input_files(cfg)
+    found = copy.deepcopy(cfg)
+    for key, path in input_files(cfg).items():
+        OmegaConf.update(found, key, resolve_path(path), merge=False)  # every reader opens the file found here
     if cfg.model.tokenizer:  # a dir (cbe/assets/tiny_tokenizer, the user's) or a hub id, left as typed
-        cfg.model.tokenizer = resolve_path(cfg.model.tokenizer)
-    return cfg
+        found.model.tokenizer = resolve_path(cfg.model.tokenizer)
+    return found

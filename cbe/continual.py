@@ -1,5 +1,6 @@
-"""Continual learning's numbers, read from a staged run's files: the accuracy matrices, their summary with paired
-bootstrap CIs, the retention of what the base model knew, and `cbe retention-set`, which builds such a set.
+"""Continual learning's numbers: a staged run's accuracy matrices (StageRecorder builds them as its stages end), their
+summary with paired bootstrap CIs (from the recorder at the end of a run, or from a finished run's files: one
+computation), the retention of what the base model knew, and `cbe retention-set`, which builds such a set.
 
 R[i][j] is the QA accuracy on stage j's questions after training through stage i (i = 0: the base model; stages
 count from 1), one matrix per (set, metric) of metrics/stage_matrix.jsonl. With T stages and b_j = R[0][j]:
@@ -22,21 +23,21 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
 
 from cbe.data.jsonl import QA_FIELDS, iter_jsonl
 from cbe.errors import UserError
+from cbe.eval import keys
 from cbe.eval.details import load_details
 from cbe.eval.metrics import METRICS
-from cbe.run import read_jsonl, write_atomic, write_jsonl_atomic
+from cbe.run import RunDir, is_main_process, read_jsonl, write_atomic, write_jsonl_atomic
 
-STAGE_MATRIX = Path("metrics") / "stage_matrix.jsonl"
-SUMMARY = Path("metrics") / "continual_summary.json"
-RETENTION_SET = "retention"  # the QA set name of continual.retention_qa_path
+DetailsOf = Callable[[str, int], list[dict[str, Any]]]  # (QA set, step) -> the details of that evaluation
 NUMBERS = {"acc": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT"}  # key -> its name in reports
 RESAMPLES, SEED = 1000, 0  # the bootstrap: fixed, so the same files give the same CIs
 
@@ -56,37 +57,31 @@ class StageMatrix:
     steps: list[int | None]  # the global step of each row
 
 
-def stage_names(run: Path) -> list[str]:
+def stage_names(run: str | Path) -> list[str]:
     """The names of a run's stages, in order, from its config.yaml (empty for a run without data.stages)."""
-    path = Path(run) / "config.yaml"
+    path = RunDir(run).config
     config = yaml.safe_load(path.read_text()) if path.is_file() else None
     return [str(stage["name"]) for stage in ((config or {}).get("data") or {}).get("stages") or []]
 
 
-def stage_ends(run: Path) -> list[int]:
+def stage_ends(run: str | Path) -> list[int]:
     """The global step at which each stage of a run ends (its `steps`, else continual.steps_per_stage)."""
-    config = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
+    config = yaml.safe_load(RunDir(run).config.read_text()) or {}
     per_stage = (config.get("continual") or {}).get("steps_per_stage")
     return [int(s) for s in np.cumsum([stage.get("steps") or per_stage for stage in config["data"]["stages"]])]
 
 
-def read_stage_matrices(run: str | Path) -> dict[str, StageMatrix]:
-    """Every matrix of metrics/stage_matrix.jsonl, keyed `<set>_<metric>`; a later line wins a repeated cell."""
-    path = Path(run) / STAGE_MATRIX
-    if not path.is_file():
-        raise UserError(f"{run}: no {STAGE_MATRIX}; pass the run dir of a staged run (a task with data.stages)")
-    lines = read_jsonl(path)
+def stage_matrices(lines: list[dict[str, Any]]) -> dict[str, StageMatrix]:
+    """Every matrix of the lines of metrics/stage_matrix.jsonl, keyed `<set>_<metric>`; a later line wins a cell."""
     stages = max((line["eval_stage"] for line in lines), default=0)
     matrices: dict[str, StageMatrix] = {}
     for line in lines:
-        key = f"{line['set']}_{line['metric']}"
+        key = keys.metric_key(line["set"], line["metric"])
         if key not in matrices:
             empty = [[None] * stages for _ in range(stages + 1)]
             matrices[key] = StageMatrix(line["set"], line["metric"], empty, [None] * stages, [None] * (stages + 1))
         m, i, j = matrices[key], line["after_stage"], line["eval_stage"] - 1
         m.values[i][j], m.n[j], m.steps[i] = line["value"], line["n"], line["step"]
-    if not matrices:
-        raise UserError(f"{path}: no lines; the run has not evaluated its base model yet")
     return matrices
 
 
@@ -116,8 +111,7 @@ def _ci95(samples: np.ndarray | None) -> list[float] | None:
 
 
 def paired_resamples(scores: list[list[np.ndarray]], resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
-    """Bootstrap matrices (resamples, rows, stages) from per-question scores[row][stage]: each resample draws
-    stage j's questions once and scores every row on that same draw, so row-to-row changes stay paired."""
+    """Bootstrap matrices (resamples, rows, stages): stage j's questions drawn once for every row, so paired."""
     rng = np.random.default_rng(seed)
     columns = []
     for j in range(len(scores[0])):
@@ -127,17 +121,17 @@ def paired_resamples(scores: list[list[np.ndarray]], resamples: int = RESAMPLES,
     return np.stack(columns, -1)
 
 
-def _details(run: Path, qa_set: str, step: int) -> list[dict[str, Any]]:
-    path = run / "eval_details" / f"{qa_set}_step_{step:06d}.jsonl"
+def details_file(run: RunDir, qa_set: str, step: int) -> list[dict[str, Any]]:
+    """The eval_details of a QA set at a step, from the run's files; DetailsShortfall where there is none."""
+    path = run.details_path(qa_set, step)
     if not path.is_file():
-        raise DetailsShortfall(f"no {path.relative_to(run)}")
+        raise DetailsShortfall(f"no {path.relative_to(run.root)}")
     return read_jsonl(path)
 
 
-def question_scores(run: Path, qa_sets: list[str], steps: list[int], n: list[int | None]) -> dict[str, list]:
-    """metric -> scores[row][stage], one value per question, from the details of qa_sets[stage] at steps[row];
-    DetailsShortfall (its reason) where a file is missing or its questions are not those of the other rows."""
-    files = [[_details(run, qa_set, step) for qa_set in qa_sets] for step in steps]
+def question_scores(details_of: DetailsOf, qa_sets: list[str], steps: list[int], n: list[int | None]) -> dict:
+    """metric -> scores[row][stage] of qa_sets[stage] at steps[row]; DetailsShortfall where they do not pair."""
+    files = [[details_of(qa_set, step) for qa_set in qa_sets] for step in steps]
     for j, qa_set in enumerate(qa_sets):
         questions = [[d["question"] for d in row[j]] for row in files]
         if not questions[0]:
@@ -147,12 +141,12 @@ def question_scores(run: Path, qa_sets: list[str], steps: list[int], n: list[int
     return {m: [[np.array([float(d[m]) for d in f]) for f in row] for row in files] for m in METRICS}
 
 
-def scores_of_set(run: Path, names: list[str], matrix: StageMatrix, notes: list[str]) -> dict[str, list]:
+def scores_of_set(details_of: DetailsOf, names: list[str], matrix: StageMatrix, notes: list[str]) -> dict:
     """metric -> per-question scores[row][stage] of the matrix's set; {} and a note where the details fall short."""
     try:
         if len(names) != len(matrix.n):
             raise DetailsShortfall(f"config.yaml names {len(names)} stages, the matrix has {len(matrix.n)}")
-        return question_scores(run, [f"{name}_{matrix.set}" for name in names], matrix.steps, matrix.n)
+        return question_scores(details_of, [keys.of_stage(name, matrix.set) for name in names], matrix.steps, matrix.n)
     except DetailsShortfall as e:
         notes.append(f"no 95% CIs for {matrix.set}: {e}")
         return {}
@@ -166,55 +160,71 @@ def summarize_matrix(matrix: StageMatrix, scores: list[list[np.ndarray]] | None)
     entry: dict[str, Any] = {}
     for name in NUMBERS:
         entry[name] = _number(point[name])
-        entry[f"{name}_ci95"] = _ci95(resampled.get(name)) if point[name] is not None else None
+        entry[keys.ci95(name)] = _ci95(resampled.get(name)) if point[name] is not None else None
     return entry | {"matrix": matrix.values, "n": matrix.n, "steps": matrix.steps}
 
 
-def summarize_retention(run: Path, steps: list[int], notes: list[str]) -> dict[str, Any]:
-    """`retention_<metric>` entries: accuracy G_i at each row's step, G_0 − G_T and its paired bootstrap CI."""
-    results = {line["step"]: line for line in read_jsonl(run / "metrics" / "eval_results.jsonl")}
-    keys = [f"{RETENTION_SET}_{m}" for m in METRICS if any(f"{RETENTION_SET}_{m}" in r for r in results.values())]
-    if not keys:
+def summarize_retention(
+    results: dict[int, dict[str, Any]], details_of: DetailsOf, steps: list[int], notes: list[str]
+) -> dict[str, Any]:
+    """`retention_<metric>` entries: G_i at each row's step (`results`: metrics by step), G_0 − G_T and its CI."""
+    metrics = [m for m in METRICS if any(keys.metric_key(keys.RETENTION, m) in r for r in results.values())]
+    if not metrics:
         return {}
     try:
-        scores = question_scores(run, [RETENTION_SET], [steps[0], steps[-1]], [None])
+        scores = question_scores(details_of, [keys.RETENTION], [steps[0], steps[-1]], [None])
     except DetailsShortfall as e:
         scores = {}
         notes.append(f"no 95% CI for G_0 - G_T: {e}")
     entries = {}
-    for key in keys:
+    for metric in metrics:
+        key = keys.metric_key(keys.RETENTION, metric)
         g = [_number(results.get(step, {}).get(key)) for step in steps]
         drop = None if g[0] is None or g[-1] is None else g[0] - g[-1]
         ci = None
         if scores and drop is not None:
-            resampled = paired_resamples(scores[key.removeprefix(f"{RETENTION_SET}_")])  # rows: G_0 and G_T
+            resampled = paired_resamples(scores[metric])  # rows: G_0 and G_T
             ci = _ci95(resampled[:, 0, 0] - resampled[:, 1, 0])
         entries[key] = {"g": g, "g0_minus_gt": drop, "g0_minus_gt_ci95": ci, "steps": steps}
     return entries
 
 
-def continual_summary(run: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """The summary object of a finished staged run, keyed `<set>_<metric>`, and notes for the user."""
-    run = Path(run)
-    matrices = read_stage_matrices(run)
-    first = next(iter(matrices.values()))
+def summarize_stages(
+    lines: list[dict[str, Any]], names: list[str], details_of: DetailsOf, results: dict[int, dict], where: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """The summary object, keyed `<set>_<metric>`, and notes, of a staged run's matrix lines (those of `where`)."""
+    matrices = stage_matrices(lines)
+    if not matrices:
+        raise UserError(f"{where}: no lines; the run has not evaluated its base model yet")
     missing = sorted({i for m in matrices.values() for i, step in enumerate(m.steps) if step is None})
     if missing:
         raise UserError(
-            f"{run / STAGE_MATRIX}: no rows after stage {', '.join(map(str, missing))}: the run has not finished "
+            f"{where}: no rows after stage {', '.join(map(str, missing))}: the run has not finished "
             f"them; re-run its command to resume it, then summarize"
         )
-    names, notes, summary, scores = stage_names(run), [], {}, {}
+    notes, summary, scores = [], {}, {}
     for key, matrix in matrices.items():
         if matrix.set not in scores:  # one read of a set's details serves its four metrics
-            scores[matrix.set] = scores_of_set(run, names, matrix, notes)
+            scores[matrix.set] = scores_of_set(details_of, names, matrix, notes)
         summary[key] = summarize_matrix(matrix, scores[matrix.set].get(matrix.metric))
-    return summary | summarize_retention(run, first.steps, notes), notes
+    steps = next(iter(matrices.values())).steps
+    return summary | summarize_retention(results, details_of, steps, notes), notes
+
+
+def continual_summary(run_dir: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """The summary object of a finished staged run, from its files, and notes for the user."""
+    run = RunDir(run_dir)
+    if not run.stage_matrix.is_file():
+        where = run.stage_matrix.relative_to(run.root)
+        raise UserError(f"{run_dir}: no {where}; pass the run dir of a staged run (a task with data.stages)")
+    results = {line["step"]: line for line in read_jsonl(run.eval_results)}
+    lines, names = read_jsonl(run.stage_matrix), stage_names(run)
+    return summarize_stages(lines, names, partial(details_file, run), results, run.stage_matrix)
 
 
 def save_continual_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
     """Write the summary object to metrics/continual_summary.json, atomically."""
-    path = Path(run_dir) / SUMMARY
+    path = RunDir(run_dir).summary
     write_atomic(path, json.dumps(summary, indent=1) + "\n")
     return path
 
@@ -230,15 +240,16 @@ def describe_summary(summary: dict[str, Any], stages: list[str]) -> str:
     """The summary as text: a line of numbers per entry, and the valqa matrices as tables."""
     lines = []
     for key, entry in summary.items():
-        if key.startswith(f"{RETENTION_SET}_"):
+        qa_set, _ = keys.split(key, METRICS)
+        if qa_set == keys.RETENTION:
             g = " ".join(_text(v) for v in entry["g"])
             drop = _text(entry["g0_minus_gt"], entry["g0_minus_gt_ci95"])
             lines.append(f"{key}: G after stages 0..{len(entry['g']) - 1}: {g}; G_0 - G_T {drop}")
             continue
         lines.append(
-            f"{key}: " + "  ".join(f"{label} {_text(entry[n], entry[f'{n}_ci95'])}" for n, label in NUMBERS.items())
+            f"{key}: " + "  ".join(f"{label} {_text(entry[n], entry[keys.ci95(n)])}" for n, label in NUMBERS.items())
         )
-        if key.startswith("valqa_"):
+        if qa_set == "valqa":
             names = stages if len(stages) == len(entry["n"]) else [str(j + 1) for j in range(len(entry["n"]))]
             lines.append(" " * 14 + "".join(f"{name:>8}" for name in names))
             for label, row in zip(["base", *(f"after {name}" for name in names)], entry["matrix"]):
@@ -246,18 +257,73 @@ def describe_summary(summary: dict[str, Any], stages: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _report(run: RunDir, summary: dict[str, Any], notes: list[str], names: list[str]) -> str:
+    """Write the summary (main process only) and return it as text to print."""
+    path = save_continual_summary(run, summary) if is_main_process() else run.summary
+    return "\n".join([describe_summary(summary, names), *(f"note: {note}" for note in notes), f"wrote {path}"])
+
+
 def write_continual_summary(run_dir: str | Path) -> str:
-    """Summarize a staged run, write metrics/continual_summary.json and return the summary as text to print (the
-    loop calls this at the end of a staged run)."""
+    """Summarize a finished staged run from its files, write metrics/continual_summary.json and return the text."""
     summary, notes = continual_summary(run_dir)
-    path = save_continual_summary(run_dir, summary)
-    report = [describe_summary(summary, stage_names(Path(run_dir))), *(f"note: {note}" for note in notes)]
-    return "\n".join([*report, f"wrote {path}"])
+    return _report(RunDir(run_dir), summary, notes, stage_names(run_dir))
+
+
+class StageRecorder:
+    """The accuracy matrix of a staged run, row by row as its stages end, and its summary."""
+
+    def __init__(self, run: RunDir, stage_names: list[str]):
+        self.run, self.names = run, list(stage_names)
+        self.lines = read_jsonl(run.stage_matrix)  # a resumed run's rows (those after its checkpoint are dropped)
+        self.resumed = bool(self.lines)  # the details and metrics of those rows are on file
+        self.results: dict[int, dict] = {}  # step -> the metrics of its evaluation
+        self.scores: dict[tuple[str, int], list[dict]] = {}  # (QA set, step) -> per-question scores
+
+    def _keep(self, qa_set: str, step: int, details: list[dict]) -> None:
+        self.scores[qa_set, step] = [{"question": d["question"], **{m: d[m] for m in METRICS}} for d in details]
+
+    def on_eval(self, step: int, metrics: dict, details: dict[str, list[dict]]) -> None:
+        """Every evaluation: its metrics and the retention set's per-question scores (G_i and its CI)."""
+        self.results[step] = metrics
+        if keys.RETENTION in details:
+            self._keep(keys.RETENTION, step, details[keys.RETENTION])
+
+    def on_stage_end(self, after: int, step: int, metrics: dict, details: dict[str, list[dict]]) -> None:
+        """After stage `after` (0: the base model): R[after][j] of every stage j, to metrics/stage_matrix.jsonl."""
+        self.on_eval(step, metrics, details)
+        rows = {line["step"] for line in self.lines} | {step}  # retention scores between rows are not needed
+        self.scores = {k: v for k, v in self.scores.items() if k[0] != keys.RETENTION or k[1] in rows}
+        for j, name in enumerate(self.names, 1):
+            for kind in keys.KINDS:
+                qa_set = keys.of_stage(name, kind)
+                self._keep(qa_set, step, details[qa_set])
+                cell = {"after_stage": after, "eval_stage": j, "set": kind}
+                n = metrics[keys.metric_key(qa_set, "n")]
+                values = {m: metrics[keys.metric_key(qa_set, m)] for m in METRICS}
+                self.lines += [cell | {"metric": m, "value": v, "n": n, "step": step} for m, v in values.items()]
+        if is_main_process():
+            write_jsonl_atomic(self.run.stage_matrix, self.lines)
+
+    def details_of(self, qa_set: str, step: int) -> list[dict]:
+        """The per-question scores of an evaluation this process held, else (before a resume) the run's files'."""
+        held = self.scores.get((qa_set, step))
+        return held if held is not None else details_file(self.run, qa_set, step)
+
+    def summary(self) -> str:
+        """The summary as text to print (write_continual_summary's); writes metrics/continual_summary.json."""
+        results = {line["step"]: line for line in read_jsonl(self.run.eval_results)} if self.resumed else {}
+        where = self.run.stage_matrix
+        summary, notes = summarize_stages(self.lines, self.names, self.details_of, results | self.results, where)
+        return _report(self.run, summary, notes, self.names)
+
+    def on_end(self) -> None:
+        """At the end of the run: print the summary (main process)."""
+        if is_main_process():
+            print(self.summary(), flush=True)
 
 
 def build_retention_set(details_path: str | Path, qa_path: str | Path, output: str | Path) -> str:
-    """Write the records of a QA file whose question the base model answered exactly (per a details file saved by
-    `mode=eval checkpoint=base eval.save_details=...`) to `output`, atomically; returns a line to report."""
+    """Write the QA records the base model answered exactly (per a details file) to `output`; a line to report."""
     details = load_details(details_path, "build a retention set from", predictions=("raw_prediction",))
     answered = {(str(d["question"]).strip(), str(d["ground_truth"])) for d in details if d.get("exact_match")}
     asked = {(str(d["question"]).strip(), str(d["ground_truth"])) for d in details}

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cbe.continual import RETENTION_SET, STAGE_MATRIX, StageMatrix, read_stage_matrices, stage_ends, stage_names
+from cbe.continual import StageMatrix, stage_ends, stage_matrices, stage_names
 from cbe.errors import UserError
+from cbe.eval import keys
 from cbe.eval.metrics import METRICS
-from cbe.run import RunDir, checkpoint_backend, open_atomic, read_jsonl
+from cbe.run import RunDir, open_atomic, read_jsonl
+from cbe.specs import backend_of_checkpoint
 
 DEFAULT_METRIC = "valqa_fuzzy_match"
 BENCHMARK_JAX = "benchmark-jax"  # the backend label of a JAX run of the benchmark's own harness
@@ -55,9 +57,8 @@ class RunCurves:
 
 
 def find_runs(folder: Path) -> list[Path]:
-    """Run dirs under `folder`, sorted: cbe's and the benchmark's JAX runs; runs nested in a run (evaluation
-    runs in <run>/eval/...) are left out."""
-    ours = {p.parent.parent for p in folder.rglob("metrics/eval_results.jsonl")}
+    """Run dirs under `folder`, sorted: cbe's and the benchmark's JAX runs, not runs nested in a run (<run>/eval/)."""
+    ours = set(RunDir.find(folder))
     theirs = {p.parent.parent for p in folder.rglob("events.out.tfevents.*") if p.parent.name in BENCHMARK_LOSSES}
     runs = sorted(ours | theirs)
     return [r for r in runs if not any(other in r.parents for other in runs)]
@@ -65,17 +66,17 @@ def find_runs(folder: Path) -> list[Path]:
 
 def is_benchmark_jax_run(run: Path) -> bool:
     """A run dir of the benchmark's JAX harness: TensorBoard losses, no eval_results.jsonl."""
-    return not (run / "metrics" / "eval_results.jsonl").is_file()
+    return not RunDir(run).eval_results.is_file()
 
 
 def backend_of(run: Path) -> str:
     """The backend named in config.yaml, else the one whose checkpoint names the run has."""
-    config_path = run / "config.yaml"
+    config_path = RunDir(run).config
     if config_path.is_file():
         name = ((yaml.safe_load(config_path.read_text()) or {}).get("backend") or {}).get("name")
         if name:
             return str(name)
-    return next(filter(None, map(checkpoint_backend, RunDir(run).saved_checkpoints())), "?")
+    return next(filter(None, map(backend_of_checkpoint, RunDir(run).saved_checkpoints())), "?")
 
 
 def read_tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
@@ -128,14 +129,14 @@ def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
     name = str(run.relative_to(folder)) if run != folder else run.name
     if is_benchmark_jax_run(run):
         return gather_benchmark_jax_run(name, run)
-    results = sorted(read_jsonl(run / "metrics" / "eval_results.jsonl"), key=lambda r: r["step"])
-    scalars = read_tensorboard_scalars(run / "logs" / "tensorboard")
+    results = sorted(read_jsonl(RunDir(run).eval_results), key=lambda r: r["step"])
+    scalars = read_tensorboard_scalars(RunDir(run).tensorboard)
     train_loss = sorted(scalars.get("train/loss", {}).items())
     curves = RunCurves(
         name=name,
         backend=backend_of(run),
         metric=_finite([(r["step"], r.get(metric)) for r in results]),
-        metric_ci95=[(r["step"], *r[f"{metric}_ci95"]) for r in results if r.get(f"{metric}_ci95")],
+        metric_ci95=[(r["step"], *r[keys.ci95(metric)]) for r in results if r.get(keys.ci95(metric))],
         eval_loss=_finite([(r["step"], r.get("eval_loss")) for r in results]),
         train_loss=_finite(train_loss),
         train_loss_source="tensorboard" if train_loss else "none",
@@ -145,29 +146,28 @@ def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
     if curves.stages:
         curves.stage_ends = stage_ends(run)
         # valqa_fuzzy_match -> s1_valqa_fuzzy_match, ...; the retention set's is retention_fuzzy_match
-        keys = {stage: f"{stage}_{metric}" for stage in curves.stages}
-        keys |= {RETENTION_SET: f"{RETENTION_SET}_{m}" for m in METRICS if metric.endswith(f"_{m}")}
-        stage_metric = {label: _finite([(r["step"], r.get(key)) for r in results]) for label, key in keys.items()}
+        labels = {stage: keys.of_stage(stage, metric) for stage in curves.stages}
+        parsed = keys.split(metric, METRICS)
+        labels |= {keys.RETENTION: keys.metric_key(keys.RETENTION, parsed[1])} if parsed else {}
+        stage_metric = {label: _finite([(r["step"], r.get(key)) for r in results]) for label, key in labels.items()}
         curves.stage_metric = {label: points for label, points in stage_metric.items() if points}
     return curves
 
 
 def metric_keys(run: Path) -> set[str]:
-    """What --metric can name for a cbe run: its eval_results keys with numbers, and for a staged run the keys its
-    stages share (valqa_fuzzy_match for s1_valqa_fuzzy_match, ...)."""
-    keys = {
+    """What --metric can name for a cbe run: its numeric eval_results keys, and its stages' shared keys."""
+    found = {
         k
-        for line in read_jsonl(run / "metrics" / "eval_results.jsonl")
+        for line in read_jsonl(RunDir(run).eval_results)
         for k, v in line.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "timestamp", "stage")
     }
     stages = stage_names(run)
-    return keys | {k.split("_", 1)[1] for k in keys if k.split("_", 1)[0] in stages}
+    return found | {k for k in (keys.without_stage(key, stages) for key in found) if k}
 
 
 def gather_runs(folder: str | Path, metric: str = DEFAULT_METRIC) -> list[RunCurves]:
-    """The curves of every run under `folder`; UserError if there is none, or there are cbe runs and none has
-    `metric` (the benchmark's JAX runs have no metric, only losses)."""
+    """The curves of every run under `folder`; UserError if none, or no cbe run has `metric`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder; pass outputs/<project> or a folder of runs under it")
@@ -235,7 +235,7 @@ def plot_runs(runs: list[RunCurves], metric: str, path: Path) -> None:
 def draw_stage_curves(ax, curves: RunCurves, metric: str) -> None:
     """Each stage's metric (and the retention set's, dashed) over global steps, a dotted line where a stage ends."""
     for index, (label, points) in enumerate(curves.stage_metric.items()):
-        style = {"color": "black", "linestyle": "--"} if label == RETENTION_SET else {"color": f"C{index % 10}"}
+        style = {"color": "black", "linestyle": "--"} if label == keys.RETENTION else {"color": f"C{index % 10}"}
         ax.plot(*zip(*points), marker=".", label=label, **style)
     start = 0
     for stage, end in zip(curves.stages, curves.stage_ends):
@@ -266,19 +266,20 @@ def draw_matrix(ax, matrix: StageMatrix, stages: list[str], title: str) -> None:
 
 def plot_stages(curves: RunCurves, metric: str) -> list[Path]:
     """A staged run's own figures, in <run>/plots/: its stage curves and a heatmap of each of its matrices."""
-    plt, run, written = pyplot(), curves.root, []
+    plt, run, written = pyplot(), RunDir(curves.root), []
+    plots = curves.root / run.plots.relative_to(run.root)  # the run dir as the user named it
     if curves.stage_metric:
         fig, ax = plt.subplots(figsize=(9, 5))
         draw_stage_curves(ax, curves, metric)
         fig.tight_layout()
-        written.append(save_png(fig, run / "plots" / f"stage_curves_{metric}.png"))
-    if read_jsonl(run / STAGE_MATRIX):  # a run killed before its base model was evaluated has none
-        for key, matrix in read_stage_matrices(run).items():
-            size = len(matrix.n)
-            fig, ax = plt.subplots(figsize=(2.5 + 1.1 * size, 1.5 + 0.7 * (size + 1)))
-            draw_matrix(ax, matrix, curves.stages, f"{curves.name}: {key}")
-            fig.tight_layout()
-            written.append(save_png(fig, run / "plots" / f"matrix_{key}.png"))
+        written.append(save_png(fig, plots / f"stage_curves_{metric}.png"))
+    # A run killed before its base model was evaluated has no matrix lines.
+    for key, matrix in stage_matrices(read_jsonl(run.stage_matrix)).items():
+        size = len(matrix.n)
+        fig, ax = plt.subplots(figsize=(2.5 + 1.1 * size, 1.5 + 0.7 * (size + 1)))
+        draw_matrix(ax, matrix, curves.stages, f"{curves.name}: {key}")
+        fig.tight_layout()
+        written.append(save_png(fig, plots / f"matrix_{key}.png"))
     return written
 
 

@@ -9,6 +9,7 @@ outputs/<project_name>/<run_name>/
     metrics/eval_results.jsonl  one line per evaluation
     metrics/stage_matrix.jsonl, metrics/continual_summary.json   a run with stages
     eval_details/<set>_step_<NNNNNN>.jsonl
+    plots/                      a staged run's own figures (cbe plot)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import yaml
 
 from cbe.errors import UserError
 from cbe.paths import same_path
+from cbe.specs import SPECS, backend_of_checkpoint
 
 
 def is_main_process() -> bool:
@@ -35,8 +37,7 @@ def is_main_process() -> bool:
 
 
 def adopt_slurm_ranks() -> None:
-    """In a SLURM job of several tasks launched by submitit, set torch.distributed's RANK, WORLD_SIZE,
-    LOCAL_RANK and MASTER_ADDR/PORT from SLURM's variables, as torchrun would."""
+    """In a multi-task SLURM job launched by submitit, set torch.distributed's variables as torchrun would."""
     if (
         os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
         and int(os.environ.get("SLURM_NTASKS", "1")) > 1
@@ -59,8 +60,7 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def open_atomic(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
-    """A file to stream into that replaces `path` only if the block finishes: readers see the old or the new
-    content, never a half file, and an error or Ctrl-C leaves `path` untouched and no temp file behind."""
+    """A file to stream into that replaces `path` only if the block finishes (an error leaves `path` as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temp file sits next to `path`: os.replace is atomic only within one file system.
@@ -94,16 +94,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# The checkpoint dir names of each backend: HF's Trainer layout and Kauldron's (orbax) one.
-CHECKPOINT_NAMES = {"hf": "checkpoint-{step}", "kd": "ckpt_{step}"}
-
-
-def checkpoint_backend(checkpoint: Path) -> str | None:
-    """The backend whose name a checkpoint dir has (`latest` resolved), or None for another dir."""
-    name = checkpoint.resolve().name
-    return next((b for b, f in CHECKPOINT_NAMES.items() if re.fullmatch(f.format(step=r"\d+"), name)), None)
 
 
 def step_of(checkpoint: Path) -> int:
@@ -178,16 +168,43 @@ class _Tee:
 
 
 class RunDir:
-    """One run's output folder. Only rank 0 writes; every rank can read."""
+    """One run's output folder, the one place that knows its layout. Only rank 0 writes; every rank can read."""
+
+    EVAL_RESULTS = Path("metrics", "eval_results.jsonl")  # what makes a folder a run of cbe
+    OVERRIDES = Path(".hydra", "overrides.yaml")  # Hydra's record of the command line: what makes a sweep's job
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
+        self.config = self.root / "config.yaml"
+        self.overrides, self.hydra_config = self.root / self.OVERRIDES, self.root / ".hydra" / "hydra.yaml"
         self.logs = self.root / "logs"
         self.tensorboard = self.logs / "tensorboard"
         self.checkpoints = self.root / "checkpoints"
-        self.eval_results = self.root / "metrics" / "eval_results.jsonl"
-        self.stage_matrix = self.root / "metrics" / "stage_matrix.jsonl"  # a run with stages: cbe.loop
+        self.eval_results = self.root / self.EVAL_RESULTS
+        self.stage_matrix = self.eval_results.with_name("stage_matrix.jsonl")  # a run with stages (cbe.continual)
+        self.summary = self.eval_results.with_name("continual_summary.json")
         self.eval_details = self.root / "eval_details"
+        self.plots = self.root / "plots"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    @classmethod
+    def find(cls, folder: str | Path, marker: Path = EVAL_RESULTS, pattern: str = "**") -> list[Path]:
+        """Sorted dirs under `folder` holding `marker` (a layout path), at any depth or (pattern "*") one level down."""
+        return sorted({p.parents[len(marker.parts) - 1] for p in Path(folder).glob(f"{pattern}/{marker}")})
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | Path) -> RunDir | None:
+        """The run that holds a checkpoint dir (<run>/checkpoints/<name>, `latest` resolved), else None."""
+        folder = Path(checkpoint).resolve().parent
+        return run if (run := cls(folder.parent)).checkpoints == folder and run.overrides.is_file() else None
+
+    @classmethod
+    def of_details(cls, details: str | Path) -> RunDir | None:
+        """The run (of training or of mode=eval) whose eval_details/ holds a details file, else None."""
+        folder = Path(details).resolve().parent
+        return run if (run := cls(folder.parent)).eval_details == folder and run.config.is_file() else None
 
     def create(self, cfg) -> "RunDir":
         """Make the folders and save the resolved config."""
@@ -196,7 +213,7 @@ class RunDir:
         if is_main_process():
             for folder in (self.logs, self.eval_results.parent, self.eval_details):
                 folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            write_atomic(self.config, OmegaConf.to_yaml(cfg, resolve=True))
         return self
 
     def capture_output(self) -> "RunDir":
@@ -211,14 +228,12 @@ class RunDir:
         return self
 
     def refuse_a_different_run(self, cfg) -> None:
-        """Re-running a command resumes its run; resuming with another trajectory would mix two experiments. Any
-        earlier start counts (its config.yaml), checkpointed or not, so a change is refused the same either way."""
+        """Refuse to resume an earlier start (its config.yaml) with another trajectory: two experiments mixed."""
         from omegaconf import OmegaConf
 
-        saved_path = self.root / "config.yaml"
-        if not saved_path.exists():
+        if not self.config.exists():
             return
-        saved, config = yaml.safe_load(saved_path.read_text()), yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
+        saved, config = yaml.safe_load(self.config.read_text()), yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
         for key in TRAJECTORY_KEYS:
             old, new = _select(saved, key), _select(config, key)
             if not _same(old, new):
@@ -228,8 +243,7 @@ class RunDir:
                 )
 
     def completed_steps(self, num_train_steps: int) -> int | None:
-        """The steps a finished run trained (its last checkpoint at or past num_train_steps, or for a run of 0
-        steps its step-0 evaluation), else None."""
+        """The steps a finished run trained (its last checkpoint, or a 0-step run's step-0 evaluation), else None."""
         latest = self.latest_checkpoint()
         if latest is not None:
             step = step_of(latest)
@@ -239,7 +253,7 @@ class RunDir:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_dir(self, step: int, backend: str) -> Path:
-        return self.checkpoints / CHECKPOINT_NAMES[backend].format(step=step)
+        return self.checkpoints / SPECS[backend].checkpoint_name.format(step=step)
 
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint a re-run resumes from, or None for a fresh run."""
@@ -257,12 +271,11 @@ class RunDir:
         """The checkpoint dirs of the run, oldest first (not `latest`, not a temporary dir)."""
         if not self.checkpoints.is_dir():
             return []
-        saved = [p for p in self.checkpoints.iterdir() if not p.is_symlink() and checkpoint_backend(p)]
+        saved = [p for p in self.checkpoints.iterdir() if not p.is_symlink() and backend_of_checkpoint(p)]
         return sorted(saved, key=step_of)
 
     def drop_checkpoints_after(self, step: int) -> None:
-        """On resume, delete checkpoints newer than `latest` (saved by a run killed before it marked them): their
-        steps are trained again and saved anew."""
+        """On resume, delete checkpoints newer than `latest` (a killed run's): their steps are trained again."""
         if is_main_process():
             for path in self.saved_checkpoints():
                 if step_of(path) > step:
@@ -283,8 +296,7 @@ class RunDir:
         write_jsonl_atomic(self.eval_results, read_jsonl(self.eval_results) + [metrics])
 
     def drop_metrics_after(self, step: int) -> None:
-        """On resume, forget evaluations (and accuracy-matrix rows) newer than the checkpoint: they are recomputed,
-        never duplicated."""
+        """On resume, forget evaluations and matrix rows newer than the checkpoint: recomputed, never duplicated."""
         if not is_main_process():
             return
         for path in (self.eval_results, self.stage_matrix):
@@ -292,4 +304,5 @@ class RunDir:
                 write_jsonl_atomic(path, [m for m in read_jsonl(path) if m["step"] <= step])
 
     def details_path(self, qa_set: str, step: int) -> Path:
+        """The eval_details file of a QA set's evaluation at `step`."""
         return self.eval_details / f"{qa_set}_step_{step:06d}.jsonl"

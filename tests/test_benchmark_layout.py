@@ -11,6 +11,7 @@ from transformers import TrainingArguments, get_cosine_schedule_with_warmup
 
 from cbe.backends.hf.models import load_base_model
 from cbe.data.packing import training_order
+from cbe.loop import settings_of
 from tests.conftest import loop_in_process
 
 LENGTH = 48  # tokens per example; the tiny tokenizer is byte-level, so the long documents below are cut
@@ -94,7 +95,7 @@ def benchmark_run(cfg, tmp_path):
     """The benchmark's step losses (mean over each step's targets, 2 micro-batches a step) and its evaluation before
     and after training (benchmark_eval), with AdamW at transformers' cosine schedule; the documents in cbe's seeded
     order."""
-    model, tokenizer = load_base_model(cfg)  # the tiny model's seeded weights, as every run starts from
+    model, tokenizer = load_base_model(settings_of(cfg))  # the tiny model's seeded weights, as every run starts from
     base_eval = benchmark_eval(model, tokenizer)
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=1e-8, weight_decay=0.0)
@@ -120,7 +121,7 @@ def benchmark_run(cfg, tmp_path):
 def cbe_run(tmp_path, backend: str, on_start=None):
     """cbe's step losses, eval losses before and after, the metrics after, the training rows and the batch plan, for
     the same settings through the loop's own data and schedule."""
-    from cbe.loop import batch_plan, schedule, stages_of
+    from cbe.plan import batch_plan, schedule, stages_of
 
     loop = loop_in_process(tmp_path / backend, *overrides(tmp_path), f"backend={backend}", on_start=on_start)
     loop.backend.start(None)

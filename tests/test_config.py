@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from cbe.config import register_configs, validate
+from cbe.config import backend_options, register_configs, validate
 from cbe.errors import UserError
+from cbe.plan import stages_of
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {
@@ -211,6 +213,21 @@ def test_an_unknown_key_inside_a_section_is_refused_naming_the_valid_ones(overri
     validate(compose_config("+data.extra_qa_paths.more=data/sample/valqa.jsonl"))  # free-form sections stay free
 
 
+def test_validate_leaves_the_config_as_composed_and_a_staged_run_derives_its_steps():
+    """validate checks: it writes neither typed options nor derived numbers into the config it is given. A staged
+    run's steps are its stages' sum; a num_train_steps that says otherwise is refused in one line."""
+    composed = compose_config("task=sample_stages", "continual.steps_per_stage=5")
+    before = OmegaConf.to_yaml(composed)
+    checked = validate(composed)
+    assert OmegaConf.to_yaml(composed) == before and checked.training.num_train_steps is None
+    assert stages_of(checked)[-1].last_step == 15
+    validate(compose_config("task=sample_stages", "continual.steps_per_stage=5", "training.num_train_steps=15"))
+    with pytest.raises(
+        UserError, match=r"^training.num_train_steps=160 differs from the 15 steps of data.stages; leave it null"
+    ):
+        validate(compose_config("task=sample_stages", "continual.steps_per_stage=5", "training.num_train_steps=160"))
+
+
 def test_kd_under_several_processes_is_refused_before_anything_loads():
     with pytest.raises(
         UserError,
@@ -267,4 +284,5 @@ def test_backend_options_are_typed_and_a_setting_the_backend_lacks_is_refused():
     with pytest.raises(UserError, match=r"^backend.trainer.fsdp_min_size_mb: "):
         validate(compose_config("backend=kd", "backend.trainer.fsdp_min_size_mb=big"))
     cfg = validate(compose_config("backend.trainer.torch_compile=false"))
-    assert cfg.backend.trainer.torch_compile == "False"
+    assert backend_options(cfg)["torch_compile"] == "False"  # what the backend gets
+    assert cfg.backend.trainer.torch_compile is False  # the config stays as composed

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cbe.continual import write_continual_summary
 from cbe.run import read_jsonl
 from tests.conftest import loop_in_process, run_main_under
 from tests.test_loop import kill_when, start
@@ -57,7 +58,7 @@ def test_sample_stages_learns_each_stage_and_forgets_the_earlier_ones(backend, t
     # visible differences: 3.4e-4 measured with it, 8e-7 without. Resetting or not moves the losses by 4-14%.
     [(False, 1e-4), (True, 1e-3)],
 )
-def test_both_backends_agree_through_stages_with_replay_and_retention(reset, rel, tmp_path, cache_dir):
+def test_both_backends_agree_through_stages_with_replay_and_retention(reset, rel, tmp_path, cache_dir, capsys):
     staged = [
         "task=sample_stages",
         "continual.steps_per_stage=2",
@@ -73,6 +74,8 @@ def test_both_backends_agree_through_stages_with_replay_and_retention(reset, rel
     for backend in ("hf", "kd"):  # in this process: two runs a case cost no new process's imports
         run = tmp_path / backend
         loop_in_process(run, *staged, f"backend={backend}", f"data.cache_dir={cache_dir}").train()
+        # The summary printed at the end, from what the run held, is the one its files give
+        assert write_continual_summary(run) in capsys.readouterr().out
         results = read_jsonl(run / "metrics" / "eval_results.jsonl")
         assert [(m["step"], m["stage"]) for m in results] == [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3)]
         assert all(m["retention_n"] == 2 for m in results)  # the retention set, asked at every evaluation

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from cbe import cli
-from cbe.continual import continual_summary, write_continual_summary
-from cbe.eval.metrics import METRICS
+from cbe.continual import StageRecorder, continual_summary, write_continual_summary
+from cbe.eval.metrics import METRICS, summarize
+from cbe.run import RunDir, read_jsonl
 
 STEPS_PER_STAGE = 10
 
@@ -262,6 +263,33 @@ def test_summary_mistakes_are_one_line(tmp_path, capfd, case, message):
     err = capfd.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("cbe: error: ") and message in err and err.count("\n") == 1
     assert not (run / "metrics" / "continual_summary.json").exists()
+
+
+def test_a_recorder_resumed_after_stage_1_holds_the_rows_on_file_and_the_later_ones_in_memory(tmp_path):
+    """The loop resumes from step 10 (after stage 1) and evaluates on: the recorder's first rows are those on file,
+    the later ones those it is given (their details files gone, it holds them), and its summary is the one of the
+    finished run's files."""
+    retention = [questions(v, 8) for v in (0.75, 0.625, 0.5, 0.25)]
+    matrices = {"valqa": matrix_of(PEAK_THEN_FORGET), "testqa": matrix_of(TOTAL_FORGETTING)}
+    run = RunDir(write_staged_run(tmp_path / "run", matrices, retention=retention))
+    finished_matrix, results = read_jsonl(run.stage_matrix), read_jsonl(run.eval_results)
+    expected = write_continual_summary(run)
+    run.drop_metrics_after(10)  # what the loop does on resuming from checkpoint-10
+    recorder = StageRecorder(run, ["s1", "s2", "s3"])
+    for result in (r for r in results if r["step"] > 10):  # the evaluations after the checkpoint, in turn
+        step, details = result["step"], {}
+        if step % STEPS_PER_STAGE == 0:  # a stage's end: every set asked
+            sets = ["retention", *(f"s{j}_{kind}" for j in (1, 2, 3) for kind in ("valqa", "testqa"))]
+            details = {name: read_jsonl(run.details_path(name, step)) for name in sets}
+            result = {k: v for name in sets for k, v in summarize(details[name], qa_set=name).items()} | result
+        recorder.on_eval(step, result, details)
+        if step % STEPS_PER_STAGE == 0:
+            recorder.on_stage_end(step // STEPS_PER_STAGE, step, result, details)
+            for path in run.eval_details.glob(f"*_step_{step:06d}.jsonl"):
+                path.unlink()
+    assert sorted(map(json.dumps, read_jsonl(run.stage_matrix))) == sorted(map(json.dumps, finished_matrix))
+    write_lines(run.eval_results, results)  # the loggers' lines of those evaluations
+    assert recorder.summary() == expected
 
 
 def base_details_and_qa(tmp_path: Path) -> tuple[Path, Path]:

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from cbe.config import validate
 from cbe.data.packing import PackedRows, training_order
 from cbe.errors import UserError
-from cbe.loop import batch_plan, next_event, schedule, stages_of
+from cbe.loop import next_event
+from cbe.plan import batch_plan, schedule, stages_of
 from cbe.run import RunDir, read_jsonl
 from tests.backends.hf.test_trainer import assert_same_metrics, raw_predictions
 from tests.conftest import ROOT, main_command, run_main_under
@@ -186,7 +187,7 @@ def test_stage_steps_and_the_schedule_per_stage_or_global():
     cfg = staged_config("continual.steps_per_stage=4", "+data.stages.1.steps=6", "optimizer.warmup_fraction=0.25")
     stages = stages_of(cfg)
     assert [(s.name, s.first_step, s.steps) for s in stages] == [("s1", 0, 4), ("s2", 4, 6), ("s3", 10, 4)]
-    assert cfg.training.num_train_steps == 14
+    assert stages[-1].last_step == 14 and cfg.training.num_train_steps is None  # derived, not written back
     lr = cfg.optimizer.lr
     per_stage = schedule(cfg, stages)
     # Every stage warms up again from lr 0: 1 step of 4 (ceil(0.25 x 4)), peak at its second step ...

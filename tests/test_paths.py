@@ -74,7 +74,7 @@ def test_a_run_resumes_from_another_directory(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["/an/absolute/dir", "../../../escape"])
 def test_mode_eval_of_a_model_dir_lands_under_output_root(name, tmp_path):
     cfg = compose_config("mode=eval", "checkpoint=base", f"model.name={name}", f"output_root={tmp_path}")
-    where = Path(eval_run_dir(_root_=cfg))
+    where = Path(eval_run_dir(cfg))
     assert where.resolve().is_relative_to(tmp_path / "cbe" / "sample")
     assert where.parts[-4].endswith("-full-hf") and where.parts[-3:-1] == ("eval", "base")
 

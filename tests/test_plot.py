@@ -307,11 +307,11 @@ def test_plot_of_a_staged_run_writes_its_curves_and_a_heatmap_per_matrix(tmp_pat
 
 
 def test_a_heatmap_writes_each_value_in_its_cell(tmp_path):
-    from cbe.continual import read_stage_matrices
+    from cbe.continual import stage_matrices
     from cbe.plot import draw_matrix, pyplot
 
-    make_staged_run(tmp_path, rows=2)  # killed in stage 2: the row after it is not there yet
-    matrix = read_stage_matrices(tmp_path / "sample_stages" / "tiny-full-hf")["valqa_exact_match"]
+    run = make_staged_run(tmp_path, rows=2)  # killed in stage 2: the row after it is not there yet
+    matrix = stage_matrices(read_jsonl(RunDir(run).stage_matrix))["valqa_exact_match"]
     fig, ax = pyplot().subplots()
     draw_matrix(ax, matrix, ["s1", "s2"], "valqa_exact_match")
     cells = {(t.get_position(), t.get_text()) for t in ax.texts}

@@ -10,13 +10,27 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from cbe.backends.sampling import GREEDY, Sampling
+from cbe.config import AdapterConfig, ModelConfig, OptimizerConfig, TrainingConfig
 from cbe.data.packing import PackedRows
 from cbe.eval.parse import marker_at_word_start
 
 
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What a backend is built from: the run's typed sections, never the whole config (cbe.loop.build)."""
+
+    model: ModelConfig
+    adapter: AdapterConfig
+    optimizer: OptimizerConfig
+    training: TrainingConfig  # batch sizes, seed, precision
+    total_steps: int  # the run's optimizer steps (a staged run's: its stages' sum)
+    sequence_length: int
+    cache_dir: str  # tokenized corpora, converted models
+
+
 class Backend(Protocol):
-    """What cbe.loop asks of a backend; `hydra.utils.instantiate(cfg.backend.trainer, cfg=..., run=...)` builds one,
-    with its own typed options (the other keys of `backend.trainer`)."""
+    """What cbe.loop asks of a backend; cbe.loop.build instantiates `backend.trainer` (its `_target_` with its own
+    typed options, cbe.specs) with `settings` and `run`."""
 
     tokenizer: Any  # set by start() or load()
 

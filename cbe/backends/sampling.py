@@ -51,8 +51,6 @@ class Sampling:
 
 
 GREEDY = Sampling()
-
-
 UNITS = 2**30  # probability units per 1 (the cumulative sums stay below 2**31)
 
 

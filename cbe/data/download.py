@@ -1,13 +1,12 @@
 """Download a track from the HuggingFace hub into data/<track>/, as data/download.yaml describes.
 
-huggingface_hub resolves each file at the pinned revision (or one the user names with --revision) with
-the user's token (HF_TOKEN or `hf auth login`) and reports the hub's refusals as typed errors. The
-transfer itself is ours because hf_hub_download does not resume across processes (it downloads into a
-fresh per-process temp file): bytes go to data/<track>/.download/<file>.<etag>.part and a later run
-continues from where a killed one stopped. The token goes only to the hub's own host, never to the CDN
-that the hub redirects large files to. A track's files are checked with the shared loader and only
-then renamed to their final names together, so an interrupted or bad download never leaves a half file,
-or a mix of old and new files, behind.
+huggingface_hub resolves each file at the pinned revision (or one the user names with --revision) with the user's
+token (HF_TOKEN or `hf auth login`) and reports the hub's refusals as typed errors. The transfer itself is ours because
+hf_hub_download does not resume across processes (it downloads into a fresh per-process temp file): bytes go to
+data/<track>/.download/<file>.<etag>.part and a later run continues from where a killed one stopped. The token goes
+only to the hub's own host, never to the CDN that the hub redirects large files to. A track's files are checked with
+the shared loader and only then renamed to their final names together, so an interrupted or bad download never leaves
+a half file, or a mix of old and new files, behind.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from cbe.errors import UserError
 
 RECIPE = Path(__file__).resolve().parents[2] / "data" / "download.yaml"
 CORPUS_NAMES = ("train", "val")  # every other local name is a QA set
+LOG_IN = "log in with `hf auth login` (or set HF_TOKEN)"
 
 
 def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
@@ -54,35 +54,25 @@ def source(recipe: dict[str, Any], track: str, revision: str | None = None) -> t
 def hub_errors(repo: str, revision: str, what: str) -> Iterator[None]:
     """Turn the hub's failures into one line that says what to do."""
     import httpx2  # huggingface_hub's HTTP client
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import constants, errors
 
     try:
         yield
-    except GatedRepoError:
-        raise UserError(
-            f"{repo} is gated: accept its terms at https://huggingface.co/datasets/{repo}, then log in "
-            "with `hf auth login` (or set HF_TOKEN)"
-        )
-    except RepositoryNotFoundError:
+    except errors.GatedRepoError:
+        raise UserError(f"{repo} is gated: accept its terms at https://huggingface.co/datasets/{repo}, then {LOG_IN}")
+    except errors.RepositoryNotFoundError:
         raise UserError(
             f"dataset {repo} was not found or your token may not read it (401/404): check "
-            "data/download.yaml, or log in with `hf auth login` (or set HF_TOKEN)"
+            f"data/download.yaml, or {LOG_IN}"
         )
-    except RevisionNotFoundError:  # a pin the hub dropped; the benchmark's own harness reads main
+    except errors.RevisionNotFoundError:  # a pin the hub dropped; the benchmark's own harness reads main
         raise UserError(
             f"dataset {repo} has no revision {revision!r}: try `--revision main` (make download "
             "REVISION=main) for its latest files, or fix the pin in data/download.yaml"
         )
-    except RemoteEntryNotFoundError:
+    except errors.RemoteEntryNotFoundError:
         raise UserError(f"{repo}@{revision} has no file {what}; `cbe download --list` shows the files it has")
-    except HfHubHTTPError as e:
+    except errors.HfHubHTTPError as e:
         raise UserError(f"the hub refused {repo}@{revision} {what}: {str(e).splitlines()[0]}")
     except (OSError, httpx2.TransportError) as e:  # no connection (hf_hub_download says LocalEntryNotFoundError)
         raise UserError(
@@ -163,8 +153,7 @@ def download_track(
         for _ in iter_jsonl(fetched[name], fields, name=f"{repo}@{revision} {remote}"):
             pass  # a malformed file stops here with its file:line, before it replaces anything
     # Only a complete, checked track replaces what was there: no mix of old and new files.
-    placed = [target / f"{name}.jsonl" for name in fetched]
-    for name, final in zip(fetched, placed):
-        os.replace(fetched[name], final)
+    for name, part in fetched.items():
+        os.replace(part, target / f"{name}.jsonl")
     shutil.rmtree(staging, ignore_errors=True)
-    return placed
+    return [target / f"{name}.jsonl" for name in fetched]

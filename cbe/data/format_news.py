@@ -1,31 +1,27 @@
-"""Turn the raw news corpus into training text: one `{"text", "article_idx"}` line per article, rendered
-exactly as the benchmark renders it, so a model trained through cbe sees the benchmark's text.
+"""Turn the raw news corpus into training text: one `{"text", "article_idx"}` line per article, rendered exactly as
+the benchmark renders it, so a model trained through cbe sees the benchmark's text.
 
-Input records are `{url, hostname, title, date, crawl_date, language, text, article_idx}`; `text` is
-required and non-empty, `title` and `date` may be missing, null or empty. Each becomes
+Input records are `{url, hostname, title, date, crawl_date, language, text, article_idx}`; `text` is required and
+non-empty, `title` and `date` may be missing, null or empty. Each becomes
 
     {"text": "Title: <title>\\nDate: <date>\\nArticle: <text>\\n", "article_idx": <article_idx>}
 
 with `article_idx` kept as is (the key is left out only when the input lacks it). As the benchmark does:
 - the article's text is stripped of leading and trailing whitespace, and every article ends with a newline;
 - runs of whitespace in the title and date (spaces, tabs, newlines) become one space, and both are stripped;
-- an untitled article (title missing, null or blank) is dropped and counted in the report; with
-  keep_untitled it is kept without a Title line ("Date: ...\\nArticle: ..."), never as "Title: None";
-- an ISO date is shown as `Sep 01 (2025-09-01 00:00:00 UTC)`: what datetime.fromisoformat accepts counts as
-  ISO (Python 3.11: `2025-09-01`, `20250901`, `2025-W36-1`, a time after `T` or a space, down to fractions
-  of a second, which are not shown, with `Z` or an offset such as `+02:00`); an offset-aware time is
-  converted to UTC and a naive one is taken as UTC. Any other date is kept as it is (after the whitespace
-  collapse), and a missing, null or blank one becomes `N/A`.
+- an untitled article (title missing, null or blank) is dropped and counted in the report; with keep_untitled it is
+  kept without a Title line ("Date: ...\\nArticle: ..."), never as "Title: None";
+- an ISO date (what datetime.fromisoformat accepts: `2025-09-01`, `20250901`, `2025-W36-1`, a time after `T` or a
+  space, with `Z` or an offset such as `+02:00`) is shown in UTC, a naive time taken as UTC, as
+  `Sep 01 (2025-09-01 00:00:00 UTC)` (no fractions of a second). Any other date is kept as it is (whitespace
+  collapsed), and a missing, null or blank one becomes `N/A`.
 
-The file is streamed line by line (constant memory) into a temp file next to the output that replaces it
-only when every line went through (cbe.run.open_atomic), so formatting in place is safe: on a bad line,
-an exception or Ctrl-C the input stays byte for byte as it was. Input whose first record is already
-formatted (no url/title/date fields, text laid out as above) is left alone and nothing is written, so
-running the step twice never produces "Title: Title: ..."; a file formatted by an older cbe, whose
-headers are not rendered as above, is refused, so it is not silently trained on.
-
-normalize=True also cleans the scraped title, date and text (normalize_text) before the rules above; it is
-idempotent and leaves clean text exactly as it is.
+The file is streamed line by line (constant memory) into a temp file next to the output that replaces it only when
+every line went through (cbe.run.open_atomic), so formatting in place is safe: on a bad line, an exception or Ctrl-C
+the input stays byte for byte as it was. Input whose first record is already formatted (no url/title/date fields,
+text laid out as above) is left alone and nothing is written, so running the step twice never produces
+"Title: Title: ..."; a file formatted by an older cbe, whose headers are not rendered as above, is refused, so it is
+not silently trained on. normalize=True first cleans the scraped title, date and text (normalize_text).
 """
 
 from __future__ import annotations
@@ -42,16 +38,12 @@ from typing import Any, BinaryIO, Iterator
 
 from tqdm.auto import tqdm
 
-from cbe.data.jsonl import parse_record
+from cbe.data.jsonl import CORPUS_FIELDS, parse_record
 from cbe.errors import UserError
 from cbe.run import open_atomic
 
-# The header fields, each str or null in a raw record.
-HEADERS = ("title", "date")
-# The benchmark's date rendering, and what it shows for a missing date.
 DATE_FORMAT = "%b %d (%Y-%m-%d %H:%M:%S UTC)"  # %b is English: Python leaves LC_TIME at "C" unless told
 MISSING_DATE = "N/A"
-# Fields only a raw record has: a record without any of them whose text follows the template is formatted.
 RAW_ONLY_FIELDS = ("url", "title", "date")
 SHOWN_BAD_LINES = 5  # how many bad line numbers the report keeps
 _to_json = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(ensure_ascii=False) builds one per call
@@ -91,12 +83,8 @@ def format_news(
     skip_bad: bool = False,
     keep_untitled: bool = False,
 ) -> FormatReport:
-    """Format the raw news corpus at `input_path` into `output_path` (which may be the same file).
-
-    Raises UserError, naming file:line, on a malformed line unless `skip_bad`, which skips and counts it;
-    refuses to replace an existing output unless `overwrite`. Untitled articles are dropped and counted,
-    as the benchmark does, unless `keep_untitled`.
-    """
+    """Format the raw news corpus at `input_path` into `output_path` (which may be the same file). A malformed line
+    raises UserError (file:line) unless `skip_bad` skips and counts it; an existing output needs `overwrite`."""
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise UserError(f"{input_path}: no such file")
@@ -129,9 +117,8 @@ def format_news(
 def _articles(
     lines: BinaryIO, path: Path, normalize: bool, skip_bad: bool, keep_untitled: bool, report: FormatReport
 ) -> Iterator[dict[str, Any]]:
-    """The formatted articles of an open raw corpus, line by line. Stops at once, setting
-    report.already_formatted, when the first record is formatted as this module formats; a bad line raises
-    or, with skip_bad, is counted in the report and skipped; a dropped untitled article is counted."""
+    """The formatted articles of an open raw corpus; stops at once, setting report.already_formatted, if the first
+    record is formatted. A bad line raises or, with skip_bad, is skipped; both it and untitled ones are counted."""
     first = True
     for line_number, line in enumerate(lines, 1):
         if line.isspace():
@@ -140,17 +127,16 @@ def _articles(
         try:
             record = parse(line, where)
             if looks_formatted(record):
-                if first:
-                    if not rendered_as_benchmark(record["text"]):
-                        raise UserError(
-                            f"{where}: formatted by an older cbe, not as the benchmark renders news "
-                            "(dates as 'Sep 01 (2025-09-01 00:00:00 UTC)' or 'N/A'); format the raw "
-                            "file again (make download TRACK=news, then make format TRACK=news)"
-                        )
-                    report.already_formatted = True
-                    return
-                # Formatting it again would bury a header inside the article text.
-                raise UserError(f"{where}: already formatted while earlier lines are raw; the file mixes both")
+                if not first:  # formatting it again would bury a header inside the article text
+                    raise UserError(f"{where}: already formatted while earlier lines are raw; the file mixes both")
+                if not rendered_as_benchmark(record["text"]):
+                    raise UserError(
+                        f"{where}: formatted by an older cbe, not as the benchmark renders news "
+                        "(dates as 'Sep 01 (2025-09-01 00:00:00 UTC)' or 'N/A'); format the raw "
+                        "file again (make download TRACK=news, then make format TRACK=news)"
+                    )
+                report.already_formatted = True
+                return
             first = False
             article = render(record, normalize, where, keep_untitled)
         except UserError as e:
@@ -169,12 +155,8 @@ def _articles(
 
 def parse(line: bytes, where: str) -> dict[str, Any]:
     """One raw line as a record with a non-empty str `text` and a str or null title/date; UserError if not."""
-    try:
-        decoded = line.decode("utf-8").removeprefix("\ufeff")  # a BOM some editors put at the start
-    except UnicodeDecodeError as e:
-        raise UserError(f"{where}: not valid UTF-8 (byte {e.start}); fix or remove the line") from None
-    record = parse_record(decoded, where, {"text": (str,)})
-    for name in HEADERS:  # parse_record checks only required fields, and these may be missing or null
+    record = parse_record(line, where, CORPUS_FIELDS)
+    for name in ("title", "date"):  # parse_record checks only required fields, and these may be missing or null
         value = record.get(name)
         if value is not None and not isinstance(value, str):
             raise UserError(f"{where}: field {name!r} should be str or null, got {type(value).__name__} {value!r:.40}")
@@ -192,9 +174,8 @@ def looks_formatted(record: dict[str, Any]) -> bool:
 
 
 def rendered_as_benchmark(text: str) -> bool:
-    """Whether formatted text has the headers render writes: a collapsed title, if any, then a Date line that
-    render_date leaves as it is, and a final newline. Text from an older cbe fails: no Date line, a date such as
-    2024-05-01, or no newline at the end."""
+    """Whether formatted text has the headers render writes: a collapsed title, if any, a Date line that render_date
+    leaves as it is, and a final newline (an older cbe's has no Date line, a date such as 2024-05-01, or no newline)."""
     head = text.split("\n", 2)
     if head[0].startswith("Title: "):
         title = head.pop(0).removeprefix("Title: ")
@@ -228,18 +209,21 @@ def render(record: dict[str, Any], normalize: bool, where: str, keep_untitled: b
 
 
 def render_date(date: str) -> str:
-    """A date as the benchmark shows it: ISO as 'Sep 01 (2025-09-01 00:00:00 UTC)', blank as 'N/A', any other
-    as it is (whitespace collapsed). Rendering a rendered date changes nothing."""
-    date = collapse_whitespace(date)
-    if not date:
-        return MISSING_DATE
+    """A date as the benchmark shows it (see the module docstring); rendering a rendered date changes nothing."""
+    moment = parse_moment(date)
+    return moment.strftime(DATE_FORMAT) if moment else collapse_whitespace(date) or MISSING_DATE
+
+
+def parse_moment(value: Any) -> datetime | None:
+    """An ISO date or time in UTC, whitespace collapsed; None if not a str or not ISO."""
+    if not isinstance(value, str):
+        return None
     try:
-        moment = datetime.fromisoformat(date)
+        moment = datetime.fromisoformat(collapse_whitespace(value))
         # A naive time is taken as UTC; an aware one is converted (which can overflow at year 1 or 9999).
-        moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+        return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
     except (ValueError, OverflowError):
-        return date
-    return moment.strftime(DATE_FORMAT)
+        return None
 
 
 def collapse_whitespace(text: str) -> str:
@@ -266,9 +250,8 @@ def _clean_once(text: str) -> str:
 
 
 def normalize_text(text: str) -> str:
-    """Clean scraped text: HTML entities decoded, Unicode NFC, control characters removed, CRLF/CR as LF,
-    runs of spaces/tabs as one space, no spaces at line ends, at most one blank line in a row, no
-    leading/trailing whitespace. Clean text comes back unchanged, and normalizing twice changes nothing."""
+    """Clean scraped text: entities decoded, NFC, controls removed, LF line ends, runs of spaces as one, at most one
+    blank line in a row, stripped. Clean text comes back unchanged, and normalizing twice changes nothing."""
     while True:
         cleaned = _clean_once(text)
         # A pass can leave only an entity to clean: decoding "&amp;amp;" gives "&amp;", and removing a control

@@ -25,8 +25,13 @@ def strata_fields(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k == "supports" or ID_FIELD.fullmatch(k)}
 
 
-def parse_record(line: str, where: str, required: Fields) -> dict[str, Any]:
-    """One JSONL line as a record with the `required` fields; UserError naming `where` (file:line) if not."""
+def parse_record(line: str | bytes, where: str, required: Fields) -> dict[str, Any]:
+    """One JSONL line (bytes: UTF-8) as a record with the `required` fields; UserError naming `where` if not."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8").removeprefix("\ufeff")  # a BOM some editors put at the start
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not valid UTF-8 (byte {e.start}); fix or remove the line") from None
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -48,10 +53,7 @@ def parse_record(line: str, where: str, required: Fields) -> dict[str, Any]:
 
 
 def iter_jsonl(path: str | Path, required: Fields, name: str | None = None) -> Iterator[dict[str, Any]]:
-    """Stream the records of `path`, checking that each one has the `required` fields with the right types.
-
-    Errors name the file as `name` (default: the path), e.g. where the file came from.
-    """
+    """Stream the records of `path`, each checked by parse_record; errors name the file `name` (default: its path)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")

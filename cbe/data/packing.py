@@ -1,5 +1,4 @@
 """Tokenize a corpus once (cached on disk) and lay it out as training rows, in one of two layouts (data.packing).
-
 Every document becomes [BOS] text [EOS].
 
 - Packed (`pack_documents`, data.packing=true): documents longer than a row are cut into row-sized chunks that
@@ -96,9 +95,8 @@ def tokenize_documents(texts: list[str], tokenizer: Any, batch_size: int = 1000)
     from tqdm.auto import tqdm
 
     docs = []
-    for start in tqdm(
-        range(0, len(texts), batch_size), desc="tokenizing", unit="batch", leave=False, disable=len(texts) <= batch_size
-    ):
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="tokenizing", unit="batch", leave=False, disable=len(starts) <= 1):
         ids = tokenizer(texts[start : start + batch_size], add_special_tokens=False)["input_ids"]
         docs += [np.array([tokenizer.bos_token_id, *d, tokenizer.eos_token_id], dtype=np.int32) for d in ids]
     return docs
@@ -123,8 +121,7 @@ def split_long(doc: np.ndarray, length: int) -> list[np.ndarray]:
     """Row-sized chunks of a document; each continuation repeats the previous chunk's last token as context."""
     if len(doc) <= length:
         return [doc]
-    stride = length - 1
-    return [doc[start : start + length] for start in range(0, len(doc) - 1, stride)]
+    return [doc[start : start + length] for start in range(0, len(doc) - 1, length - 1)]
 
 
 def best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
@@ -168,8 +165,7 @@ def pack_documents(docs: list[np.ndarray], length: int, pad_id: int) -> PackedRo
 
 
 def document_rows(docs: list[np.ndarray], length: int, pad_id: int) -> PackedRows:
-    """One document per row (the benchmark's layout): a document longer than `length` keeps its first
-    `length` - 1 tokens and its EOS. BOS is not a target, every token after it is, EOS included."""
+    """One document per row (see the module docstring); BOS is not a target, every token after it is, EOS included."""
     input_ids = np.full((len(docs), length), pad_id, dtype=np.int32)
     labels = np.full((len(docs), length), IGNORE, dtype=np.int32)
     lengths = np.array([min(len(d), length) for d in docs], dtype=np.int64)
@@ -210,11 +206,9 @@ def back_to_back(rows: PackedRows, index: np.ndarray, parts: int = 1, multiple: 
 
 
 def training_order(num_rows: int, num_examples: int, seed: int) -> np.ndarray:
-    """The row index of each training example: one seeded permutation per epoch, back to back.
-
-    Both backends read rows in this order, so a seed means the same batches everywhere; a longer run extends
-    a shorter one's order, so resuming with more steps continues where it stopped.
-    """
+    """The row index of each training example: one seeded permutation per epoch, back to back. Both backends read
+    rows in this order, so a seed means the same batches everywhere; a longer run extends a shorter one's order, so
+    resuming with more steps continues where it stopped."""
     epochs = -(-num_examples // num_rows) if num_rows else 0
     order = [np.random.default_rng([seed, epoch]).permutation(num_rows) for epoch in range(epochs)]
     return np.concatenate(order)[:num_examples] if order else np.zeros(0, dtype=np.int64)
@@ -228,13 +222,10 @@ def epochs_seen(steps: int, effective_batch_size: int, num_rows: int) -> float:
 def repetition_report(
     num_rows: int, effective_batch_size: int, num_train_steps: int, unit: str = "packed row"
 ) -> list[str]:
-    """How often a run repeats its training corpus, as run-log lines; `warning:` where one step holds it all.
-
-    The warning is for a step that holds a whole epoch or more: every step then sees every row (beyond one epoch,
-    the same rows more than once in one gradient), so the batch buys nothing a smaller one would not and the steps
-    are the epochs, almost always a corpus too small for the batch. Many epochs over a whole run are only reported:
-    memorizing a corpus, which this benchmark measures, repeats it on purpose.
-    """
+    """How often a run repeats its training corpus, as run-log lines; `warning:` where one step holds it all, as every
+    step then sees every row (beyond one epoch, the same rows more than once in one gradient), so the batch buys
+    nothing a smaller one would not: almost always a corpus too small for the batch. Many epochs over a whole run are
+    only reported: memorizing a corpus, which this benchmark measures, repeats it on purpose."""
     if num_rows == 0:
         raise UserError(
             "the training corpus (data.train_path) holds no documents; point data.train_path at a corpus with text"

@@ -1,27 +1,25 @@
 """Cut a downloaded track into stages for continual learning (`cbe make-stages`), on the raw download.
 
-News is cut by time. An article's time is its `date`, or its `crawl_date` where the date is missing,
-unparseable or outside the month being cut (the track is what was crawled in September 2025, so an old
-article entered it when it was crawled). Dates are read as cbe.data.format_news reads them: ISO, an
-offset converted to UTC, a naive time taken as UTC. A time still outside the month counts as its first
-or last day. Weeks are days 1-7, 8-14, 15-21 and 22 to the month's end (stages w1..w4); `--by month`
-makes one stage, m1. Train and val articles each go to their own time's stage; an article with neither
-date nor crawl date is dropped and counted.
+News is cut by time. An article's time is its `date`, or its `crawl_date` where the date is missing, unparseable or
+outside the month being cut (the track is what was crawled in September 2025, so an old article entered it when it was
+crawled), both read by format_news.parse_moment (ISO, in UTC); a time still outside the month counts as its first or
+last day. Weeks are days 1-7, 8-14, 15-21 and 22 to the month's end (w1..w4); `--by month` makes one stage, m1. Train
+and val articles each go to their own time's stage; one with neither date nor crawl date is dropped and counted.
 
-Geminon has no dates: its creatures (the QA records' geminon_idx) are sorted and cut into N contiguous
-groups of near-equal size, s1..sN, and each article goes to the earliest stage whose questions cite it
-(`supports`). An article no question cites holds no tested fact, so it only sets a stage's size: the
-uncited articles of a file are dealt out in turn (the k-th to stage k mod N + 1), keeping stages alike.
+Geminon has no dates: its creatures (the QA records' geminon_idx) are sorted and cut into N contiguous groups of
+near-equal size, s1..sN, and each article goes to the earliest stage whose questions cite it (`supports`). An article
+no question cites holds no tested fact, so it only sets a stage's size: the uncited articles of a file are dealt out
+in turn (the k-th to stage k mod N + 1), keeping stages alike.
 
-A question belongs to the stage of its earliest supporting article in train (Geminon: its creature's
-stage, so the stages' questions are disjoint groups of creatures). A question with no supporting article
-in train, none at all or only in val, is dropped and counted.
+A question belongs to the stage of its earliest supporting article in train (Geminon: its creature's stage, so the
+stages' questions are disjoint groups of creatures). A question with no supporting article in train, none at all or
+only in val, is dropped and counted.
 
-Writes data/<task>/<stage>/<file>.jsonl, the source lines as they were (News train and val then formatted
-as `cbe format-news` does, ready to train on), data/<task>/manifest.json (stages, their days or
-creatures, counts, dropped questions) and conf/task/<task>.yaml, the track's task with data.stages;
-<task> is news_weekly, news_monthly or geminon_<N>stages. The folder is replaced as a whole, and only
-when every stage has train and val articles and valqa and testqa questions. Reruns write the same bytes.
+Writes data/<task>/<stage>/<file>.jsonl, the source lines as they were (News train and val then formatted as
+`cbe format-news` does, ready to train on), data/<task>/manifest.json (stages, their days or creatures, counts,
+dropped questions) and conf/task/<task>.yaml, the track's task with data.stages; <task> is news_weekly, news_monthly
+or geminon_<N>stages. The folder is replaced as a whole, and only when every stage has train and val articles and
+valqa and testqa questions. Reruns write the same bytes.
 """
 
 from __future__ import annotations
@@ -34,14 +32,14 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
 
 from cbe.data.download import CORPUS_NAMES, load_recipe
-from cbe.data.format_news import collapse_whitespace, format_news, looks_formatted
+from cbe.data.format_news import format_news, looks_formatted, parse_moment
 from cbe.data.format_news import parse as parse_article
 from cbe.data.jsonl import QA_FIELDS, parse_record
 from cbe.errors import UserError
@@ -54,6 +52,7 @@ REQUIRED = ("train", "val", "valqa", "testqa")  # the files data.stages names pe
 MANIFEST = "manifest.json"
 
 Place = Callable[[dict[str, Any]], "int | None"]  # a record's stage index, None to drop it
+_parse_qa = functools.partial(parse_record, required=QA_FIELDS)
 
 
 @dataclass
@@ -134,18 +133,6 @@ def _task_name(track: str, by: str | None, stages: int | None, month: str | None
     if stages is None or stages < 1:
         raise UserError(f"geminon needs --stages N, the number of groups of creatures (1 or more), got {stages}")
     return f"geminon_{stages}stages", {"stages": stages}
-
-
-def parse_moment(value: Any) -> datetime | None:
-    """An ISO date or time in UTC, read as format_news.render_date reads dates; None if missing or not ISO."""
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(collapse_whitespace(value))
-        # A naive time is taken as UTC; an aware one is converted (which can overflow at year 1 or 9999).
-        return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
-    except (ValueError, OverflowError):
-        return None
 
 
 def month_stages(month: str, by: str) -> list[dict[str, Any]]:
@@ -229,34 +216,28 @@ def cut_files(
     manifest: dict[str, Any],
 ) -> None:
     """Write every stage's files into `folder` and their counts into `manifest`."""
-    stage_list, names = manifest["stages"], [s["name"] for s in manifest["stages"]]
-    for name in names:
-        (folder / name).mkdir()
+    stage_list = manifest["stages"]
+    for stage in stage_list:
+        (folder / stage["name"]).mkdir()
     in_train: dict[int, int] = {}  # each cited train article's stage
+    parse = functools.partial(_parse_article, news=track == "news")
     manifest["articles"] = {}
     for split in CORPUS_NAMES:
         counts: Counter = Counter()
         place = placer(counts)
         if split == "train":
             place = _noting(place, cited, in_train)
-        parse = functools.partial(_parse_article, news=track == "news")
-        written, _ = split_file(source / f"{split}.jsonl", folder, names, parse, place)  # drops are in counts
+        split_file(source / f"{split}.jsonl", folder, stage_list, parse, place)  # its drops are in counts
         manifest["articles"][split] = dict(sorted(counts.items()))
-        for stage, n in zip(stage_list, written):
-            stage[split] = n
-    question_stage = functools.partial(_question_stage, track, in_train, creature_stage)
-    manifest["dropped_questions"] = {}
-    for name in qa_names:
-        written, manifest["dropped_questions"][name] = split_file(
-            source / f"{name}.jsonl", folder, names, _parse_qa, question_stage
-        )
-        for stage, n in zip(stage_list, written):
-            stage[name] = n
+    question_stage = functools.partial(_question_stage, in_train, creature_stage)
+    manifest["dropped_questions"] = {
+        name: split_file(source / f"{name}.jsonl", folder, stage_list, _parse_qa, question_stage) for name in qa_names
+    }
     _refuse_empty_stages(manifest)
     if track == "news":  # ready to train on, as `cbe format-news` renders the benchmark's text
-        for name, split in itertools.product(names, CORPUS_NAMES):
-            report = format_news(folder / name / f"{split}.jsonl", folder / name / f"{split}.jsonl", overwrite=True)
-            stage = stage_list[names.index(name)]
+        for stage, split in itertools.product(stage_list, CORPUS_NAMES):
+            path = folder / stage["name"] / f"{split}.jsonl"
+            report = format_news(path, path, overwrite=True)
             stage[split], stage[f"{split}_untitled_dropped"] = report.articles, report.untitled
 
 
@@ -272,14 +253,10 @@ def _noting(place: Place, cited: set[int], in_train: dict[int, int]) -> Place:
     return noted
 
 
-def _question_stage(
-    track: str, in_train: dict[int, int], creature_stage: dict[int, int], question: dict[str, Any]
-) -> int | None:
-    """A question's stage: its earliest supporting train article's (geminon: its creature's); None if none."""
+def _question_stage(in_train: dict[int, int], creature_stage: dict[int, int], question: dict[str, Any]) -> int | None:
+    """A question's stage: its creature's (geminon), else its earliest supporting train article's; None if none."""
     stages = [in_train[s] for s in question.get("supports", []) if s in in_train]
-    if not stages:
-        return None
-    return min(stages) if track == "news" else creature_stage[question["geminon_idx"]]
+    return creature_stage.get(question.get("geminon_idx"), min(stages)) if stages else None
 
 
 def _refuse_empty_stages(manifest: dict[str, Any]) -> None:
@@ -306,12 +283,12 @@ def describe(stage: dict[str, Any]) -> str:
     return f"geminon_idx {stage['first_geminon_idx']} to {stage['last_geminon_idx']}, {stage['creatures']} creatures"
 
 
-def split_file(path: Path, folder: Path, names: list[str], parse: Callable, place: Place) -> tuple[list[int], int]:
-    """Copy each line of `path` as it is to folder/<stage>/<file> of the stage `place` gives it (None: drop it);
-    return how many lines each stage got, and how many were dropped."""
-    counts, dropped = [0] * len(names), 0
+def split_file(path: Path, folder: Path, stage_list: list[dict[str, Any]], parse: Callable, place: Place) -> int:
+    """Copy each line of `path` as it is to folder/<stage>/<file> of the stage `place` gives it (None: drop it),
+    counting each stage's lines in stage[<file's stem>]; return how many were dropped."""
+    counts, dropped = [0] * len(stage_list), 0
     with contextlib.ExitStack() as files:
-        outs = [files.enter_context((folder / name / path.name).open("wb")) for name in names]
+        outs = [files.enter_context((folder / stage["name"] / path.name).open("wb")) for stage in stage_list]
         for _, line, record in _lines(path, parse):
             stage = place(record)
             if stage is None:
@@ -319,7 +296,9 @@ def split_file(path: Path, folder: Path, names: list[str], parse: Callable, plac
                 continue
             outs[stage].write(line)
             counts[stage] += 1
-    return counts, dropped
+    for stage, n in zip(stage_list, counts):
+        stage[path.stem] = n
+    return dropped
 
 
 def scan_questions(path: Path, track: str) -> list[tuple[list[int], int | None]]:
@@ -361,14 +340,6 @@ def _parse_article(line: bytes, where: str, news: bool) -> dict[str, Any]:
     return record
 
 
-def _parse_qa(line: bytes, where: str) -> dict[str, Any]:
-    try:
-        text = line.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{where}: not valid UTF-8 (byte {e.start}); fix or remove the line") from None
-    return parse_record(text, where, QA_FIELDS)
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -407,11 +378,10 @@ def task_config_text(manifest: dict[str, Any], folder: Path) -> str:
     ]
     for stage in manifest["stages"]:
         lines.append(f"    - name: {stage['name']}  # {describe(stage)}")
-        lines += [
-            f"      {name}_path: {_yaml_str((folder / stage['name'] / f'{name}.jsonl').as_posix())}"
-            for name in REQUIRED
-        ]
+        for name in REQUIRED:
+            lines.append(f"      {name}_path: {_yaml_str((folder / stage['name'] / f'{name}.jsonl').as_posix())}")
         lines.append("      steps: null  # continual.steps_per_stage")
+    lines += ["training:", "  num_train_steps: null  # the stages' steps"]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -11,12 +12,17 @@ from omegaconf import DictConfig
 
 from cbe.backends.sampling import GREEDY, Sampling
 from cbe.data.jsonl import load_qa, strata_fields
+from cbe.data.packing import PackedRows, corpus_rows
+from cbe.eval import keys
 from cbe.eval.metrics import MATCHES, eval_loss_metrics, score_answer, summarize
+from cbe.eval.parse import question_markers as stop_strings
 from cbe.run import RunDir, is_main_process, write_jsonl_atomic
 
 
 class Model(Protocol):
     """What the evaluator needs from a backend."""
+
+    tokenizer: Any  # packs the validation corpus
 
     def generate(
         self,
@@ -36,28 +42,18 @@ def few_shot_prefix(path: str | None) -> str:
 
 
 def unescape(template: str) -> str:
-    """A prompt template with `\\n` and `\\t` as a newline and a tab: a shell cannot pass the characters themselves
-    (eval.prompt_template="Q: {question}\\nA:"), and no real template needs a literal backslash-n."""
+    """A prompt template with `\\n` and `\\t` as a newline and a tab (a shell cannot pass the characters)."""
     return template.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def stop_strings(template: str) -> list[str]:
-    """Where an answer ends besides a newline: the template's text before the question ("Q:" of
-    "Q: {question}\nA:"), which the model writes when it goes on to ask itself the next question. It ends an answer
-    only where it starts a word (cbe.backends.base.answer_ended): "FAQ:" does not end one."""
-    marker = template.split("{question}")[0].strip()
-    return [marker] if marker else []
-
-
 def qa_paths(data: DictConfig, qa_data: str | None, retention_qa_path: str | None = None) -> dict[str, str]:
-    """Name -> file of every QA set evaluated: the task's (valqa and testqa, or <stage>_valqa and <stage>_testqa of
-    every stage of a continual run, the extra sets, the retention set), or qa_data alone."""
+    """Name -> file of each QA set evaluated: the task's (or each stage's), the extra and retention sets; or qa_data."""
     if qa_data:
         return {Path(qa_data).stem: qa_data}
-    sets = {"valqa": data.valqa_path, "testqa": data.testqa_path}
+    sets = {kind: data[f"{kind}_path"] for kind in keys.KINDS}
     if data.get("stages"):
-        sets = {f"{s.name}_{kind}": s[f"{kind}_path"] for s in data.stages for kind in ("valqa", "testqa")}
-    return {**sets, **data.extra_qa_paths, **({"retention": retention_qa_path} if retention_qa_path else {})}
+        sets = {keys.of_stage(s.name, kind): s[f"{kind}_path"] for s in data.stages for kind in keys.KINDS}
+    return {**sets, **data.extra_qa_paths, **({keys.RETENTION: retention_qa_path} if retention_qa_path else {})}
 
 
 class QAEvaluator:
@@ -86,7 +82,7 @@ class QAEvaluator:
         top_p: float = 1.0,
         seed: int = 0,
     ):
-        self.run = run
+        self.run, self.data = run, data
         self.sampling = Sampling(float(temperature), int(top_k), float(top_p), int(seed))  # temperature 0: greedy
         self.prompt_template = unescape(prompt_template)
         self.stop_strings = stop_strings(self.prompt_template)
@@ -97,6 +93,7 @@ class QAEvaluator:
         self.num_examples = num_examples
         self.loss_batch_size, self.loss_max_batches = loss_batch_size, loss_max_batches
         self.loss_data = data.val_path if loss else None  # the corpus eval_loss is measured on
+        self.val_rows: PackedRows | None = None  # packed at the first evaluation
         self.qa_sets = {
             name: load_qa(path)[:max_questions] for name, path in qa_paths(data, qa_data, retention_qa_path).items()
         }
@@ -105,12 +102,11 @@ class QAEvaluator:
         self.last_details: dict[str, list[dict[str, Any]]] = {}
 
     def prompt(self, record: dict[str, Any]) -> str:
+        """What the model is asked for a QA record: the few-shot prefix, then the template with its question."""
         return self.prefix + self.prompt_template.format(question=record["question"])
 
     def score(self, records: Sequence[dict[str, Any]], raw_predictions: Sequence[str]) -> list[dict[str, Any]]:
-        """One details record per question: what scoring, judging and strata need (question, gold, supports, the
-        record's ids, the prompt, the raw and parsed answer, the scores), never the whole QA record, whose
-        other fields (news's closedbook_*/openbook_*) would make every evaluation hundreds of MB."""
+        """One details record per question: what scoring, judging and strata need, never the whole (large) QA record."""
         details = []
         for record, raw in zip(records, raw_predictions):
             details.append(
@@ -120,16 +116,20 @@ class QAEvaluator:
                     **strata_fields(record),
                     "prompt": self.prompt(record),
                     "raw_prediction": raw,
-                    **score_answer(raw, record["answer"], self.parser, record["question"]),
+                    **score_answer(raw, record["answer"], self.parser, record["question"], self.stop_strings),
                 }
             )
         return details
 
-    def evaluate(self, model: Model, step: int, val_rows: Any) -> dict[str, Any]:
-        """eval_loss on the validation rows and every QA metric, as one flat dict for the loggers."""
+    def evaluate(self, model: Model, step: int) -> dict[str, Any]:
+        """eval_loss on the validation corpus and every QA metric, as one flat dict for the loggers."""
         metrics: dict[str, Any] = {"step": step, "timestamp": time.time(), "eval_loss": None}
         if self.loss_data:
-            metrics |= self.loss_metrics(model, val_rows)
+            if self.val_rows is None:  # tokenized (cached) and laid out as data.packing says, its layout printed
+                d = self.data
+                self.val_rows = corpus_rows(self.loss_data, model.tokenizer, d.sequence_length, d.cache_dir, d.packing)
+                print(self.val_rows.describe("val"), flush=True)
+            metrics |= self.loss_metrics(model, self.val_rows)
         metrics["eval_loss_data"] = self.loss_data
         if not self.prompt_shown and is_main_process():
             name, records = next(((n, r) for n, r in self.qa_sets.items() if r), ("", []))
@@ -147,7 +147,7 @@ class QAEvaluator:
             details = self.last_details[name] = self.score(records, raw)
             if is_main_process():
                 write_jsonl_atomic(self.run.details_path(name, step), details)
-            metrics |= summarize(details, self.support_thresholds, prefix=f"{name}_")
+            metrics |= summarize(details, self.support_thresholds, qa_set=name)
         if self.save_details and is_main_process():
             write_jsonl_atomic(
                 self.save_details,
@@ -156,16 +156,14 @@ class QAEvaluator:
         return metrics
 
     def loss_metrics(self, model: Model, rows: Any) -> dict[str, float]:
-        """eval_loss and its companions over batches of eval.loss_batch_size rows in file order (the first
-        eval.loss_max_batches of them where set): the same batches on every backend and for any number of ranks."""
+        """eval_loss and its companions, eval.loss_batch_size rows a batch in file order, alike on every backend."""
         size = self.loss_batch_size
         batches = [np.arange(s, min(s + size, len(rows))) for s in range(0, len(rows), size)][: self.loss_max_batches]
         sums = model.loss_sums(rows, batches)
         return eval_loss_metrics(sums, np.array([len(b) for b in batches]), rows.one_document_per_row)
 
     def report(self, metrics: dict[str, Any]) -> str:
-        """A table of every set's metrics with 95% CIs, then eval.num_examples predictions per set marked exact,
-        substring, fuzzy or wrong."""
+        """A table of every set's metrics with 95% CIs, then eval.num_examples predictions per set, marked."""
 
         def ci(bounds):
             return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
@@ -183,11 +181,11 @@ class QAEvaluator:
             + f"{'f1':>8}",
         ]
         for name in self.qa_sets:
-            n = metrics[f"{name}_n"]
+            n, key = metrics[keys.metric_key(name, "n")], partial(keys.metric_key, name)
             row = f"{name:<{width}}{n:>6}"
             if n:
-                row += "".join(f"{metrics[f'{name}_{m}']:>8.3f}{ci(metrics[f'{name}_{m}_ci95']):>16}" for m in MATCHES)
-                row += f"{metrics[f'{name}_token_f1']:>8.3f}"
+                row += "".join(f"{metrics[key(m)]:>8.3f}{ci(metrics[keys.ci95(key(m))]):>16}" for m in MATCHES)
+                row += f"{metrics[key('token_f1')]:>8.3f}"
             lines.append(row)
         for name, details in self.last_details.items():
             for d in details[: self.num_examples]:

@@ -3,15 +3,13 @@ credits paraphrases and more specific answers that exact, substring and fuzzy ma
 
 Each record is judged by its index in the input. Verdicts are appended to `<name>_llm_judged.jsonl` as they
 arrive (completion order, one flushed line each, so a kill loses only the records in flight); at the end the
-file is rewritten in input order and `<name>_summary.jsonl` is written, both atomically: one line for all
-records, one per support threshold k (supports >= k) and one per value of each stratify field. `resume` keeps
-the records already judged and asks again for the rest, errors included. A record the judge could not score is
-kept with `llm_judge_error`, never counted as a 0.
+file is rewritten in input order and `<name>_summary.jsonl` (summarize_judged) is written, both atomically.
+`resume` keeps the records already judged and asks again for the rest, errors included. A record the judge
+could not score is kept with `llm_judge_error`, never counted as a 0.
 
-What is judged: the parsed answer (`parsed_prediction`, the default) or the raw generation (`raw_prediction`,
-`response_field="raw"`), asked with the built-in RUBRIC or a prompt template of the user's (placeholders
-{question}, {ground_truth} and {prediction}). A details file that sits in a run's eval_details/ takes its QA
-file (for supports and ids) and its support thresholds from the run's config.yaml unless they are given.
+What is judged: the parsed answer (the default) or the raw generation, asked with the built-in RUBRIC or the
+user's --prompt-file. A file in a run's eval_details/ takes its QA file (for supports and ids) and its support
+thresholds from the run's config.yaml unless they are given.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -66,8 +64,7 @@ class JudgeError(Exception):
 
 
 def load_keys(keys_file: str | None) -> list[str]:
-    """API keys: one per line of `keys_file` (default secrets/gemini_keys.txt, if present), else the
-    GEMINI_API_KEY or GOOGLE_API_KEY variable."""
+    """API keys: one per line of `keys_file` (or of DEFAULT_KEYS_FILE, if present), else from KEY_VARIABLES."""
     path = Path(keys_file or DEFAULT_KEYS_FILE)
     if keys_file and not path.is_file():
         raise UserError(f"{path}: no such keys file; put one Gemini API key per line in it")
@@ -86,31 +83,20 @@ def load_keys(keys_file: str | None) -> list[str]:
     )
 
 
-def one_line_text(value: Any) -> str:
-    return " ".join(str(value).split())
-
-
 def prediction_of(record: dict[str, Any]) -> str:
     """What the metrics scored: the parsed prediction, or the raw one for files without it."""
     return record.get("parsed_prediction", record.get("raw_prediction"))
 
 
-def response_of(record: dict[str, Any], response_field: str = "parsed") -> str:
-    """What the judge is asked about: the parsed prediction (as the metrics) or the raw generation."""
-    return record["raw_prediction"] if response_field == "raw" else prediction_of(record)
-
-
 def judge_prompt(record: dict[str, Any], template: str = RUBRIC, response_field: str = "parsed") -> str:
-    return template.format(
-        question=one_line_text(record["question"]),
-        ground_truth=one_line_text(record["ground_truth"]),
-        prediction=one_line_text(response_of(record, response_field)),
-    )
+    """The prompt that asks the judge about one record: `template` with the record's fields on one line each."""
+    response = record["raw_prediction"] if response_field == "raw" else prediction_of(record)
+    fields = {"question": record["question"], "ground_truth": record["ground_truth"], "prediction": response}
+    return template.format(**{name: " ".join(str(value).split()) for name, value in fields.items()})
 
 
 def _fields(template: str) -> list[str]:
-    """The placeholder names of a str.format template, those inside format specs included; ValueError if it is
-    malformed (a lone brace)."""
+    """The placeholder names of a str.format template, nested specs' included; ValueError for a lone brace."""
     names = []
     for _, name, spec, _ in string.Formatter().parse(template):
         if name is not None:
@@ -122,8 +108,7 @@ def _fields(template: str) -> list[str]:
 
 def load_prompt_template(path: str | Path) -> tuple[str, str]:
     """A judge prompt template file and its id for the judged records (`sha256:<12 hex digits>` of its text);
-    UserError, one line, for a missing or unreadable file, a malformed template, an unknown placeholder, or no
-    {prediction}."""
+    UserError, one line, if it is missing, unreadable or malformed, or has an unknown placeholder or no {prediction}."""
     path = Path(path)
     where = f"--prompt-file {path}"
     usage = "the placeholders are {question}, {ground_truth} and {prediction}; write {{ and }} for a literal brace"
@@ -220,6 +205,7 @@ class GeminiJudge:
         raise JudgeError(self.redact(f"gave up after {self.max_attempts} attempts: {problem}"))
 
     def close(self) -> None:
+        """Close every key's client."""
         for client in self._clients:
             client.close()
 
@@ -234,15 +220,11 @@ def output_paths(input_path: Path, output_dir: str | Path | None) -> tuple[Path,
 def load_judge_input(
     path: Path, qa: str | Path | None = None, stratify: Sequence[str] = (), response_field: str = "parsed"
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The records to judge (question, ground_truth and a parsed_prediction or raw_prediction string; a
-    raw_prediction string for response_field "raw"), with the supports and ids of their questions in the QA file
-    `qa` when given, and notes for the user."""
-    records = load_details(
-        path,
-        "judge",
-        predictions=("raw_prediction",) if response_field == "raw" else ("parsed_prediction", "raw_prediction"),
-        required={"question": (str,), "ground_truth": (str, int, float)},
-    )
+    """The records to judge (question, ground_truth, and a raw_prediction string or, unless response_field is "raw",
+    a parsed_prediction one), with the supports and ids of the QA file `qa` when given, and notes for the user."""
+    predictions = ("raw_prediction",) if response_field == "raw" else ("parsed_prediction", "raw_prediction")
+    required = {"question": (str,), "ground_truth": (str, int, float)}
+    records = load_details(path, "judge", predictions=predictions, required=required)
     notes = []
     if qa:
         records, note = join_qa(records, qa, path)
@@ -267,11 +249,8 @@ def read_judged(path: Path, records: Sequence[dict[str, Any]]) -> dict[int, dict
                 break
             raise UserError(f"{path}:{number}: malformed JSON; delete the file to judge from scratch")
         index = record.get("index")
-        if (
-            not isinstance(index, int)
-            or not 0 <= index < len(records)
-            or record.get("question") != records[index]["question"]
-        ):
+        known = isinstance(index, int) and 0 <= index < len(records)
+        if not known or record.get("question") != records[index]["question"]:
             raise UserError(
                 f"{path}:{number}: does not match the input record {index}; it was judged from "
                 f"another file: delete it or pick another --output-dir"
@@ -284,19 +263,10 @@ def read_judged(path: Path, records: Sequence[dict[str, Any]]) -> dict[int, dict
 DETAILS_NAME = re.compile(r"(?P<qa_set>.+)_step_\d+")  # RunDir.details_path's <set>_step_<NNNNNN>
 
 
-def run_of(input_path: str | Path) -> RunDir | None:
-    """The run a details file belongs to: it sits in the eval_details/ of a dir that holds a config.yaml (a
-    training run's or a mode=eval run's, cbe.run.RunDir), else None."""
-    folder = Path(input_path).resolve().parent
-    run = RunDir(folder.parent)
-    return run if run.eval_details == folder and (run.root / "config.yaml").is_file() else None
-
-
 def _started_in(run: RunDir) -> Path | None:
-    """The dir the run was started from (Hydra's .hydra/hydra.yaml), against which its config's relative paths
-    resolve; None where that record is missing."""
+    """The dir the run started in (Hydra's .hydra/hydra.yaml, else None), which its config's paths resolve against."""
     try:
-        return Path(yaml.safe_load((run.root / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["cwd"])
+        return Path(yaml.safe_load(run.hydra_config.read_text())["hydra"]["runtime"]["cwd"])
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
 
@@ -313,9 +283,8 @@ def _configured_qa(run: RunDir, config: dict[str, Any], input_path: Path) -> tup
         return None, f"{input_path.name} is not named <set>_step_<N>.jsonl, so its QA set is not known"
     qa_set = match["qa_set"]
     try:
-        data, evaluation = config["data"], config.get("eval") or {}
         retention = (config.get("continual") or {}).get("retention_qa_path")
-        paths = qa_paths(OmegaConf.create(data), evaluation.get("qa_data"), retention)
+        paths = qa_paths(OmegaConf.create(config["data"]), (config.get("eval") or {}).get("qa_data"), retention)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None, "it has no data section naming the QA files"
     if qa_set not in paths:
@@ -332,20 +301,19 @@ def _configured_qa(run: RunDir, config: dict[str, Any], input_path: Path) -> tup
 def judge_settings(
     input_path: str | Path, qa: str | Path | None, support_thresholds: Sequence[int] | None
 ) -> tuple[dict[str, Any], str | None]:
-    """The QA file and support thresholds to judge with, and where each came from: the flag where given (None
-    means not given), else, for a details file of a run, the run's config.yaml, else none. Returns them as the
-    summary records them (qa, qa_from, support_thresholds, support_thresholds_from) and, for a file of a run, a
-    note saying which were used."""
+    """The QA file and support thresholds to judge with and where each came from: the flag where given (None: not
+    given), else the run's config.yaml for a details file of a run, else none; as the summary records them (qa,
+    qa_from, support_thresholds, support_thresholds_from), with a note on them for a file of a run."""
     used: dict[str, Any] = {
         "qa": str(qa) if qa else None,
         "qa_from": "--qa" if qa else None,
         "support_thresholds": list(support_thresholds or []),
         "support_thresholds_from": None if support_thresholds is None else "--support-thresholds",
     }
-    run = run_of(input_path)
+    run = RunDir.of_details(input_path)
     if run is None:
         return used, None
-    config_path = run.root / "config.yaml"
+    config_path = run.config
     problems = []
     if not qa or support_thresholds is None:
         try:
@@ -370,17 +338,14 @@ def judge_settings(
                 )
             used |= {"support_thresholds": configured, "support_thresholds_from": str(config_path)}
     thresholds = " ".join(map(str, used["support_thresholds"])) or "none"
-    said = [
-        f"QA file {used['qa']} from {used['qa_from']}" if used["qa"] else "no QA file",
-        f"support thresholds {thresholds} from {used['support_thresholds_from']}",
-    ]
-    return used, "; ".join(said + problems)
+    said = f"QA file {used['qa']} from {used['qa_from']}" if used["qa"] else "no QA file"
+    said += f"; support thresholds {thresholds} from {used['support_thresholds_from']}"
+    return used, "; ".join([said, *problems])
 
 
 # -- summary ------------------------------------------------------------------------------------------
 def _match(record: dict[str, Any], name: str) -> bool:
-    """A yes/no metric as the details file has it (computed for files without it, e.g. substring_match in
-    files older than it)."""
+    """A yes/no metric as the details file has it, computed where it lacks it (e.g. substring_match in older files)."""
     if name in record:
         return bool(record[name])
     return METRICS[name](prediction_of(record), str(record["ground_truth"]))
@@ -393,8 +358,7 @@ def _stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["llm_match"] = sum(llm) / len(llm) if llm else None
     out["llm_match_ci95"] = bootstrap_ci95(llm)
     matches = {name: [_match(r, name) for r in scored] for name in MATCHES}  # exact, substring, fuzzy
-    for name, values in matches.items():
-        out[name] = sum(values) / len(values) if values else None
+    out |= {name: sum(values) / len(values) if values else None for name, values in matches.items()}
     # Flips: records whose verdict the judge changes, relative to each string metric (over judged records).
     for name, values in matches.items():
         short = name.removesuffix("_match")
@@ -430,19 +394,11 @@ def summarize_judged(
 
 
 # -- the run ------------------------------------------------------------------------------------------
-VERDICT_FIELDS = (
-    "index",
-    "judge_model",
-    "judge_response_field",
-    "judge_prompt",
-    "llm_match",
-    "llm_judge_answer",
-    "llm_judge_error",
-)
 # What a verdict was asked with, which a resume must share (the values files of older versions imply), and the
 # option that sets each.
 SETUP_DEFAULTS = {"judge_model": None, "judge_response_field": "parsed", "judge_prompt": BUILT_IN_PROMPT}
 SETUP_OPTIONS = {"judge_model": "--model", "judge_response_field": "--response-field", "judge_prompt": "--prompt-file"}
+VERDICT_FIELDS = ("index", *SETUP_DEFAULTS, "llm_match", "llm_judge_answer", "llm_judge_error")
 
 
 @dataclass
@@ -475,6 +431,30 @@ def earlier_verdicts(
     return done
 
 
+def append_verdicts(path: Path, judge_one: Callable[[int], dict], pending: Sequence[int], concurrency: int, done: dict):
+    """Judge the `pending` records (`judge_one` on `concurrency` threads), appending each verdict to `path` as it
+    arrives (flushed: a kill loses only the records in flight) and putting it in `done` by its index."""
+    from tqdm import tqdm
+
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            futures = [pool.submit(judge_one, i) for i in pending]
+            for future in tqdm(as_completed(futures), total=len(futures), desc="judging", unit="record"):
+                record = future.result()
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()  # on disk for a resume even if this process is killed next
+                done[record["index"]] = record
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, ask nothing more
+
+
+def merged_verdicts(records: Sequence[dict], done: dict[int, dict], setup: dict[str, str]) -> list[dict[str, Any]]:
+    """Every verdict in input order, with this run's record fields (e.g. the supports a --qa join added) and the
+    setup that earlier_verdicts found they share (which files of older versions do not name)."""
+    return [{**records[i], **setup, **{k: done[i][k] for k in VERDICT_FIELDS if k in done[i]}} for i in sorted(done)]
+
+
 def judge_file(
     input_path: str | Path,
     judge: GeminiJudge,
@@ -489,11 +469,8 @@ def judge_file(
     prompt_file: str | Path | None = None,
 ) -> JudgeReport:
     """Judge the records of an eval_details file (the first `max_records` of them) and write the judged records
-    and their summary. The judged file keeps every verdict it has, also those of records past `max_records`.
-    `qa` and `support_thresholds` left None come from the run's config.yaml for a file of a run (judge_settings);
-    `response_field` is "parsed" or "raw"; `prompt_file` replaces the built-in RUBRIC (load_prompt_template)."""
-    from tqdm import tqdm
-
+    (every verdict the file has, past `max_records` too) and their summary. `qa` and `support_thresholds` left None
+    come from the run's config.yaml for a file of a run (judge_settings)."""
     if response_field not in RESPONSE_FIELDS:
         raise UserError(f"--response-field {response_field}: pick one of {', '.join(RESPONSE_FIELDS)}")
     template, prompt_id = load_prompt_template(prompt_file) if prompt_file else (RUBRIC, BUILT_IN_PROMPT)
@@ -508,33 +485,18 @@ def judge_file(
     # Keep only the finished verdicts (drops old errors and a torn last line) before appending to the file.
     write_jsonl_atomic(judged_path, [done[i] for i in sorted(done)])
     resumed = sum(i in done for i in scope)
-    pending = [i for i in scope if i not in done]
 
     def judge_one(index: int) -> dict[str, Any]:
         out = {**records[index], "index": index, **setup}
+        prompt = judge_prompt(records[index], template, response_field)
         try:
-            out["llm_match"], out["llm_judge_answer"] = judge.verdict(
-                judge_prompt(records[index], template, response_field)
-            )
+            out["llm_match"], out["llm_judge_answer"] = judge.verdict(prompt)
         except JudgeError as e:
             out["llm_match"], out["llm_judge_answer"], out["llm_judge_error"] = None, None, str(e)
         return out
 
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
-    try:
-        with judged_path.open("a", encoding="utf-8") as f:
-            futures = [pool.submit(judge_one, i) for i in pending]
-            for future in tqdm(as_completed(futures), total=len(futures), desc="judging", unit="record"):
-                record = future.result()
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                f.flush()  # on disk for a resume even if this process is killed next
-                done[record["index"]] = record
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, ask nothing more
-
-    # Verdicts of an earlier run get this run's record fields (e.g. the supports a --qa join added), and the setup
-    # that earlier_verdicts found they share (which files of older versions do not name).
-    final = [{**records[i], **setup, **{k: done[i][k] for k in VERDICT_FIELDS if k in done[i]}} for i in sorted(done)]
+    append_verdicts(judged_path, judge_one, [i for i in scope if i not in done], concurrency, done)
+    final = merged_verdicts(records, done, setup)
     write_jsonl_atomic(judged_path, final)
     summary = summarize_judged([r for r in final if r["index"] in scope], stratify, thresholds)
     summary[0] |= {

@@ -1,11 +1,7 @@
 """QA metrics, pure functions over strings, stratified by support.
 
-- exact_match: the benchmark's rule (trimmed, lowercased, trailing periods stripped from both, then equal).
-- substring_match: the benchmark's fuzzy rule (the gold, normalized as for exact match, is a substring of
-  the prediction, or the two match exactly). It is wrong on numbers ("49" is in "149"), so it is reported
-  beside ours rather than instead of it.
-- fuzzy_match: ours; the SQuAD-normalized gold occurs in the normalized prediction as whole words.
-- token_f1: SQuAD token F1.
+exact_match is the benchmark's rule, substring_match its fuzzy rule. That one is wrong on numbers ("49" is in "149"),
+so our fuzzy_match (the gold's whole words, SQuAD-normalized) is reported beside it rather than instead of it.
 """
 
 from __future__ import annotations
@@ -19,7 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from cbe.data.jsonl import support_count
-from cbe.eval.parse import PARSERS
+from cbe.eval import keys
+from cbe.eval.parse import DEFAULT_MARKERS, PARSERS
 
 _PUNCTUATION = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -68,12 +65,7 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-METRICS = {
-    "exact_match": exact_match,
-    "substring_match": substring_match,
-    "fuzzy_match": fuzzy_match,
-    "token_f1": token_f1,
-}
+METRICS = {metric.__name__: metric for metric in (exact_match, substring_match, fuzzy_match, token_f1)}
 MATCHES = ("exact_match", "substring_match", "fuzzy_match")  # the yes/no metrics, reported with 95% CIs
 
 
@@ -82,10 +74,11 @@ def gold_types(gold: str) -> list[str]:
     return [part.strip() for part in re.split(r"\band\b", str(gold), flags=re.IGNORECASE) if part.strip()]
 
 
-def score_answer(raw_prediction: str, gold: str, parser: str = "default", question: str = "") -> dict[str, Any]:
-    """The parsed prediction and every metric for one question. Under the finegrained_geminon parser a question
-    about "types of" something matches when every type of the gold is in the prediction, in any order."""
-    parsed = PARSERS[parser](raw_prediction)
+def score_answer(
+    raw: str, gold: str, parser: str = "default", question: str = "", markers: Sequence[str] = DEFAULT_MARKERS
+) -> dict[str, Any]:
+    """The parsed prediction (cut at the template's question `markers`) and every metric for one question."""
+    parsed = PARSERS[parser](raw, markers)
     scores = {name: metric(parsed, gold) for name, metric in METRICS.items()}
     if parser == "finegrained_geminon" and "types of" in question.lower():
         types = gold_types(gold)
@@ -124,21 +117,20 @@ def bootstrap_ci95(values: Sequence[float], resamples: int = 1000, seed: int = 0
 
 
 def summarize(
-    details: Sequence[dict[str, Any]], support_thresholds: Sequence[int] = (), prefix: str = ""
+    details: Sequence[dict[str, Any]], support_thresholds: Sequence[int] = (), qa_set: str | None = None
 ) -> dict[str, Any]:
-    """Mean of each metric over scored records, with 95% CIs for the matches, overall and for
-    records with supports >= k. Keys are `<prefix><metric>`, e.g. prefix "valqa_" gives valqa_exact_match."""
+    """Mean of each metric, CIs for the matches, over all records and those of supports >= k, keyed by cbe.eval.keys."""
 
-    def means(records, suffix=""):
-        out: dict[str, Any] = {f"{prefix}n{suffix}": len(records)}
+    def means(records, k=None):
+        out: dict[str, Any] = {keys.metric_key(qa_set, "n", k): len(records)}
         for name in METRICS:
-            values = [float(r[name]) for r in records]
-            out[f"{prefix}{name}{suffix}"] = sum(values) / len(values) if values else None
+            values, key = [float(r[name]) for r in records], keys.metric_key(qa_set, name, k)
+            out[key] = sum(values) / len(values) if values else None
             if name in MATCHES:
-                out[f"{prefix}{name}{suffix}_ci95"] = bootstrap_ci95(values)
+                out[keys.ci95(key)] = bootstrap_ci95(values)
         return out
 
     metrics = means(details)
     for k in support_thresholds:
-        metrics |= means([r for r in details if support_count(r) >= k], f"_supports_ge_{k}")
+        metrics |= means([r for r in details if support_count(r) >= k], k)
     return metrics

@@ -5,7 +5,14 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
-QUESTION_MARKER = "Q:"
+
+def question_markers(template: str) -> list[str]:
+    """Where an answer ends: the template's text before the question ("Q:" of "Q: {question}\\nA:"), if any."""
+    marker = template.split("{question}")[0].strip()
+    return [marker] if marker else []
+
+
+DEFAULT_MARKERS = question_markers("Q: {question}\nA:")  # those of eval.prompt_template's default (cbe.config)
 
 
 def marker_at_word_start(markers: Sequence[str]) -> re.Pattern[str]:
@@ -14,24 +21,22 @@ def marker_at_word_start(markers: Sequence[str]) -> re.Pattern[str]:
     return re.compile("|".join(rf"(?<!\S){re.escape(m)}" for m in markers if m) or r"(?!)")  # none: no match
 
 
-def cut_at_marker(text: str, markers: Sequence[str] = (QUESTION_MARKER,)) -> str:
+def cut_at_marker(text: str, markers: Sequence[str] = DEFAULT_MARKERS) -> str:
     """The text before the first marker that starts a word (all of it where none does)."""
     match = marker_at_word_start(markers).search(text)
     return text[: match.start()] if match else text
 
 
-def parse_answer(raw: str) -> str:
-    """Cut at a re-emitted question ("Q:" where it starts a word: not in "FAQ:"), keep the first non-empty line,
-    strip spaces and one trailing period."""
-    text = cut_at_marker(raw)
+def parse_answer(raw: str, markers: Sequence[str] = DEFAULT_MARKERS) -> str:
+    """Cut at a re-emitted question (a marker starting a word), keep the first non-empty line, strip one period."""
+    text = cut_at_marker(raw, markers)
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return line[:-1].rstrip() if line.endswith(".") else line
 
 
-# One parser per task, chosen by eval.parser. The tracks share the answer convention; finegrained_geminon
-# also scores "types of" questions type by type (cbe.eval.metrics.score_answer), as the benchmark's parser
-# of that name does.
-PARSERS: dict[str, Callable[[str], str]] = {
+# One parser per task, chosen by eval.parser, given a raw answer and the template's question markers. The tracks share
+# the answer convention; finegrained_geminon also scores "types of" questions type by type (score_answer).
+PARSERS: dict[str, Callable[[str, Sequence[str]], str]] = {
     "default": parse_answer,
     "news": parse_answer,
     "geminon": parse_answer,

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from cbe.eval import keys
 from cbe.run import RunDir, is_main_process, write_atomic
 
 
@@ -54,15 +55,14 @@ class WandbLogger:
         import wandb
         import yaml
 
-        config = yaml.safe_load((run.root / "config.yaml").read_text())
+        config = yaml.safe_load(run.config.read_text())
         self._run = wandb.init(
             project=project, name=name, id=self.run_id(run, name), resume="allow", dir=str(run.logs), config=config
         )
 
     @staticmethod
     def run_id(run: RunDir, name: str) -> str:
-        """The run dir's W&B id, made once and kept in logs/wandb_run_id: a resumed run continues the same W&B
-        run, while two run dirs with one run_name (the jobs of a sweep) stay apart."""
+        """The run dir's W&B id, kept in logs/wandb_run_id: a resumed run continues it, a sweep's jobs stay apart."""
         path = run.logs / "wandb_run_id"
         if not path.exists():
             slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:48]
@@ -92,11 +92,11 @@ def format_eval_line(metrics: dict[str, Any]) -> str:
     if metrics.get("eval_loss") is not None and not math.isnan(metrics["eval_loss"]):
         parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
     for key, value in metrics.items():
-        if key.endswith("_exact_match") and value is not None:
-            qa_set = key[: -len("_exact_match")]
+        qa_set = (keys.split(key, ["exact_match"]) or [None])[0]
+        if qa_set and value is not None:
             parts.append(
-                f"{qa_set} exact {value:.3f} substring {metrics[qa_set + '_substring_match']:.3f} "
-                f"fuzzy {metrics[qa_set + '_fuzzy_match']:.3f}"
+                f"{qa_set} exact {value:.3f} substring {metrics[keys.metric_key(qa_set, 'substring_match')]:.3f} "
+                f"fuzzy {metrics[keys.metric_key(qa_set, 'fuzzy_match')]:.3f}"
             )
     return "eval | " + " | ".join(parts)
 
@@ -109,19 +109,19 @@ class Loggers:
         self.loggers = loggers
 
     def train(self, step: int, values: dict[str, Any]) -> None:
-        if not is_main_process():
-            return
-        _console(format_train_line(values))
-        for logger in self.loggers:
-            logger.scalars(step, {f"train/{k}": v for k, v in values.items()})
+        """A train line: to the console and the loggers (train/<key>)."""
+        if is_main_process():
+            _console(format_train_line(values))
+            for logger in self.loggers:
+                logger.scalars(step, {f"train/{k}": v for k, v in values.items()})
 
     def eval(self, metrics: dict[str, Any]) -> None:
-        if not is_main_process():
-            return
-        self.run.append_eval_result(metrics)
-        _console(format_eval_line(metrics))
-        for logger in self.loggers:
-            logger.scalars(metrics["step"], {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
+        """An evaluation: to eval_results.jsonl, the console and the loggers (eval/<key>)."""
+        if is_main_process():
+            self.run.append_eval_result(metrics)
+            _console(format_eval_line(metrics))
+            for logger in self.loggers:
+                logger.scalars(metrics["step"], {f"eval/{k}": v for k, v in metrics.items() if k != "step"})
 
     def close(self) -> None:
         for logger in self.loggers:

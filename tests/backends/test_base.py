@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from cbe.backends.base import NewlineStop, answer_ended
 from cbe.backends.hf.generate import AnswerEnds, NewlineStopCriteria
 from cbe.eval.parse import parse_answer
-from cbe.loop import lr_multiplier
+from cbe.plan import lr_multiplier
 from tests.conftest import ROOT
 
 

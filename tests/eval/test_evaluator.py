@@ -5,14 +5,18 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import cbe.eval.evaluator
+from cbe import cli
 from cbe.backends.sampling import GREEDY, Sampling
-from cbe.config import validate
+from cbe.config import EvalConfig, validate
 from cbe.data.jsonl import load_qa
 from cbe.data.packing import document_rows
 from cbe.eval.evaluator import QAEvaluator, stop_strings, unescape
+from cbe.eval.parse import DEFAULT_MARKERS
 from cbe.run import RunDir, read_jsonl
 from tests.conftest import ROOT
 from tests.test_config import compose_config
@@ -34,6 +38,8 @@ class ScriptedModel:
     """Answers each prompt from a table keyed by the question, and records the prompts it was given: the evaluator,
     not a model, is under test."""
 
+    tokenizer = "the model's tokenizer"
+
     def __init__(self, answers):
         self.answers, self.prompts, self.stop_strings, self.sampling = answers, [], None, None
 
@@ -53,6 +59,19 @@ class ScriptedModel:
 
 # The validation rows an evaluation measures eval_loss on: 3 documents, one batch of eval.loss_batch_size.
 VAL_ROWS = document_rows([np.array([2, 10, 11, 1]), np.array([2, 12, 1]), np.array([2, 1])], 8, 0)
+
+
+@pytest.fixture(autouse=True)
+def packed(monkeypatch):
+    """data.val_path packs as VAL_ROWS; the list of what the evaluator packed, with which tokenizer."""
+    packed = []
+
+    def corpus_rows(path, tokenizer, length, cache_dir, packing):
+        packed.append((path, tokenizer))
+        return VAL_ROWS
+
+    monkeypatch.setattr(cbe.eval.evaluator, "corpus_rows", corpus_rows)
+    return packed
 
 
 @pytest.fixture
@@ -99,6 +118,9 @@ def evaluator(tmp_path, prefix, **overrides):
             "valqa_path": str(tmp_path / "valqa.jsonl"),
             "testqa_path": str(tmp_path / "testqa.jsonl"),
             "extra_qa_paths": {},
+            "sequence_length": 8,
+            "cache_dir": str(tmp_path / "cache"),
+            "packing": False,
         }
     )
     options = dict(
@@ -120,11 +142,11 @@ def test_prompts_put_the_prefix_before_the_question_with_a_blank_line(news_like)
     model = ScriptedModel(
         {"Who won?": " Ada Lovelace\n", "Which year?": "\n1843\n", "What types of moves?": " Ice and Fire"}
     )
-    metrics = evaluator(tmp_path, prefix).evaluate(model, 0, VAL_ROWS)
+    metrics = evaluator(tmp_path, prefix).evaluate(model, 0)
     assert model.prompts[0] == "Answer briefly.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n\nQ: Who won?\nA:"
     assert metrics["valqa_exact_match"] == 1.0 and metrics["testqa_fuzzy_match"] == 1.0
     zero_shot = ScriptedModel(model.answers)
-    evaluator(tmp_path, None, prompt_prefix_file=None).evaluate(zero_shot, 0, VAL_ROWS)
+    evaluator(tmp_path, None, prompt_prefix_file=None).evaluate(zero_shot, 0)
     assert zero_shot.prompts[0] == "Q: Who won?\nA:"
 
 
@@ -133,7 +155,7 @@ def test_details_keep_what_scoring_needs_and_not_the_whole_record(news_like):
     model = ScriptedModel(
         {"Who won?": " Ada Lovelace won\n", "Which year?": "", "What types of moves?": " Ice and Fire"}
     )
-    evaluator(tmp_path, prefix).evaluate(model, 5, VAL_ROWS)
+    evaluator(tmp_path, prefix).evaluate(model, 5)
     news = read_jsonl(tmp_path / "run" / "eval_details" / "valqa_step_000005.jsonl")
     assert set(news[0]) == {
         "question",
@@ -159,11 +181,11 @@ def test_num_examples_prints_that_many_predictions_and_max_questions_limits_the_
     tmp_path, prefix = news_like
     model = ScriptedModel({"Who won?": " Ada Lovelace\n", "Which year?": "1843", "What types of moves?": "Ice"})
     ev = evaluator(tmp_path, prefix, num_examples=2, max_questions=1)
-    report = ev.report(ev.evaluate(model, 0, VAL_ROWS))
+    report = ev.report(ev.evaluate(model, 0))
     assert ev.qa_sets["valqa"] == ev.qa_sets["valqa"][:1] and len(model.prompts) == 2
     assert re.findall(r"^\[(\w+)\] (\w+):", report, re.M) == [("exact", "valqa"), ("wrong", "testqa")]
     silent = evaluator(tmp_path, prefix, num_examples=0)
-    assert not re.findall(r"^\[", silent.report(silent.evaluate(model, 0, VAL_ROWS)), re.M)
+    assert not re.findall(r"^\[", silent.report(silent.evaluate(model, 0)), re.M)
 
 
 def test_eval_loss_batches_are_loss_batch_size_rows_in_order_capped_at_loss_max_batches(news_like):
@@ -176,21 +198,24 @@ def test_eval_loss_batches_are_loss_batch_size_rows_in_order_capped_at_loss_max_
             return super().loss_sums(rows, batches)
 
     model = Recording({})
-    evaluator(tmp_path, prefix, loss_batch_size=2).evaluate(model, 0, VAL_ROWS)
-    evaluator(tmp_path, prefix, loss_batch_size=1, loss_max_batches=2).evaluate(model, 0, VAL_ROWS)
+    evaluator(tmp_path, prefix, loss_batch_size=2).evaluate(model, 0)
+    evaluator(tmp_path, prefix, loss_batch_size=1, loss_max_batches=2).evaluate(model, 0)
     assert asked == [[[0, 1], [2]], [[0], [1]]]
 
 
-def test_eval_loss_names_its_corpus_or_is_skipped(news_like):
+def test_eval_loss_names_its_corpus_or_is_skipped(news_like, packed, capsys):
     tmp_path, prefix = news_like
     model = ScriptedModel({"Who won?": "Ada", "Which year?": "1843", "What types of moves?": "Ice"})
     ev = evaluator(tmp_path, prefix)
-    measured = ev.evaluate(model, 0, VAL_ROWS)
+    measured, _ = ev.evaluate(model, 0), ev.evaluate(model, 10)
+    assert packed == [("val.jsonl", model.tokenizer)]  # once, at the first evaluation, with its tokenizer
+    assert capsys.readouterr().out.count(VAL_ROWS.describe("val")) == 1
     assert (measured["eval_loss"], measured["eval_loss_data"]) == (1.5, "val.jsonl")
     assert "eval_loss 1.5000 on val.jsonl" in ev.report(measured)
     skipped = evaluator(tmp_path, prefix, loss=False)
-    metrics = skipped.evaluate(model, 0, VAL_ROWS)
+    metrics = skipped.evaluate(model, 0)
     assert metrics["eval_loss"] is None and "eval_loss not measured" in skipped.report(metrics)
+    assert len(packed) == 1
 
 
 def evaluator_of(tmp_path, *overrides):
@@ -204,19 +229,19 @@ def test_the_configs_prompt_prefix_file_starts_every_prompt_of_every_set(tmp_pat
     prefix.write_text("Answer in a few words.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n")
     asked = [r["question"] for name in ("valqa", "testqa") for r in load_qa(f"data/sample/{name}.jsonl")[:3]]
     model = ScriptedModel({})
-    evaluator_of(tmp_path, f"eval.prompt_prefix_file={prefix}", "eval.max_questions=3").evaluate(model, 0, VAL_ROWS)
+    evaluator_of(tmp_path, f"eval.prompt_prefix_file={prefix}", "eval.max_questions=3").evaluate(model, 0)
     # The sample task's template is "{question}"; the file's text, then a blank line, then the question.
     assert model.prompts == [f"Answer in a few words.\n\nQ: Capital of Atlantis?\nA: Poseidonia\n\n{q}" for q in asked]
     zero_shot = ScriptedModel({})
-    evaluator_of(tmp_path, "eval.max_questions=3").evaluate(zero_shot, 0, VAL_ROWS)  # the sample task has no prefix
+    evaluator_of(tmp_path, "eval.max_questions=3").evaluate(zero_shot, 0)  # the sample task has no prefix
     assert zero_shot.prompts == asked
 
 
 def test_the_configs_sampling_settings_reach_generate(tmp_path):
     greedy, sampled = ScriptedModel({}), ScriptedModel({})
-    evaluator_of(tmp_path, "eval.loss=false", "eval.max_questions=1").evaluate(greedy, 0, None)
+    evaluator_of(tmp_path, "eval.loss=false", "eval.max_questions=1").evaluate(greedy, 0)
     settings = ["eval.temperature=0.7", "eval.top_k=40", "eval.top_p=0.9", "eval.seed=3"]
-    evaluator_of(tmp_path, "eval.loss=false", "eval.max_questions=1", *settings).evaluate(sampled, 0, None)
+    evaluator_of(tmp_path, "eval.loss=false", "eval.max_questions=1", *settings).evaluate(sampled, 0)
     assert greedy.sampling == GREEDY and sampled.sampling == Sampling(0.7, 40, 0.9, 3)
 
 
@@ -236,7 +261,7 @@ def test_every_extra_qa_set_is_asked_scored_reported_and_written(tmp_path):
         f"+data.extra_qa_paths.held={tmp_path / 'held.jsonl'}",
         "eval.max_questions=2",
     )
-    metrics = ev.evaluate(model, 20, VAL_ROWS)
+    metrics = ev.evaluate(model, 20)
     assert (metrics["rare_n"], metrics["rare_exact_match"], metrics["rare_token_f1"]) == (2, 0.5, 0.5)
     assert (metrics["rare_n_supports_ge_2"], metrics["rare_exact_match_supports_ge_2"]) == (1, 0.0)  # 11, not 12
     assert (metrics["held_n"], metrics["held_exact_match"]) == (1, 1.0)
@@ -259,3 +284,32 @@ def test_every_extra_qa_set_is_asked_scored_reported_and_written(tmp_path):
 def test_the_stop_strings_are_the_templates_question_marker(template, stops):
     """A model that goes on to ask itself the next question writes the template's marker: the answer ends there."""
     assert stop_strings(unescape(template)) == stops
+
+
+def test_the_parsers_default_markers_are_those_of_the_default_template():
+    assert stop_strings(EvalConfig().prompt_template) == list(DEFAULT_MARKERS) == ["Q:"]
+
+
+@pytest.mark.parametrize(
+    "template, parsed",
+    [  # valqa's two answers, then testqa's
+        ("Q: {question}\\nA:", ["Ada Lovelace Question: Which year?", "1843", "Fire and Ice"]),  # the default
+        ("Question: {question}\\nAnswer:", ["Ada Lovelace", "1843", "Fire and Ice Q: and more"]),
+    ],
+)
+def test_answers_are_cut_at_the_templates_question_marker_also_by_rescore(news_like, capsys, template, parsed):
+    """A model that goes on to ask itself the next question writes the template's marker: its answer ends there,
+    and `cbe rescore` of the run's details file cuts at the same marker."""
+    tmp_path, _ = news_like
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text(yaml.safe_dump({"eval": {"prompt_template": template}}))
+    raw = [" Ada Lovelace Question: Which year?", " 1843", " Fire and Ice Q: and more"]
+    model = ScriptedModel(dict(zip(["Who won?", "Which year?", "What types of moves?"], raw)))
+    ev = evaluator(tmp_path, None, prompt_prefix_file=None, prompt_template=template, loss=False)
+    metrics = ev.evaluate(model, 0)
+    assert [d["parsed_prediction"] for name in ("valqa", "testqa") for d in ev.last_details[name]] == parsed
+    capsys.readouterr()
+    cli.main(["rescore", str(run.details_path("valqa", 0))])
+    rescored = json.loads(capsys.readouterr().out)["exact_match"]
+    assert rescored == metrics["valqa_exact_match"] == (1.0 if "Ada Lovelace" in parsed else 0.5)

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
+from cbe.eval import keys
 from cbe.eval.metrics import (
+    METRICS,
     eval_loss_metrics,
     exact_match,
     fuzzy_match,
@@ -148,10 +150,25 @@ def test_summarize_stratifies_by_support():
         {"supports": s, "exact_match": e, "substring_match": f, "fuzzy_match": f, "token_f1": float(f)}
         for s, e, f in [(1, True, True), ([7, 8], False, True), (3, False, False), ([1, 2, 3], True, True)]
     ]
-    m = summarize(details, [2, 3], prefix="valqa_")
+    m = summarize(details, [2, 3], qa_set="valqa")
     assert m["valqa_n"] == 4 and m["valqa_exact_match"] == 0.5 and m["valqa_fuzzy_match"] == 0.75
     assert m["valqa_n_supports_ge_2"] == 3 and m["valqa_exact_match_supports_ge_2"] == pytest.approx(1 / 3)
     assert m["valqa_n_supports_ge_3"] == 2 and m["valqa_fuzzy_match_supports_ge_3"] == 0.5
+
+
+def test_result_keys_are_named_and_parsed_back_in_one_place():
+    """eval_results.jsonl's keys as they always were (in their order), and the parse back of a set's metric key."""
+    details = [{"supports": 3, "exact_match": True, "substring_match": True, "fuzzy_match": True, "token_f1": 1.0}]
+    assert list(summarize(details, [2], qa_set="s1_valqa")) == [
+        f"s1_valqa_{name}{stratum}{ci}"
+        for stratum in ("", "_supports_ge_2")
+        for name in ("n", *METRICS)
+        for ci in (("", "_ci95") if name in METRICS and name != "token_f1" else ("",))
+    ]
+    assert keys.split("s1_valqa_fuzzy_match", METRICS) == ("s1_valqa", "fuzzy_match")
+    assert keys.split("valqa_exact_match_ci95", METRICS) is keys.split("exact_match", METRICS) is None
+    assert keys.without_stage("s1_valqa_fuzzy_match", ["s2", "s1"]) == "valqa_fuzzy_match"
+    assert keys.of_stage("s1", "valqa") == "s1_valqa" and keys.without_stage("valqa_n", ["s1"]) is None
 
 
 def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():

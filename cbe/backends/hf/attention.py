@@ -107,11 +107,8 @@ def varlen_attention(
         raise ValueError("varlen attention is causal within the documents of cu_seq_lens_q: no mask, no dropout")
     batch, heads, length, _ = query.shape
     groups = heads // key.shape[1]  # torch 2.11's kernel has no grouped K/V heads: each serves `groups` query heads
-
-    def tokens_first(x: torch.Tensor) -> torch.Tensor:  # [batch, heads, T, D] -> [batch x T, heads, D]
-        return x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[3])
-
-    q, k, v = tokens_first(query), tokens_first(key), tokens_first(value)
+    # [batch, heads, T, D] -> [batch x T, heads, D]
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[3]) for x in (query, key, value))
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     # transformers' sliding window lets a query see itself and the W - 1 tokens before it: left = W - 1. A tuple:

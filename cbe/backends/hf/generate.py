@@ -211,8 +211,7 @@ class StaticDecoder:
         """The prefix's keys and values, computed once for one row and copied into every row."""
         alone = SlotCache(self.config, 1, len(prefix), self.dtype, self.device)
         alone.slots = torch.arange(len(prefix), device=self.device)
-        ids = torch.tensor([list(prefix)], device=self.device)
-        self.forward(alone, ids, alone.slots[None], alone.slots[None])
+        self.forward(alone, torch.tensor([list(prefix)], device=self.device), alone.slots[None], alone.slots[None])
         for mine, its in zip(self.cache.keys + self.cache.values, alone.keys + alone.values):
             mine[:, :, : len(prefix)] = its
 
@@ -315,8 +314,7 @@ def decode_answers(
     prefix = shared_prefix_length(ids)
     questions = [row[prefix:] for row in ids]
     rows = min(batch_size, len(prompts))  # one shape per call: the CUDA graph is captured once per call
-    on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
-    graph = on_gpu if cuda_graph is None else cuda_graph
+    graph = model.get_input_embeddings().weight.device.type == "cuda" if cuda_graph is None else cuda_graph
     ends = AnswerEnds(tokenizer, stop_strings, newline_stop)
     pad = tokenizer.pad_token_id
     tails = np.array([([pad] * ends.context + row)[-ends.context :] for row in ids])

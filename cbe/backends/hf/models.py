@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-)
-from omegaconf import DictConfig, OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, set_seed
+from transformers import AutoModelForCausalLM
 
+from cbe.backends.base import Settings
 from cbe.backends.hf.attention import attention_implementation
-from cbe.errors import UserError
-
-# gemma3-1b-pt -> google/gemma-3-1b-pt: the short names researchers use in recipes.
-_SHORT_NAME = re.compile(r"gemma3-(\d+[mb])(?:-(pt|it))?")
-
-
-def hub_id(name: str) -> str:
-    """The hub repo (or local dir) a `model.name` refers to."""
-    match = _SHORT_NAME.fullmatch(name)
-    return f"google/gemma-3-{match[1]}-{match[2] or 'pt'}" if match else name
+from cbe.config import ModelConfig
+from cbe.weights import reader
+from cbe.weights.gguf import materialize_gemma3_270m
+from cbe.weights.init import init_model
+from cbe.weights.reader import from_pretrained, hub_id
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -38,101 +25,68 @@ def compute_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def _from_pretrained(loader, name: str, **kwargs):
-    """from_pretrained that turns access and network failures into one line for the user."""
-    try:
-        return loader.from_pretrained(name, **kwargs)
-    except (OSError, HFValidationError) as e:
-        cause = e.__cause__ or e
-        if isinstance(cause, GatedRepoError):
-            raise UserError(
-                f"{name} is gated: accept its license at https://huggingface.co/{name}, then run "
-                "`hf auth login` (or set HF_TOKEN)"
-            )
-        if isinstance(cause, (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, HFValidationError)):
-            raise UserError(
-                f"cannot load model {name!r}: {str(e).splitlines()[0]} Check model.name (a short name "
-                "like gemma3-1b-pt, a hub id or a local dir) and your network"
-            )
-        raise
-
-
-def load_tokenizer(cfg: DictConfig, checkpoint_dir: Path | None = None):
+def load_tokenizer(model: ModelConfig, checkpoint_dir: Path | None = None):
     """The tokenizer named by model.tokenizer, or the model's own."""
-    name = cfg.model.tokenizer or str(checkpoint_dir or hub_id(cfg.model.name))
-    tokenizer = _from_pretrained(AutoTokenizer, name)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return reader.load_tokenizer(model.tokenizer or checkpoint_dir or hub_id(model.name))
 
 
-def load_model_and_tokenizer(cfg: DictConfig, attn_implementation: str = "sdpa"):
+def load_model_and_tokenizer(settings: Settings, attn_implementation: str = "sdpa"):
     """What a run trains: the base model with the adapter, and its tokenizer. `attn_implementation` is
     backend.trainer's (auto and varlen: cbe.backends.hf.attention)."""
-    model, tokenizer = load_base_model(cfg, attention_implementation(attn_implementation))
-    return apply_adapter(model, cfg), tokenizer
+    model, tokenizer = load_base_model(settings, attention_implementation(attn_implementation))
+    return apply_adapter(model, settings), tokenizer
 
 
-def load_checkpoint(cfg: DictConfig, checkpoint: str, attn_implementation: str = "sdpa"):
+def load_checkpoint(settings: Settings, checkpoint: str, attn_implementation: str = "sdpa"):
     """What mode=eval evaluates, and its tokenizer: `base`, or a checkpoint dir (a LoRA adapter or a whole model)."""
     attn_implementation = attention_implementation(attn_implementation)
     if checkpoint == "base":
-        return load_base_model(cfg, attn_implementation)
+        return load_base_model(settings, attn_implementation)
     path = Path(checkpoint)
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
 
-        model, tokenizer = load_base_model(cfg, attn_implementation)
-        return PeftModel.from_pretrained(model, path, autocast_adapter_dtype=cfg.adapter.dtype == "fp32"), tokenizer
-    dtype = compute_dtype(cfg.training.precision)
-    model = _from_pretrained(AutoModelForCausalLM, str(path), dtype=dtype, attn_implementation=attn_implementation)
-    return model, load_tokenizer(cfg, path)
+        model, tokenizer = load_base_model(settings, attn_implementation)
+        return PeftModel.from_pretrained(
+            model, path, autocast_adapter_dtype=settings.adapter.dtype == "fp32"
+        ), tokenizer
+    dtype = compute_dtype(settings.training.precision)
+    model = from_pretrained(AutoModelForCausalLM, str(path), dtype=dtype, attn_implementation=attn_implementation)
+    return model, load_tokenizer(settings.model, path)
 
 
-def load_base_model(cfg: DictConfig, attn: str = "sdpa"):
+def load_base_model(settings: Settings, attn: str = "sdpa"):
     """The base model (not yet adapted) and its tokenizer, by model.source."""
-    dtype = compute_dtype(cfg.training.precision)
-    if cfg.model.source == "init":
-        set_seed(cfg.training.seed)
-        tokenizer = load_tokenizer(cfg)
-        config = Gemma3TextConfig(
-            **OmegaConf.to_container(cfg.model.architecture),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            attn_implementation=attn,
-        )
-        # Built where it will train: initializing billions of parameters on the CPU takes minutes.
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            return Gemma3ForCausalLM(config).to(dtype), tokenizer
-    if cfg.model.source == "gguf":
-        from cbe.backends.hf.gemma_gguf import materialize_gemma3_270m
-
-        path = str(materialize_gemma3_270m(Path(cfg.data.cache_dir).expanduser() / "models"))
+    dtype = compute_dtype(settings.training.precision)
+    if settings.model.source == "init":
+        tokenizer = load_tokenizer(settings.model)
+        return init_model(settings.model.architecture, tokenizer, settings.training.seed, attn).to(dtype), tokenizer
+    if settings.model.source == "gguf":
+        path = str(materialize_gemma3_270m(Path(settings.cache_dir).expanduser() / "models"))
     else:
-        path = hub_id(cfg.model.name)
-    model = _from_pretrained(AutoModelForCausalLM, path, dtype=dtype, attn_implementation=attn)
-    return model, load_tokenizer(cfg, Path(path) if cfg.model.source == "gguf" else None)
+        path = hub_id(settings.model.name)
+    model = from_pretrained(AutoModelForCausalLM, path, dtype=dtype, attn_implementation=attn)
+    return model, load_tokenizer(settings.model, Path(path) if settings.model.source == "gguf" else None)
 
 
-def apply_adapter(model, cfg: DictConfig):
+def apply_adapter(model, settings: Settings):
     """Full fine-tune leaves the model as is; LoRA wraps every listed projection of the language model."""
-    if cfg.adapter.rank == 0:
+    if settings.adapter.rank == 0:
         return model
     from peft import LoraConfig, get_peft_model
 
     # A regex, so the vision tower of the multimodal 4B/12B checkpoints stays untouched.
-    targets = rf"^(?!.*(vision_tower|multi_modal_projector)).*\.({'|'.join(cfg.adapter.target_modules)})$"
+    targets = rf"^(?!.*(vision_tower|multi_modal_projector)).*\.({'|'.join(settings.adapter.target_modules)})$"
     lora = LoraConfig(
-        r=cfg.adapter.rank,
-        lora_alpha=cfg.adapter.alpha,
-        lora_dropout=cfg.adapter.dropout,
+        r=settings.adapter.rank,
+        lora_alpha=settings.adapter.alpha,
+        lora_dropout=settings.adapter.dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
     # PEFT upcasts a bf16 model's adapters to fp32 unless told not to; the benchmark keeps them bf16 (adapter.dtype).
-    model = get_peft_model(model, lora, autocast_adapter_dtype=cfg.adapter.dtype == "fp32")
-    init_lora_a(model, cfg.training.seed)
+    model = get_peft_model(model, lora, autocast_adapter_dtype=settings.adapter.dtype == "fp32")
+    init_lora_a(model, settings.training.seed)
     return model
 
 

@@ -22,12 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from safetensors.torch import load_file
 from trl.trainer.utils import add_fused_lm_head
 
-from cbe import memory
-from cbe.backends.base import NewlineStop
+from cbe.backends.base import NewlineStop, Settings
+from cbe.backends.hf import memory
 from cbe.backends.hf.attention import VARLEN, documents_per_row, varlen_inputs
 from cbe.backends.hf.generate import decode_answers
 from cbe.backends.hf.models import compute_dtype, load_checkpoint, load_model_and_tokenizer
@@ -35,16 +34,16 @@ from cbe.backends.sampling import GREEDY, Sampling
 from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
 from cbe.run import RunDir, atomic_dir, is_main_process, world_size
+from cbe.specs import SPECS
 
 # PEFT still reads transformers' deprecated alias on every LoRA model; the warning is its to act on, not the user's.
-# Only this message is silenced.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
-def plan_memory(cfg: DictConfig, card: float | None, setting: str) -> bool:
+def plan_memory(settings: Settings, card: float | None, setting: str) -> bool:
     """Whether to checkpoint activations on a GPU of `card` bytes (None: the CPU), decided and said before the
-    model loads (cbe.memory); refuses a run whose weights and optimizer state alone exceed the GPU."""
-    plan = memory.plan_run(cfg, card, setting)
+    model loads (cbe.backends.hf.memory); refuses a run whose weights and optimizer state alone exceed the GPU."""
+    plan = memory.plan_run(settings, card, setting)
     where = f"on this {card / memory.GB:.0f} GB GPU" if card else "on the CPU"
     line = f"memory: gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'} {where}"
     if plan.estimate is None:
@@ -52,7 +51,7 @@ def plan_memory(cfg: DictConfig, card: float | None, setting: str) -> bool:
         return plan.gradient_checkpointing
     if card and plan.estimate.static_exceeds(card):
         raise UserError(
-            f"{cfg.model.name} {cfg.adapter.name}: its weights and optimizer state alone take "
+            f"{settings.model.name} {settings.adapter.name}: its weights and optimizer state alone take "
             f"{plan.estimate.static_bytes / memory.GB:.0f} GB (estimated), more than this "
             f"{card / memory.GB:.0f} GB GPU; use adapter=lora128, or backend=kd over several GPUs (FSDP "
             "shards them), or a larger GPU"
@@ -67,26 +66,39 @@ def plan_memory(cfg: DictConfig, card: float | None, setting: str) -> bool:
     return plan.gradient_checkpointing
 
 
+def setup_processes() -> None:
+    """This process's GPU (LOCAL_RANK) and, under torchrun or a SLURM job of several tasks, the process group that
+    training and evaluation shard over (main.py calls this through the backend's spec before building it)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def compile_enabled(setting: str) -> bool:
-    """backend.trainer.torch_compile: `auto` compiles on a GPU only (on a CPU, compiling the tiny model costs more than
-    it saves)."""
+    """torch_compile: `auto` compiles on a GPU only (on a CPU, compiling the tiny model costs more than it saves)."""
     return torch.cuda.is_available() if setting == "auto" else setting == "True"
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> int:
-    """Compile every decoder layer in place and return how many. Layer by layer rather than the whole model:
-    the layers share one compiled program per attention type, so compiling takes seconds rather than minutes;
-    TRL's fused loss head (Triton) stays outside; parameter names, hence checkpoints, are unchanged."""
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    for layer in layers:
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """Compile every decoder layer in place. Layer by layer rather than the whole model: the layers share one
+    compiled program per attention type, so compiling takes seconds rather than minutes; TRL's fused loss head
+    (Triton) stays outside; parameter names, hence checkpoints, are unchanged."""
+    for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
         layer.compile()
-    return len(layers)
 
 
-def eager():
-    """Evaluation runs the compiled layers eagerly: its shapes vary, and compiling them would cost more than it
-    saves."""
-    return torch.compiler.set_stance("force_eager")
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """The model in eval mode with its compiled layers run eagerly (evaluation's shapes vary: compiling them would
+    cost more than it saves), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        model.train(was_training)
 
 
 def no_decay(name: str) -> bool:
@@ -113,47 +125,36 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
 def add_loss_head(model: torch.nn.Module) -> None:
     """TRL's fused LM head (logits in tiles, never the whole vocabulary at once), which also says whether each
     label is the model's top-1 token (mean_token_accuracy); on the base model under a PEFT wrapper."""
-    add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs=FUSED_OUTPUTS)
-
-
-FUSED_OUTPUTS = ("log_probs", "is_top1")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    add_fused_lm_head(base, outputs=("log_probs", "is_top1"))
 
 
 class HFTrainer:
     """One run's model with transformers/PEFT: training steps, checkpoints, generation and loss (cbe.backends.base).
+    Options (backend.trainer): attn_implementation (cbe.backends.hf.attention), torch_compile (auto|true|false:
+    `compile_enabled`) and gradient_checkpointing (auto|true|false: `plan_memory`)."""
 
-    Options (backend.trainer): attn_implementation, torch_compile (auto|true|false: compile each decoder layer;
-    auto = on a GPU) and gradient_checkpointing (auto|true|false; auto = where the run would not fit the GPU
-    without it, cbe.memory).
-    """
-
-    name = "hf"
+    spec = SPECS["hf"]  # its options, checkpoint names and rules (cbe.specs)
 
     def __init__(
         self,
-        cfg: DictConfig,
+        settings: Settings,
         run: RunDir,
         attn_implementation: str = "sdpa",
         torch_compile: str = "auto",
         gradient_checkpointing: str = "auto",
     ):
-        self.cfg, self.run = cfg, run
+        self.settings, self.run = settings, run
         self.attn_implementation, self.torch_compile = attn_implementation, torch_compile
         self.gradient_checkpointing = gradient_checkpointing
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if world_size() > 1 and not dist.is_initialized():  # torchrun: training and evaluation shard over the ranks
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        self.device = self.device or torch.device("cpu")
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     # -- state -------------------------------------------------------------------------------------
     def start(self, checkpoint: Path | None) -> None:
-        cfg = self.cfg
         card = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-        checkpointing = plan_memory(cfg, card, self.gradient_checkpointing)
-        self.model, self.tokenizer = load_model_and_tokenizer(cfg, self.attn_implementation)
+        checkpointing = plan_memory(self.settings, card, self.gradient_checkpointing)
+        self.model, self.tokenizer = load_model_and_tokenizer(self.settings, self.attn_implementation)
         add_loss_head(self.model)  # before compiling the layers
         self.model.to(self.device)
         if checkpoint is not None:
@@ -165,34 +166,29 @@ class HFTrainer:
         self.reset_optimizer()
         if checkpoint is not None:
             self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.device))
-        self.stepped = self.model
-        if self.world > 1:
-            self.stepped = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.stepped = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
 
     def reset_optimizer(self) -> None:
         """A fresh AdamW over the trained parameters (no decay on norms), fused on a GPU."""
         trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        o = self.cfg.optimizer
+        o = self.settings.optimizer
+        groups = [
+            {"params": [p for n, p in trained if not no_decay(n)], "weight_decay": o.weight_decay},
+            {"params": [p for n, p in trained if no_decay(n)], "weight_decay": 0.0},
+        ]
         self.optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for n, p in trained if not no_decay(n)], "weight_decay": o.weight_decay},
-                {"params": [p for n, p in trained if no_decay(n)], "weight_decay": 0.0},
-            ],
-            lr=o.lr,
-            betas=(o.b1, o.b2),
-            eps=1e-8,
-            fused=self.device.type == "cuda",
+            groups, lr=o.lr, betas=(o.b1, o.b2), eps=1e-8, fused=self.device.type == "cuda"
         )
 
     def load(self, checkpoint: str) -> None:
-        self.model, self.tokenizer = load_checkpoint(self.cfg, checkpoint, self.attn_implementation)
+        self.model, self.tokenizer = load_checkpoint(self.settings, checkpoint, self.attn_implementation)
         add_loss_head(self.model)
         self.model.to(self.device)
 
     def save(self, step: int) -> Path:
         """checkpoints/checkpoint-<step>: the model (or adapter) as `from_pretrained` reads it, its tokenizer and
         the optimizer state, written whole or not at all."""
-        path = self.run.checkpoint_dir(step, self.name)
+        path = self.run.checkpoint_dir(step, self.spec.name)
         if is_main_process():
             with atomic_dir(path) as tmp:
                 self.model.save_pretrained(tmp)
@@ -206,7 +202,7 @@ class HFTrainer:
     def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[dict[str, float]]:
         """One optimizer step per row of `batches`; this rank takes its share of each step's rows, in micro-batches
         of training.per_device_batch_size."""
-        t, o = self.cfg.training, self.cfg.optimizer
+        t, o = self.settings.training, self.settings.optimizer
         self.model.train()
         losses = torch.zeros(len(batches), dtype=torch.float64, device=self.device)
         top1 = torch.zeros(len(batches), dtype=torch.float64, device=self.device)
@@ -253,7 +249,7 @@ class HFTrainer:
     def autocast(self):
         """bf16 matmuls on a GPU where the weights are bf16 (fp32 adapters then compute in bf16 too); nothing on the
         CPU, where bf16 weights compute in bf16 as they are."""
-        on = self.device.type == "cuda" and compute_dtype(self.cfg.training.precision) == torch.bfloat16
+        on = self.device.type == "cuda" and compute_dtype(self.settings.training.precision) == torch.bfloat16
         return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -266,19 +262,24 @@ class HFTrainer:
         sampling: Sampling = GREEDY,
         cuda_graph: bool | None = None,
     ) -> list[str]:
-        """Answers to every prompt, greedy or sampled; under torchrun each rank answers every world-th one (drawing
-        with that question's uniforms, as one process would) and all ranks get all answers (rank-0-only generation
-        would leave the others waiting at their next collective).
+        """Answers to every prompt, greedy or sampled, over a static cache with the shared prefix computed once
+        (cbe.backends.hf.generate), each stopped where cbe.backends.base.answer_ended says. Under torchrun each rank
+        answers every world-th one (drawing with that question's uniforms, as one process would) and all ranks get
+        all answers (rank-0-only generation would leave the others waiting at their next collective).
         `cuda_graph` (default: on a GPU) replays the decode step as a CUDA graph; bench/eval_speed.py turns it off."""
-        mine = self._generate(
-            prompts[self.rank :: self.world],
-            max_new_tokens,
-            batch_size,
-            stop_strings,
-            cuda_graph,
-            sampling,
-            question_ids=range(len(prompts))[self.rank :: self.world],
-        )
+        with evaluating(self.model):  # training's compiled layers run eagerly; on a GPU the decode step is a CUDA graph
+            mine = decode_answers(
+                self.model,
+                self.tokenizer,
+                prompts[self.rank :: self.world],
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                stop_strings=stop_strings,
+                newline_stop=self.newline_stop,
+                sampling=sampling,
+                question_ids=range(len(prompts))[self.rank :: self.world],
+                cuda_graph=cuda_graph,
+            )
         if self.world == 1:
             return mine
         parts: list[list[str]] = [[] for _ in range(self.world)]
@@ -288,38 +289,6 @@ class HFTrainer:
             answers[r :: self.world] = part
         return answers
 
-    def _generate(
-        self,
-        prompts: Sequence[str],
-        max_new_tokens: int,
-        batch_size: int,
-        stop_strings: Sequence[str],
-        cuda_graph: bool | None,
-        sampling: Sampling = GREEDY,
-        question_ids: Sequence[int] | None = None,
-    ) -> list[str]:
-        """Continuations (greedy, or sampled with the uniforms of `question_ids`) over a static cache, the shared
-        prefix computed once (cbe.backends.hf.generate), each stopped at EOS, a stop string or a newline after the
-        answer's first non-blank text (cbe.backends.base.answer_ended)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with eager():  # training's compiled layers run eagerly here; on a GPU the decode step is a CUDA graph
-                return decode_answers(
-                    self.model,
-                    self.tokenizer,
-                    prompts,
-                    max_new_tokens=max_new_tokens,
-                    batch_size=batch_size,
-                    stop_strings=stop_strings,
-                    newline_stop=self.newline_stop,
-                    sampling=sampling,
-                    question_ids=question_ids,
-                    cuda_graph=cuda_graph,
-                )
-        finally:
-            self.model.train(was_training)
-
     @functools.cached_property
     def newline_stop(self) -> NewlineStop:
         return NewlineStop.of(self.tokenizer, self.model.config.get_text_config().vocab_size)
@@ -327,15 +296,13 @@ class HFTrainer:
     @torch.no_grad()
     def loss_sums(self, rows: PackedRows, batches: list[np.ndarray]) -> np.ndarray:
         """Per batch: summed next-token loss, trained tokens, top-1 tokens (each rank takes every world-th batch)."""
-        was_training = self.model.training
-        self.model.eval()
         sums = torch.zeros((len(batches), 3), dtype=torch.float64, device=self.device)
-        for i in range(self.rank, len(batches), self.world):
-            with eager(), self.autocast():
-                out = self.model(**self.tensors(rows, batches[i]), use_cache=False, fused_lm_head=True)
-            mask = out.label_mask
-            sums[i] = torch.stack([-out.log_probs[mask].sum(), mask.sum(), out.is_top1[mask].sum()]).double()
-        self.model.train(was_training)
+        with evaluating(self.model):
+            for i in range(self.rank, len(batches), self.world):
+                with self.autocast():
+                    out = self.model(**self.tensors(rows, batches[i]), use_cache=False, fused_lm_head=True)
+                mask = out.label_mask
+                sums[i] = torch.stack([-out.log_probs[mask].sum(), mask.sum(), out.is_top1[mask].sum()]).double()
         if self.world > 1:
             dist.all_reduce(sums)
         return sums.cpu().numpy()

@@ -81,7 +81,6 @@ def hf_to_gemma(
 
 def gemma_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A Gemma3ForCausalLM state dict from gemma params (the inverse of hf_to_gemma)."""
-    params = {k: v for k, v in params.items()}
     sd = {
         "model.embed_tokens.weight": np.asarray(params["embedder"]["input_embedding"]),
         "model.norm.weight": np.asarray(params["final_norm"]["scale"]),

@@ -2,24 +2,18 @@
 
 Why it is built this way:
 
-* Prompts are left-padded. Every row's last prompt token then sits in the same
-    cache slot, so all rows write the same slot at every decode step, which is
-    what gemma's cache requires (one shared `end_index` for the whole batch).
-    Positions count from each row's first real token and pad slots are masked
-    out of every attention, so padding never changes a row's result.
-* The prefill covers all prompt tokens but the last; the decode loop starts by
-    feeding that last token. Every model call in the loop then has the same
-    shape, and the prefill's logits go unused, so XLA drops the big
-    [batch, length, vocab] unembedding instead of us relying on gemma's
-    `return_last_only` (which finds the last token by looking for id 0).
-* Prefill and the decode loop are one jitted function with a
-    `lax.while_loop` that stops once every row has ended (EOS, or a newline
-    after its first non-blank text: cbe.backends.base.NewlineStop). Batches
-    are filled with dummy rows to a fixed size and prompt lengths are rounded up
-    to a few buckets, so a whole eval compiles only a couple of programs.
-* Sampled decoding draws each token inside the loop (`draw`) with the uniform
-    of its question and answer position, from a [batch, max_new_tokens]
-    table passed in with the batch: the same draws as the HF backend's.
+* Prompts are left-padded. Every row's last prompt token then sits in the same cache slot, so all rows write the
+  same slot at every decode step, which is what gemma's cache requires (one shared `end_index` for the whole batch).
+  Positions count from each row's first real token and pad slots are masked out of every attention, so padding
+  never changes a row's result.
+* The prefill covers all prompt tokens but the last; the decode loop starts by feeding that last token. Every model
+  call in the loop then has the same shape, and the prefill's logits go unused, so XLA drops the big unembedding
+  ([batch, length, vocab]), no need for gemma's `return_last_only` (which finds the last token by looking for id 0).
+* Prefill and the decode loop are one jitted function with a `lax.while_loop` that stops once every row has ended
+  (EOS, or a newline after its first non-blank text: cbe.backends.base.NewlineStop). Batches are filled with dummy
+  rows to a fixed size and prompt lengths rounded up to a few buckets: a whole eval compiles a couple of programs.
+* Sampled decoding draws each token inside the loop (`draw`) with the uniform of its question and answer position,
+  from a [batch, max_new_tokens] table passed in with the batch: the same draws as the HF backend's.
 """
 
 from __future__ import annotations
@@ -49,12 +43,14 @@ def decode_ids(
     """Continuation token ids of every prompt (prompt excluded), greedy or sampled, each cut where its answer
     ended; prompt i draws with the uniforms of question i."""
     tables = tuple(jnp.asarray(a) for a in (stop.newline, stop.ends_alone, stop.blank))
+    draws = dataclasses.replace(sampling, seed=0)  # what the compiled loop needs: the seed is in the uniforms
+    generate = functools.partial(
+        _generate_batch, model, params, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sampling=draws
+    )
     uniforms = np.zeros((len(prompts), max_new_tokens), np.float32)
     if not sampling.greedy:
         uniforms = sampling.uniforms(range(len(prompts)), max_new_tokens)
-    draws = dataclasses.replace(sampling, seed=0)  # what the compiled loop needs: the seed is in the uniforms
-    # Similar lengths go together so that little of each batch is padding.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: little padding
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -67,20 +63,7 @@ def decode_ids(
                 tokens[r, length - len(prompts[i]) :] = prompts[i]
             lengths[r] = len(prompts[i])
             batch_uniforms[r] = uniforms[i]
-        out = np.asarray(
-            _generate_batch(
-                model,
-                params,
-                tokens,
-                lengths,
-                tables,
-                batch_uniforms,
-                max_new_tokens=max_new_tokens,
-                eos_id=eos_id,
-                pad_id=pad_id,
-                sampling=draws,
-            )
-        )
+        out = np.asarray(generate(tokens, lengths, tables, batch_uniforms))
         for r, i in enumerate(rows):
             ids = out[r].tolist()
             results[i] = ids[: stop.end(ids, eos_id)]
@@ -128,8 +111,8 @@ def _generate_batch(model, params, tokens, lengths, tables, uniforms, *, max_new
     real = slots[None, :] >= first[:, None]  # [B, C]: pad slots are never attended
     positions = jnp.maximum(slots[None, :] - first[:, None], 0)  # pads get 0, masked anyway
 
-    # k/v take the activation dtype, which follows the embedding table (gemma's
-    # own sampler makes the same choice); the cache must match it exactly.
+    # k/v take the activation dtype, which follows the embedding table (gemma's own sampler makes the same choice);
+    # the cache must match it exactly.
     dtype = params["embedder"]["input_embedding"].dtype
     cache = model.init_cache(batch_size=batch, dtype=dtype, cache_length=cache_length)
 
@@ -146,17 +129,13 @@ def _generate_batch(model, params, tokens, lengths, tables, uniforms, *, max_new
     def step(state):
         t, token, cache, ids, done, text_before = state
         slot = prefill + t
-        # Decode mask is [B, 1, C]: real slots written so far, this one included.
-        mask = (real & (slots[None, :] <= slot))[:, None, :]
+        mask = (real & (slots[None, :] <= slot))[:, None, :]  # [B, 1, C]: real slots written so far, this one too
         out = model.apply(
             {"params": params}, token[:, None], positions=(slot - first)[:, None], cache=cache, attention_mask=mask
         )
         logits = out.logits[:, 0]
-        if sampling.greedy:
-            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        else:
-            nxt = draw(logits, uniforms[:, t], sampling).astype(jnp.int32)
-        nxt = jnp.where(done, pad_id, nxt)  # finished rows just idle
+        nxt = jnp.argmax(logits, axis=-1) if sampling.greedy else draw(logits, uniforms[:, t], sampling)
+        nxt = jnp.where(done, pad_id, nxt.astype(jnp.int32))  # finished rows just idle
         ids = ids.at[:, t].set(nxt)
         ended = (nxt == eos_id) | ends_alone[nxt] | (newline[nxt] & text_before)
         return t + 1, nxt, out.cache, ids, done | ended, text_before | ~blank[nxt]

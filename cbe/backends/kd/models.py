@@ -1,8 +1,8 @@
 """The gemma library's Gemma 3 transformer, configured from the HF config and loaded with the HF weights.
 
-The HF checkpoint (hub, the offline 270M GGUF, or the tiny model's seeded random init) is the one source of
-truth for both backends: its config becomes gemma's TransformerConfig and its weights are converted by
-cbe.backends.kd.convert. `backend.trainer.gemma_params` loads an official gemma checkpoint instead.
+The HF checkpoint (hub, the offline 270M GGUF, or the tiny model's seeded random init) is the one source of truth
+for both backends: its config becomes gemma's TransformerConfig and its weights, read without torch (cbe.weights),
+are converted by cbe.backends.kd.convert. `backend.trainer.gemma_params` loads an official gemma checkpoint instead.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from gemma import gm
-from omegaconf import DictConfig
+from transformers import AutoConfig  # its configs need no torch
 
 from cbe.backends.kd.convert import hf_to_gemma
 from cbe.errors import UserError
+from cbe.weights import gguf, init, reader
 
 _ATTENTION = {"sliding_attention": gm.nn.AttentionType.LOCAL_SLIDING, "full_attention": gm.nn.AttentionType.GLOBAL}
 _QUERY_SCALE = gm.nn.config.QueryPreAttentionNormalisation
@@ -106,22 +107,20 @@ def build_model(
     return gm.nn.LoRA(rank=lora_rank, model=model, dtype=jnp.float32 if adapter_dtype == "fp32" else dtype)
 
 
-def load_hf_weights(cfg: DictConfig) -> tuple[Any, dict[str, Any], Any]:
-    """(HF config, gemma params as numpy, tokenizer) from the checkpoint cfg.model names.
-
-    The HF model is built or loaded with the HF backend's own loader, so both backends start from the same
-    weights (for the tiny model: the same seeded random init).
-    """
-    import torch
-
-    from cbe.backends.hf.models import load_base_model
-
-    model, tokenizer = load_base_model(cfg)
-    hf = getattr(model.config, "text_config", model.config)
-    state = {name: t.detach().to(torch.float32).numpy() for name, t in model.state_dict().items()}
-    del model
+def load_hf_weights(model, seed: int, cache_dir: str) -> tuple[Any, dict[str, Any], Any]:
+    """(HF text config, gemma params as numpy, tokenizer) of the checkpoint the config's `model` section names:
+    the files the HF backend loads (the tiny model: its seeded init, saved once): both start from the same weights."""
+    if model.source == "init":
+        path = init.init_checkpoint(model.architecture, model.tokenizer or reader.hub_id(model.name), seed, cache_dir)
+    elif model.source == "gguf":
+        path = gguf.materialize_gemma3_270m(Path(cache_dir).expanduser() / "models")
+    else:
+        path = reader.checkpoint_dir(reader.hub_id(model.name))
+    hf = AutoConfig.from_pretrained(path)
+    hf = getattr(hf, "text_config", hf)
+    state = reader.read_checkpoint(path)[1]
     params = hf_to_gemma(state, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim)
-    return hf, params, tokenizer
+    return hf, params, reader.load_tokenizer(model.tokenizer or path)
 
 
 def load_gemma_params(path: str) -> dict[str, Any]:

@@ -28,15 +28,15 @@ import numpy as np
 import optax
 from flax import traverse_util
 from kauldron import kd
-from omegaconf import DictConfig
 
-from cbe.backends.base import NewlineStop, answer_ended
+from cbe.backends.base import NewlineStop, Settings, answer_ended
 from cbe.backends.kd.generate import decode_ids
 from cbe.backends.kd.models import build_model, gemma_config, load_gemma_params, load_hf_weights
 from cbe.backends.sampling import GREEDY, Sampling
 from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
 from cbe.run import RunDir, step_of
+from cbe.specs import SPECS
 
 LENGTH_BUCKET = 256  # one document per row: laid-out rows are a multiple of this many tokens
 
@@ -89,11 +89,11 @@ class KDTrainer:
     """One run's model with Kauldron and gemma: training steps, checkpoints, generation and loss
     (cbe.backends.base). Options (backend.trainer): gemma_params, fsdp_min_size_mb."""
 
-    name = "kd"
+    spec = SPECS["kd"]  # its options, checkpoint names and rules (cbe.specs)
 
-    def __init__(self, cfg: DictConfig, run: RunDir, gemma_params: str | None = None, fsdp_min_size_mb: float = 4):
-        self.cfg, self.run = cfg, run
-        t = cfg.training
+    def __init__(self, settings: Settings, run: RunDir, gemma_params: str | None = None, fsdp_min_size_mb: float = 4):
+        self.settings, self.run = settings, run
+        t, adapter = settings.training, settings.adapter
         self.devices = jax.device_count()
         self.rows_per_micro_step = t.per_device_batch_size * self.devices
         if t.effective_batch_size % self.rows_per_micro_step:
@@ -102,17 +102,11 @@ class KDTrainer:
                 f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {self.devices}"
             )
         self.accumulation = t.effective_batch_size // self.rows_per_micro_step
-        hf_config, params, self.tokenizer = load_hf_weights(cfg)
+        hf_config, params, self.tokenizer = load_hf_weights(settings.model, t.seed, settings.cache_dir)
         self.weights = load_gemma_params(gemma_params) if gemma_params else params
         self.model_config = gemma_config(hf_config)
-        self.model = build_model(
-            self.model_config,
-            t.precision,
-            cfg.adapter.rank,
-            cfg.adapter.dtype,
-            tokens="batch.input_ids",
-            positions="batch.position_ids",
-        )
+        fields = {"tokens": "batch.input_ids", "positions": "batch.position_ids"}  # what the model reads of a batch
+        self.model = build_model(self.model_config, t.precision, adapter.rank, adapter.dtype, **fields)
         self.fsdp = _FSDP(min_size_to_shard_mb=fsdp_min_size_mb)
         self.params = None  # set by start() or load()
         self._loss_sums = jax.jit(self._loss_sums_of_batch)
@@ -121,7 +115,7 @@ class KDTrainer:
     def _optimizer(self) -> optax.GradientTransformation:
         """AdamW as the HF backend runs it: clipping at optimizer.max_grad_norm (none when null), no decay on norms,
         only LoRA when adapted; the learning rate is injected state, set per step by `_set_learning_rate`."""
-        o = self.cfg.optimizer
+        o = self.settings.optimizer
 
         def decays(params):
             return jax.tree_util.tree_map_with_path(lambda path, _: "scale" not in jax.tree_util.keystr(path), params)
@@ -130,7 +124,7 @@ class KDTrainer:
         optimizer = adamw(learning_rate=o.lr, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay, mask=decays)
         if o.max_grad_norm is not None:
             optimizer = optax.chain(optax.clip_by_global_norm(o.max_grad_norm), optimizer)
-        if self.cfg.adapter.rank:
+        if self.settings.adapter.rank:
             optimizer = kd.optim.partial_updates(optimizer, mask=kd.optim.select("lora"))
         return optax.MultiSteps(optimizer, every_k_schedule=self.accumulation)
 
@@ -145,22 +139,17 @@ class KDTrainer:
     def _kd_trainer(self, workdir: Path | None = None) -> kd.train.Trainer:
         """The Trainer whose train step and checkpointer this backend uses; `workdir` holds checkpoints/. Its data
         source is one blank row, only for the shapes the state is built from: cbe.loop brings the rows."""
-        t = self.cfg.training
-        blank = np.zeros((1, self.cfg.data.sequence_length), np.int32)
+        blank, rows = np.zeros((1, self.settings.sequence_length), np.int32), self.rows_per_micro_step
         example = next_token_example(PackedRows(blank, blank, blank, np.zeros(1, np.int64)), 0)
         return kd.train.Trainer(
-            seed=t.seed,
+            seed=self.settings.training.seed,
             workdir=str(workdir or self.run.root),
             train_ds=kd.data.py.DataSource(
-                data_source=[example] * self.rows_per_micro_step,
-                shuffle=False,
-                batch_size=self.rows_per_micro_step,
-                num_workers=0,
-                num_epochs=1,
+                data_source=[example] * rows, shuffle=False, batch_size=rows, num_workers=0, num_epochs=1
             ),
             model=self.model,
             sharding=kd.sharding.ShardingStrategy(params=self.fsdp),
-            num_train_steps=max(1, t.num_train_steps) * self.accumulation,
+            num_train_steps=max(1, self.settings.total_steps) * self.accumulation,
             train_losses={
                 "xent": kd.losses.SoftmaxCrossEntropyWithIntLabels(
                     logits="preds.logits", labels="batch.target", mask="batch.loss_mask", normalize_by="values"
@@ -194,12 +183,11 @@ class KDTrainer:
 
     def reset_optimizer(self) -> None:
         """A fresh optimizer state (moments, accumulation, step count) for the current parameters."""
-        fresh = self._initial_state(self.trainer, with_weights=False)
-        self.state = self.state.replace(opt_state=fresh.opt_state)
+        self.state = self.state.replace(opt_state=self._initial_state(self.trainer, with_weights=False).opt_state)
 
     def load(self, checkpoint: str) -> None:
         if checkpoint == "base":
-            self.model = build_model(self.model_config, self.cfg.training.precision)
+            self.model = build_model(self.model_config, self.settings.training.precision)
             self.params = jax.tree.map(jnp.asarray, self.weights)
             return
         path = Path(checkpoint).resolve()  # a ckpt_<step> dir: validate checked who wrote it
@@ -211,7 +199,7 @@ class KDTrainer:
         checkpointer = self.trainer.checkpointer
         checkpointer.save(self.state, step=step, force=True)
         checkpointer.wait_until_finished()
-        return self.run.checkpoint_dir(step, self.name)
+        return self.run.checkpoint_dir(step, self.spec.name)
 
     # -- training ------------------------------------------------------------------------------------
     def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[dict[str, float]]:
@@ -249,20 +237,12 @@ class KDTrainer:
         stop_strings: Sequence[str],
         sampling: Sampling = GREEDY,
     ) -> list[str]:
-        """Answers, greedy or sampled (the HF backend's draws), each cut where `answer_ended` says, or at EOS (as
-        the HF backend's are)."""
+        """Answers, greedy or sampled (the HF backend's draws), cut where `answer_ended` says or at EOS, as HF's are."""
         tok = self.tokenizer
         ids = [tok(p)["input_ids"] for p in prompts]
+        eos, pad = tok.eos_token_id, tok.pad_token_id
         outputs = decode_ids(
-            self.model,
-            self.params,
-            ids,
-            max_new_tokens,
-            self.newline_stop,
-            tok.eos_token_id,
-            tok.pad_token_id,
-            batch_size,
-            sampling,
+            self.model, self.params, ids, max_new_tokens, self.newline_stop, eos, pad, batch_size, sampling
         )
         return [self._cut(out, stop_strings) for out in outputs]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from cbe.backends.hf.gemma_gguf import materialize_gemma3_270m
+from cbe.weights.gguf import materialize_gemma3_270m
 
 pytestmark = pytest.mark.slow
 

@@ -19,13 +19,13 @@ from transformers import (
 
 import cbe.backends.hf.trainer as hf_trainer
 from cbe.backends.base import NewlineStop, answer_ended
-from cbe.backends.hf.gemma_gguf import materialize_gemma3_270m
 from cbe.backends.hf.generate import NewlineStopCriteria, decode_answers, shared_prefix_length
 from cbe.backends.hf.generate import draw as torch_draw
 from cbe.backends.sampling import GREEDY, Sampling, draw
 from cbe.eval.evaluator import stop_strings
 from cbe.loop import build
 from cbe.run import RunDir
+from cbe.weights.gguf import materialize_gemma3_270m
 from tests.backends.hf.test_packed_attention import tiny_model
 from tests.conftest import ROOT
 from tests.test_config import compose_config

@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from cbe.backends.hf.models import _from_pretrained, hub_id
 from cbe.errors import UserError
+from cbe.weights.reader import from_pretrained, hub_id
 
 
 def test_short_names_map_to_google_repos():
@@ -61,7 +61,7 @@ def test_a_name_that_is_neither_repo_nor_dir_is_one_line(tmp_path):
     from transformers import AutoTokenizer
 
     with pytest.raises(UserError, match=r"cannot load model '/no/such/dir/model': .*Check model.name"):
-        _from_pretrained(AutoTokenizer, "/no/such/dir/model")
+        from_pretrained(AutoTokenizer, "/no/such/dir/model")
 
 
 def compose(*overrides):
@@ -84,8 +84,9 @@ def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero():
     from peft.tuners.lora import LoraLayer
 
     from cbe.backends.hf.models import load_model_and_tokenizer
+    from cbe.loop import settings_of
 
-    model, _ = load_model_and_tokenizer(compose("adapter=lora128"))
+    model, _ = load_model_and_tokenizer(settings_of(compose("adapter=lora128")))
     by_fan_in: dict[int, list[torch.Tensor]] = {}
     for module in model.modules():
         if isinstance(module, LoraLayer):
@@ -101,26 +102,23 @@ def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero():
 
 def test_the_memory_plan_is_said_before_loading_and_a_run_that_cannot_fit_is_one_line(capsys):
     from cbe.backends.hf.trainer import plan_memory
+    from cbe.loop import settings_of
 
-    assert plan_memory(compose("task=news", "model=gemma3_4b"), card=40e9, setting="auto") is True
+    assert plan_memory(settings_of(compose("task=news", "model=gemma3_4b")), card=40e9, setting="auto") is True
     said = capsys.readouterr().out
     assert "memory: gradient checkpointing on on this 40 GB GPU; about 33.7 GB per device (estimated" in said
-    assert plan_memory(compose("task=news", "model=gemma3_1b"), card=None, setting="auto") is False
+    assert plan_memory(settings_of(compose("task=news", "model=gemma3_1b")), card=None, setting="auto") is False
     assert "gradient checkpointing off on the CPU" in capsys.readouterr().out
     with pytest.raises(
         UserError,
         match=r"^gemma3-12b-pt full: its weights and optimizer state alone take 94 GB "
         r"\(estimated\), more than this 40 GB GPU; use adapter=lora128",
     ):
-        plan_memory(compose("task=news", "model=gemma3_12b"), card=40e9, setting="auto")
+        plan_memory(settings_of(compose("task=news", "model=gemma3_12b")), card=40e9, setting="auto")
     # A per-device batch too large for the card: a warning with the knob, and the run goes on.
     assert (
         plan_memory(
-            compose(
-                "task=news",
-                "model=gemma3_4b",
-                "training.per_device_batch_size=32",
-            ),
+            settings_of(compose("task=news", "model=gemma3_4b", "training.per_device_batch_size=32")),
             card=40e9,
             setting="False",
         )

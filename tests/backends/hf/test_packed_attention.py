@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from cbe.backends.hf.models import load_model_and_tokenizer
 from cbe.config import register_configs
 from cbe.data.packing import pack_documents, tokenize_documents
+from cbe.loop import settings_of
 from tests.conftest import ROOT
 
 
@@ -14,7 +15,7 @@ def tiny_model():
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=["model=tiny"])
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    model, tokenizer = load_model_and_tokenizer(settings_of(cfg))
     return model.eval(), tokenizer
 
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from cbe.data.packing import corpus_rows, training_order
-from cbe.loop import lr_multiplier
+from cbe.plan import lr_multiplier
 from cbe.plot import read_tensorboard_scalars
 from tests.conftest import ROOT, loop_in_process
 
@@ -223,9 +223,11 @@ def small_steps_run(tmp_path_factory, cache_dir):
 
 def test_each_step_trains_on_the_rows_of_the_training_order(small_steps_run, cache_dir):
     backend, seen, _ = small_steps_run
-    data, t = backend.cfg.data, backend.cfg.training
-    rows = corpus_rows(data.train_path, backend.tokenizer, data.sequence_length, cache_dir, packing=True)
-    order = training_order(len(rows), t.num_train_steps * t.effective_batch_size, t.seed)
+    s, t = backend.settings, backend.settings.training
+    rows = corpus_rows(
+        str(ROOT / "data/sample/train.jsonl"), backend.tokenizer, s.sequence_length, cache_dir, packing=True
+    )
+    order = training_order(len(rows), s.total_steps * t.effective_batch_size, t.seed)
     assert len(rows) == 8 and sorted(order[:8]) == list(range(8)) and list(order[:8]) != list(range(8))
     for key, given in seen.items():
         assert np.array_equal(given, getattr(rows, key)[order]), key

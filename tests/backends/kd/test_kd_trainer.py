@@ -20,6 +20,7 @@ from cbe.backends.hf.models import load_base_model
 from cbe.backends.kd.convert import gemma_to_hf, text_weights
 from cbe.backends.kd.models import load_hf_weights
 from cbe.data.packing import corpus_rows, training_order
+from cbe.loop import settings_of
 from cbe.plot import read_tensorboard_scalars
 from tests.backends.hf.test_trainer import assert_same_metrics, eval_results
 from tests.conftest import loop_in_process
@@ -117,7 +118,7 @@ def tiny_with_norms(tmp_path_factory) -> Path:
     """The tiny model as the harness initializes it, with its RMSNorm weights drawn in +-0.5 instead of 0, as a
     local HF checkpoint: a pretrained model's norm weights are not 0, and only then would decaying them (which
     neither backend may do) change training."""
-    model, _ = load_base_model(compose_config())
+    model, _ = load_base_model(settings_of(compose_config()))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, weight in model.named_parameters():
@@ -249,9 +250,9 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path, cache_dir):
     start = {}
 
     def tie_lora_a(hf):
-        arch = hf.cfg.model.architecture
-        start.update(traverse_util.flatten_dict(load_hf_weights(hf.cfg)[1]))
-        start.update(tie_and_take_lora_a(hf.model, arch.num_attention_heads, arch.head_dim))
+        s, arch = hf.settings, hf.settings.model.architecture
+        start.update(traverse_util.flatten_dict(load_hf_weights(s.model, s.training.seed, s.cache_dir)[1]))
+        start.update(tie_and_take_lora_a(hf.model, arch["num_attention_heads"], arch["head_dim"]))
         gm.ckpts.save_params(traverse_util.unflatten_dict(start), tmp_path / "start", wait_until_finished=True)
 
     hf = loop_in_process(tmp_path / "hf", "backend=hf", *LORA, f"data.cache_dir={cache_dir}", on_start=tie_lora_a)

@@ -25,11 +25,11 @@ class State:
     replace = replace
 
 
-def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero():
+def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero(cache_dir):
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=["backend=kd", "adapter=lora128"])
-    hf, converted, _ = load_hf_weights(cfg)
+    hf, converted, _ = load_hf_weights(cfg.model, cfg.training.seed, str(cache_dir))
     model = build_model(gemma_config(hf), cfg.training.precision, cfg.adapter.rank, tokens="batch.input_ids")
     initialized = model.init(jax.random.key(cfg.training.seed), jnp.zeros((1, 8), jnp.int32))["params"]
     loaded = _Weights(converted).transform(State(params=initialized)).params  # the base weights go in; LoRA stays

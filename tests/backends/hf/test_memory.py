@@ -4,8 +4,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cbe import memory
+from cbe.backends.hf import memory
 from cbe.config import register_configs
+from cbe.loop import settings_of
 from tests.conftest import ROOT
 
 CARD_40GB = 40e9
@@ -52,7 +53,7 @@ def compose_recipe(*overrides):
 @pytest.mark.parametrize("adapter", ["full", "lora128"])
 def test_every_default_recipe_fits_a_40gb_card_or_is_refused(task, model, adapter):
     cfg = compose_recipe(f"task={task}", f"model={model}", f"adapter={adapter}")
-    plan = memory.plan_run(cfg, CARD_40GB)
+    plan = memory.plan_run(settings_of(cfg), CARD_40GB)
     if (model, adapter) == ("gemma3_12b", "full"):  # 12B weights, gradients and AdamW state: no single card holds them
         assert plan.estimate.static_bytes > CARD_40GB
     else:

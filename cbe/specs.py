@@ -1,0 +1,91 @@
+"""What the rest of cbe knows of each backend, without importing it (no framework here): the types and allowed
+values of its options (backend.trainer), its process setup, the name of its checkpoint dirs and how to tell the
+adapter of one, and the rules it adds to validation. Config, the run dir, checkpoints and plot ask this registry."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class HFOptions:
+    """The types of backend.trainer of backend=hf (its values and their meaning: conf/backend/hf.yaml)."""
+
+    _target_: str = MISSING
+    attn_implementation: str = MISSING
+    torch_compile: str = MISSING
+    gradient_checkpointing: str = MISSING
+
+
+@dataclass
+class KDOptions:
+    """The types of backend.trainer of backend=kd (its values and their meaning: conf/backend/kd.yaml)."""
+
+    _target_: str = MISSING
+    gemma_params: Optional[str] = MISSING
+    fsdp_min_size_mb: float = MISSING
+
+
+def kd_problems(config: Any, world_size: int) -> list[str]:
+    problems = []
+    if world_size > 1:
+        problems.append(
+            f"backend=kd runs as one process that drives all of its host's devices, not {world_size} processes; "
+            "start it with plain `python main.py` (SLURM: hydra.launcher.tasks_per_node=1, nodes=1); multi-host JAX "
+            "is not supported yet"
+        )
+    arch = config.model.architecture
+    if arch and arch.get("num_key_value_heads") == arch.get("num_attention_heads"):
+        # gemma would fuse q, k and v into one qkv_einsum, a layout the real models do not have.
+        problems.append("model.architecture: num_key_value_heads must be fewer than num_attention_heads for backend=kd")
+    return problems
+
+
+def hf_adapter(checkpoint: Path) -> str:
+    """A PEFT adapter dir is LoRA's, a model dir a full fine-tune's."""
+    return "lora128" if (checkpoint / "adapter_config.json").is_file() else "full"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    options: type  # backend.trainer's schema
+    checkpoint_name: str  # its checkpoint dirs, formatted with the step
+    # (config, world size) -> what this backend refuses, one line each
+    problems: Callable[[Any, int], list[str]] = lambda config, world_size: []
+    adapter_of: Callable[[Path], str | None] = lambda checkpoint: None  # the adapter a checkpoint dir says, if any
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # option -> allowed values
+    # A function (dotted path) that sets up this process among the job's processes before the backend is built.
+    process_setup: str | None = None
+
+    def wrote(self, checkpoint: Path) -> bool:
+        """Whether a dir (`latest` resolved) has the name of this backend's checkpoints."""
+        return bool(re.fullmatch(self.checkpoint_name.format(step=r"\d+"), checkpoint.resolve().name))
+
+
+SPECS = {
+    "hf": BackendSpec(
+        "hf",
+        HFOptions,
+        "checkpoint-{step}",  # HF Trainer's layout
+        adapter_of=hf_adapter,
+        # str options: `true` on the command line becomes "True"
+        choices={
+            "attn_implementation": ("auto", "varlen", "sdpa", "eager", "flex_attention"),
+            "torch_compile": ("auto", "True", "False"),
+            "gradient_checkpointing": ("auto", "True", "False"),
+        },
+        process_setup="cbe.backends.hf.trainer.setup_processes",
+    ),
+    "kd": BackendSpec("kd", KDOptions, "ckpt_{step}", problems=kd_problems),  # orbax's layout under Kauldron
+}
+
+
+def backend_of_checkpoint(checkpoint: Path) -> str | None:
+    """The backend whose checkpoint names a dir has, or None for another dir."""
+    return next((name for name, spec in SPECS.items() if spec.wrote(checkpoint)), None)
