@@ -26,10 +26,9 @@ from cbe.specs import SPECS, backend_of_checkpoint
 NOT_INHERITED = ("mode", "checkpoint", "output_root", "logging", "hydra", "experiment")
 
 
-def run_dir_of(checkpoint: str) -> Path | None:
-    """The run dir that holds a checkpoint dir (<run>/checkpoints/<name>), or None for base or a loose dir."""
-    run = None if checkpoint == "base" else RunDir.of_checkpoint(checkpoint)
-    return run.root if run else None
+def run_of(checkpoint: str) -> RunDir | None:
+    """The run that holds a checkpoint dir (<run>/checkpoints/<name>), or None for base or a loose dir."""
+    return None if checkpoint == "base" else RunDir.of_checkpoint(checkpoint)
 
 
 def _override_key(override: str) -> str:
@@ -42,22 +41,19 @@ def inherit_run_overrides(argv: list[str]) -> list[str]:
     overrides = {_override_key(a): a.split("=", 1)[1] for a in argv if "=" in a and not a.startswith("-")}
     if overrides.get("mode") != "eval" or "checkpoint" not in overrides:
         return argv
-    run = run_dir_of(overrides["checkpoint"].strip("'\""))
+    run = run_of(overrides["checkpoint"].strip("'\""))
     if run is None:
         return argv
-    inherited = [
-        o
-        for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
-        if _override_key(o).split(".")[0] not in NOT_INHERITED
-    ]
+    saved = yaml.safe_load(run.overrides.read_text()) or []
+    inherited = [o for o in saved if _override_key(o).split(".")[0] not in NOT_INHERITED]
     flags = [a for a in argv if a.startswith("-")]  # Hydra wants -m and friends before the overrides
     return [*flags, *inherited, *(a for a in argv if not a.startswith("-"))]
 
 
 def written_by(checkpoint: Path) -> tuple[str, str | None]:
     """(backend, adapter) that wrote a checkpoint dir; the adapter is None where neither the run nor the dir says."""
-    run = run_dir_of(str(checkpoint))
-    saved = yaml.safe_load((run / "config.yaml").read_text()) if run and (run / "config.yaml").is_file() else {}
+    run = run_of(str(checkpoint))
+    saved = yaml.safe_load(run.config.read_text()) if run and run.config.is_file() else {}
     backend = backend_of_checkpoint(checkpoint) or "hf"  # a loose dir: an HF model or adapter saved by hand
     return backend, (saved.get("adapter") or {}).get("name") or SPECS[backend].adapter_of(checkpoint)
 
@@ -106,40 +102,34 @@ def evaluation_name(cfg: Any) -> str:
 
 
 def model_label(name: str) -> str:
-    """`model.name` as a relative path, for a folder under output_root: a hub id as it is (google/gemma-3-1b-pt), a
-    local dir without its root and `..` (/models/mine -> models/mine, as a training run's dir names it), so that
-    joining it never leaves output_root."""
+    """`model.name` as a relative path that never leaves output_root: a hub id as it is (google/gemma-3-1b-pt), a
+    local dir without its root and `..` (/models/mine -> models/mine, as a training run's dir names it)."""
     parts = [part for part in Path(name).parts if part not in (Path(name).anchor, ".", "..")]
     return "/".join(parts) or "model"
 
 
 def eval_run_dir(cfg: Any) -> str:
     """The run dir of a composed `mode=eval` config."""
-    run = run_dir_of(cfg.checkpoint)
-    if run is not None:
-        where = run / "eval" / Path(cfg.checkpoint).resolve().name
-    else:
-        label = "base" if cfg.checkpoint == "base" else Path(cfg.checkpoint).resolve().name
-        where = (
-            Path(cfg.output_root)
-            / cfg.logging.project_name
-            / cfg.task.name
-            / f"{model_label(cfg.model.name)}-{cfg.adapter.name}-{cfg.backend.name}"
-            / "eval"
-            / label
-        )
-    return str(where / evaluation_name(cfg))
+    label = "base" if cfg.checkpoint == "base" else Path(cfg.checkpoint).resolve().name
+    run = run_of(cfg.checkpoint)
+    if run is None:  # base or a checkpoint outside a run dir
+        setup = f"{model_label(cfg.model.name)}-{cfg.adapter.name}-{cfg.backend.name}"
+        run = RunDir(Path(cfg.output_root, cfg.logging.project_name, cfg.task.name, setup))
+    return str(run.evaluations / label / evaluation_name(cfg))
 
 
 def eval_dir_override(argv: list[str]) -> list[str]:
     """The argv pre-pass's `hydra.run.dir=...` of a single `mode=eval` (its eval_run_dir), named here from the
-    composed config, before Hydra composes it for the run: composing imports no evaluator. None for a training run,
-    a multirun (its sweep dir) or a run dir given on the command line."""
+    composed config, before Hydra composes it for the run: composing imports no evaluator. Nothing for a training
+    run, a multirun (its sweep dir) or a run dir given on the command line."""
     overrides = [a for a in argv if not a.startswith("-")]
     if "mode=eval" not in overrides or len(overrides) < len(argv) or any("hydra.run.dir=" in o for o in overrides):
         return []
     from hydra import compose, initialize_config_dir
 
+    from cbe.config import register_configs  # (cbe.config imports this module)
+
+    register_configs()
     try:
         with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base=None):
             where = eval_run_dir(compose("config", overrides=overrides))

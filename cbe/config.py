@@ -1,8 +1,6 @@
-"""The config schema (one dataclass per section, registered in Hydra's ConfigStore) and its validation.
-
-Hydra checks key names and types against these dataclasses while composing; `validate` adds the
-rules that span keys, and both report a mistake as one line naming the key.
-"""
+"""The config schema (one dataclass per section, registered in Hydra's ConfigStore) and its validation: Hydra checks
+key names and types against these dataclasses while composing, `validate` adds the rules that span keys, and both
+report a mistake as one line naming the key."""
 
 from __future__ import annotations
 
@@ -167,9 +165,8 @@ class Config:
     checkpoint: Optional[str] = None  # mode=eval: a checkpoint dir (full model or LoRA adapter) or `base`
 
 
-# conf/hydra/launcher/ ships our defaults under the plugin's own option names, checked against its schema;
-# Hydra warns about that pairing. Filtered here, at import, so that submitit's job processes (which import this
-# module before composing the job's config) stay quiet too.
+# conf/hydra/launcher/ ships our defaults under the plugin's own option names, which Hydra warns about. Filtered at
+# import, so that submitit's job processes (which import this module before composing their config) stay quiet too.
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 
@@ -225,11 +222,10 @@ FREE_FORM = ("data.extra_qa_paths", "model.architecture", "logging.loggers")
 def _refuse_unknown_keys(cfg: DictConfig) -> None:
     """A key no section has (`+training.bogus=1`, `+eval.foo=1`, `backend.trainer.torch_compile` of backend=kd)
     stops the run, naming the valid keys: Hydra's `+` adds keys even to the schema's sections."""
-    sections = {f.name: f.default_factory() for f in fields(Config) if callable(f.default_factory)}
-    allowed = {
-        "": [f.name for f in fields(Config)],
-        **{name: [f.name for f in fields(section)] for name, section in sections.items()},
-    }
+    allowed = {"": [f.name for f in fields(Config)]}
+    for section in fields(Config):
+        if callable(section.default_factory):  # a section's dataclass
+            allowed[section.name] = [f.name for f in fields(section.default_factory)]
     if cfg.backend.name in SPECS:
         allowed["backend.trainer"] = [f.name for f in fields(SPECS[cfg.backend.name].options)]
     for where, known in allowed.items():

@@ -181,10 +181,8 @@ def summarize_retention(
         key = keys.metric_key(keys.RETENTION, metric)
         g = [_number(results.get(step, {}).get(key)) for step in steps]
         drop = None if g[0] is None or g[-1] is None else g[0] - g[-1]
-        ci = None
-        if scores and drop is not None:
-            resampled = paired_resamples(scores[metric])  # rows: G_0 and G_T
-            ci = _ci95(resampled[:, 0, 0] - resampled[:, 1, 0])
+        resampled = paired_resamples(scores[metric]) if scores and drop is not None else None  # rows: G_0 and G_T
+        ci = None if resampled is None else _ci95(resampled[:, 0, 0] - resampled[:, 1, 0])
         entries[key] = {"g": g, "g0_minus_gt": drop, "g0_minus_gt_ci95": ci, "steps": steps}
     return entries
 
@@ -246,9 +244,8 @@ def describe_summary(summary: dict[str, Any], stages: list[str]) -> str:
             drop = _text(entry["g0_minus_gt"], entry["g0_minus_gt_ci95"])
             lines.append(f"{key}: G after stages 0..{len(entry['g']) - 1}: {g}; G_0 - G_T {drop}")
             continue
-        lines.append(
-            f"{key}: " + "  ".join(f"{label} {_text(entry[n], entry[keys.ci95(n)])}" for n, label in NUMBERS.items())
-        )
+        numbers = "  ".join(f"{label} {_text(entry[n], entry[keys.ci95(n)])}" for n, label in NUMBERS.items())
+        lines.append(f"{key}: {numbers}")
         if qa_set == "valqa":
             names = stages if len(stages) == len(entry["n"]) else [str(j + 1) for j in range(len(entry["n"]))]
             lines.append(" " * 14 + "".join(f"{name:>8}" for name in names))
@@ -265,8 +262,7 @@ def _report(run: RunDir, summary: dict[str, Any], notes: list[str], names: list[
 
 def write_continual_summary(run_dir: str | Path) -> str:
     """Summarize a finished staged run from its files, write metrics/continual_summary.json and return the text."""
-    summary, notes = continual_summary(run_dir)
-    return _report(RunDir(run_dir), summary, notes, stage_names(run_dir))
+    return _report(RunDir(run_dir), *continual_summary(run_dir), stage_names(run_dir))
 
 
 class StageRecorder:
@@ -336,8 +332,5 @@ def build_retention_set(details_path: str | Path, qa_path: str | Path, output: s
         raise UserError(f"{details_path}: the model answered no question exactly; no retention set to write")
     write_jsonl_atomic(output, kept)
     unasked = sum(k not in asked for k in key)
-    return (
-        f"kept {len(kept)} of {len(records)} questions of {qa_path} (answered exactly)"
-        + (f"; {unasked} were not in the details file and are left out" if unasked else "")
-        + f"; wrote {output}"
-    )
+    left_out = f"; {unasked} were not in the details file and are left out" if unasked else ""
+    return f"kept {len(kept)} of {len(records)} questions of {qa_path} (answered exactly){left_out}; wrote {output}"

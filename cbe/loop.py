@@ -9,8 +9,7 @@ fresh run. The loop tells its listeners (a staged run's cbe.continual.StageRecor
 
 A re-run resumes from `checkpoints/latest` and first drops the metric lines after it (a fresh run drops them all):
 steps past the last checkpoint are trained and evaluated again, and written exactly once. Evaluating before saving
-keeps that true: a kill between an evaluation and its checkpoint only repeats work.
-"""
+keeps that true: a kill between an evaluation and its checkpoint only repeats work."""
 
 from __future__ import annotations
 
@@ -62,23 +61,14 @@ def next_event(step: int, cfg: DictConfig, end: int | None = None) -> int:
 class Loop:
     """Trains (mode=train) or evaluates a checkpoint (mode=eval) through a backend."""
 
-    def __init__(
-        self,
-        cfg: DictConfig,
-        run: RunDir,
-        backend: Backend,
-        evaluator: QAEvaluator,
-        loggers: Loggers,
-        listeners: tuple[Any, ...] = (),
-    ):
+    def __init__(self, cfg: DictConfig, run: RunDir, backend: Backend, evaluator: QAEvaluator, loggers: Loggers):
         self.cfg, self.run, self.backend, self.evaluator, self.loggers = cfg, run, backend, evaluator, loggers
-        self.listeners = list(listeners)
+        self.listeners: list[Any] = []  # what `emit` tells; train adds a staged run's StageRecorder
 
     def emit(self, event: str, *args: Any) -> None:
         """Tell every listener that handles `event` (on_eval, on_stage_end, on_save, on_end)."""
         for listener in self.listeners:
-            if hasattr(listener, event):
-                getattr(listener, event)(*args)
+            getattr(listener, event, lambda *_: None)(*args)
 
     def rows(self, path: str, name: str) -> PackedRows:
         """One corpus file, tokenized (cached) and laid out as data.packing says, its layout printed to the run log."""
@@ -98,8 +88,7 @@ class Loop:
 
     def evaluate_stage_end(self, after: int, step: int) -> None:
         """Evaluate after stage `after` (0: the base model): every stage's QA sets, a row of the accuracy matrix."""
-        metrics = self.evaluate(step, after)
-        self.emit("on_stage_end", after, step, metrics, self.evaluator.last_details)
+        self.emit("on_stage_end", after, step, self.evaluate(step, after), self.evaluator.last_details)
 
     def train(self) -> None:
         cfg, t, run = self.cfg, self.cfg.training, self.run

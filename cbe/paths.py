@@ -1,7 +1,6 @@
-"""Where a relative path of the config points: the working directory first, then the project (the checkout
-holding conf/ and cbe/, where cbe is installed from), so the files that ship with cbe (the sample tracks,
-conf/prompts/, the tiny model's tokenizer) are found from any directory while a user's own files keep the
-usual meaning of a relative path. cbe.config.validate applies it to every input file the config names."""
+"""Where a relative path of the config points: the working directory first, then the project (the checkout holding
+conf/ and cbe/), so the files that ship with cbe (the sample tracks, conf/prompts/, the tiny model's tokenizer) are
+found from any directory while a user's own files keep their usual meaning. cbe.config.validate applies it to inputs."""
 
 from __future__ import annotations
 

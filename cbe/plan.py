@@ -1,8 +1,7 @@
 """The run's plan, fixed before it trains: its stages, the rows of every optimizer step and its learning rate.
 
 A run without data.stages is one stage. A staged run trains its stages in turn, each for its own steps, the
-schedule per stage or over the run (continual.schedule), optionally replaying earlier stages' rows.
-"""
+schedule per stage or over the run (continual.schedule), optionally replaying earlier stages' rows."""
 
 from __future__ import annotations
 
@@ -33,10 +32,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_fraction: float, schedule:
 def learning_rates(optimizer: DictConfig, total_steps: int) -> np.ndarray:
     """The learning rate of every optimizer step of a run."""
     o = optimizer
-    multipliers = [
-        lr_multiplier(s, total_steps, o.warmup_fraction, o.schedule, o.end_lr_fraction) for s in range(total_steps)
-    ]
-    return o.lr * np.array(multipliers)
+    return o.lr * np.array(
+        [lr_multiplier(s, total_steps, o.warmup_fraction, o.schedule, o.end_lr_fraction) for s in range(total_steps)]
+    )
 
 
 @dataclass(frozen=True)
@@ -66,11 +64,6 @@ def stages_of(cfg: DictConfig) -> list[Stage]:
     return stages
 
 
-def replayed_rows(fraction: float, batch: int) -> int:
-    """Rows of each batch that replay earlier stages: fraction x batch, rounded down."""
-    return int(round(fraction * batch, 6))
-
-
 def batch_plan(cfg: DictConfig, stages: list[Stage], rows: list[PackedRows]) -> np.ndarray:
     """[steps, effective batch] row indices into the stages' rows put end to end: each stage reads its own rows in
     `training_order` (seeded by training.seed + its index), and after the first, continual.replay_fraction of each
@@ -79,7 +72,7 @@ def batch_plan(cfg: DictConfig, stages: list[Stage], rows: list[PackedRows]) -> 
     offsets = np.cumsum([0] + [len(r) for r in rows])
     plan = []
     for k, (stage, stage_rows) in enumerate(zip(stages, rows)):
-        replay = replayed_rows(cfg.continual.replay_fraction, batch) if k else 0
+        replay = int(round(cfg.continual.replay_fraction * batch, 6)) if k else 0  # rounded down
         fresh = batch - replay
         own = offsets[k] + training_order(len(stage_rows), stage.steps * fresh, t.seed + k).reshape(-1, fresh)
         past = [

@@ -32,8 +32,7 @@ from cbe.specs import backend_of_checkpoint
 
 DEFAULT_METRIC = "valqa_fuzzy_match"
 BENCHMARK_JAX = "benchmark-jax"  # the backend label of a JAX run of the benchmark's own harness
-# A benchmark JAX run's TensorBoard subfolders, and the tag of the loss each holds.
-BENCHMARK_LOSSES = {"train": "loss", "eval_loss": "eval_loss"}
+BENCHMARK_LOSSES = {"train": "loss", "eval_loss": "eval_loss"}  # its TensorBoard subfolders -> the tag of their loss
 
 Series = list[tuple[int, float]]
 
@@ -130,8 +129,7 @@ def gather_run(folder: Path, run: Path, metric: str) -> RunCurves:
     if is_benchmark_jax_run(run):
         return gather_benchmark_jax_run(name, run)
     results = sorted(read_jsonl(RunDir(run).eval_results), key=lambda r: r["step"])
-    scalars = read_tensorboard_scalars(RunDir(run).tensorboard)
-    train_loss = sorted(scalars.get("train/loss", {}).items())
+    train_loss = sorted(read_tensorboard_scalars(RunDir(run).tensorboard).get("train/loss", {}).items())
     curves = RunCurves(
         name=name,
         backend=backend_of(run),
@@ -180,9 +178,9 @@ def gather_runs(folder: str | Path, metric: str = DEFAULT_METRIC) -> list[RunCur
         )
     ours = [run for run in run_dirs if not is_benchmark_jax_run(run)]
     if ours and not any(r.metric or r.stage_metric for r in runs):
-        keys = sorted({k for run in ours for k in metric_keys(run)})
+        known = sorted({k for run in ours for k in metric_keys(run)})
         raise UserError(
-            f"no run under {folder} has {metric!r} in eval_results.jsonl; try --metric with one of {', '.join(keys)}"
+            f"no run under {folder} has {metric!r} in eval_results.jsonl; try --metric with one of {', '.join(known)}"
         )
     return runs
 
@@ -191,7 +189,7 @@ def pyplot():
     """matplotlib's pyplot, drawing to files only (no display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, no display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

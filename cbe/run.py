@@ -38,11 +38,8 @@ def is_main_process() -> bool:
 
 def adopt_slurm_ranks() -> None:
     """In a multi-task SLURM job launched by submitit, set torch.distributed's variables as torchrun would."""
-    if (
-        os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-        and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        and "RANK" not in os.environ
-    ):
+    env = os.environ
+    if env.get("SUBMITIT_EXECUTOR") == "slurm" and int(env.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in env:
         from submitit.helpers import TorchDistributedEnvironment
 
         # Every task sees all of the node's GPUs and picks its own by LOCAL_RANK.
@@ -91,9 +88,7 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> N
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file the harness wrote itself (user data goes through cbe.data.jsonl)."""
     path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def step_of(checkpoint: Path) -> int:
@@ -184,6 +179,7 @@ class RunDir:
         self.stage_matrix = self.eval_results.with_name("stage_matrix.jsonl")  # a run with stages (cbe.continual)
         self.summary = self.eval_results.with_name("continual_summary.json")
         self.eval_details = self.root / "eval_details"
+        self.evaluations = self.root / "eval"  # each mode=eval of its checkpoints: eval/<checkpoint>/<what>/
         self.plots = self.root / "plots"
 
     def __fspath__(self) -> str:
@@ -283,12 +279,11 @@ class RunDir:
 
     def prune_checkpoints(self, keep: int) -> None:
         """Delete all but the newest `keep` checkpoints (never the one `latest` points at)."""
-        if not is_main_process():
-            return
-        saved = self.saved_checkpoints()
-        for old in saved[: max(0, len(saved) - keep)]:
-            if old != self.latest_checkpoint():
-                shutil.rmtree(old)
+        if is_main_process():
+            saved = self.saved_checkpoints()
+            for old in saved[: max(0, len(saved) - keep)]:
+                if old != self.latest_checkpoint():
+                    shutil.rmtree(old)
 
     # -- metrics -------------------------------------------------------------------------------
     def append_eval_result(self, metrics: dict[str, Any]) -> None:
@@ -297,12 +292,17 @@ class RunDir:
 
     def drop_metrics_after(self, step: int) -> None:
         """On resume, forget evaluations and matrix rows newer than the checkpoint: recomputed, never duplicated."""
-        if not is_main_process():
-            return
-        for path in (self.eval_results, self.stage_matrix):
-            if path.exists():
-                write_jsonl_atomic(path, [m for m in read_jsonl(path) if m["step"] <= step])
+        if is_main_process():
+            for path in (self.eval_results, self.stage_matrix):
+                if path.exists():
+                    write_jsonl_atomic(path, [m for m in read_jsonl(path) if m["step"] <= step])
 
     def details_path(self, qa_set: str, step: int) -> Path:
         """The eval_details file of a QA set's evaluation at `step`."""
         return self.eval_details / f"{qa_set}_step_{step:06d}.jsonl"
+
+    @staticmethod
+    def details_set(details: Path) -> str | None:
+        """The QA set a details file's name says (details_path's), None for a file named otherwise."""
+        match = re.fullmatch(r"(.+)_step_\d+", details.stem)
+        return match[1] if match else None

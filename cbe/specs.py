@@ -46,22 +46,17 @@ def kd_problems(config: Any, world_size: int) -> list[str]:
     return problems
 
 
-def hf_adapter(checkpoint: Path) -> str:
-    """A PEFT adapter dir is LoRA's, a model dir a full fine-tune's."""
-    return "lora128" if (checkpoint / "adapter_config.json").is_file() else "full"
-
-
 @dataclass(frozen=True)
 class BackendSpec:
+    """One backend as the rest of cbe knows it."""
+
     name: str
     options: type  # backend.trainer's schema
     checkpoint_name: str  # its checkpoint dirs, formatted with the step
-    # (config, world size) -> what this backend refuses, one line each
-    problems: Callable[[Any, int], list[str]] = lambda config, world_size: []
+    problems: Callable[[Any, int], list[str]] = lambda config, world_size: []  # what it refuses, one line each
     adapter_of: Callable[[Path], str | None] = lambda checkpoint: None  # the adapter a checkpoint dir says, if any
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # option -> allowed values
-    # A function (dotted path) that sets up this process among the job's processes before the backend is built.
-    process_setup: str | None = None
+    process_setup: str | None = None  # (dotted path) this process's device and process group, before it is built
 
     def wrote(self, checkpoint: Path) -> bool:
         """Whether a dir (`latest` resolved) has the name of this backend's checkpoints."""
@@ -73,7 +68,8 @@ SPECS = {
         "hf",
         HFOptions,
         "checkpoint-{step}",  # HF Trainer's layout
-        adapter_of=hf_adapter,
+        # A PEFT adapter dir is LoRA's, a model dir a full fine-tune's.
+        adapter_of=lambda checkpoint: "lora128" if (checkpoint / "adapter_config.json").is_file() else "full",
         # str options: `true` on the command line becomes "True"
         choices={
             "attn_implementation": ("auto", "varlen", "sdpa", "eager", "flex_attention"),

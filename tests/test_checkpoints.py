@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cbe.checkpoints import check_checkpoint, evaluation_name, inherit_run_overrides, written_by
+from cbe.checkpoints import check_checkpoint, eval_dir_override, evaluation_name, inherit_run_overrides, written_by
 from cbe.config import validate
 from cbe.errors import UserError
+from tests.conftest import ROOT
 from tests.test_config import compose_config
 
 
@@ -130,3 +131,25 @@ def test_sampled_evaluations_are_named_apart_and_greedy_ones_as_before():
     assert len(names) == 5 and name() not in names  # each setting changes the answers, hence the name
     # Greedy decoding ignores top_k, top_p and seed: the name every greedy evaluation has had.
     assert name("eval.top_k=40", "eval.top_p=0.9", "eval.seed=1") == name() == "valqa+testqa-" + name()[-8:]
+
+
+def test_the_eval_dir_is_named_before_composing_and_composing_imports_no_evaluator(tmp_path):
+    """main.py's argv pre-pass names a single mode=eval's run dir (its QA sets and settings hash); a training run,
+    a multirun and a run dir given on the command line are left alone; composing a mode=eval config then resolves
+    without the evaluator."""
+    argv = ["mode=eval", "checkpoint=base", f"output_root={tmp_path}"]
+    (override,) = eval_dir_override(argv)
+    name = evaluation_name(compose_config(*argv))
+    assert override == f"hydra.run.dir='{tmp_path}/cbe/sample/tiny-full-hf/eval/base/{name}'"
+    assert eval_dir_override(["-m", *argv]) == eval_dir_override(["training.seed=1"]) == []
+    assert eval_dir_override([*argv, "hydra.run.dir=/somewhere"]) == []
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tests.test_config import compose_config; "
+        "cfg = compose_config('mode=eval', 'checkpoint=base'); from omegaconf import OmegaConf; "
+        "OmegaConf.to_container(cfg, resolve=True); print('cbe.eval.evaluator' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "False"

@@ -70,10 +70,9 @@ class Backend(Protocol):
 
 
 def answer_ended(text: str, stop_strings: Sequence[str]) -> bool:
-    """A generated answer is complete at a stop string where it starts a word (the template's question marker, e.g.
-    "Q:" at the start or after whitespace: the model asks itself the next question; not the "Q:" of "FAQ:", as
-    cbe.eval.parse cuts) or at a newline after its first non-blank text; a newline before it is not an end, so an
-    answer that starts with "\n" is not empty."""
+    """A generated answer is complete at a stop string that starts a word (the template's question marker, e.g. "Q:"
+    at the start or after whitespace, not the "Q:" of "FAQ:", as cbe.eval.parse cuts: the model asks itself the next
+    question) or at a newline after its first non-blank text (so an answer that starts with "\n" is not empty)."""
     return bool(marker_at_word_start(stop_strings).search(text)) or "\n" in text.lstrip()
 
 

@@ -107,19 +107,17 @@ class QAEvaluator:
 
     def score(self, records: Sequence[dict[str, Any]], raw_predictions: Sequence[str]) -> list[dict[str, Any]]:
         """One details record per question: what scoring, judging and strata need, never the whole (large) QA record."""
-        details = []
-        for record, raw in zip(records, raw_predictions):
-            details.append(
-                {
-                    "question": record["question"],
-                    "ground_truth": record["answer"],
-                    **strata_fields(record),
-                    "prompt": self.prompt(record),
-                    "raw_prediction": raw,
-                    **score_answer(raw, record["answer"], self.parser, record["question"], self.stop_strings),
-                }
-            )
-        return details
+        return [
+            {
+                "question": record["question"],
+                "ground_truth": record["answer"],
+                **strata_fields(record),
+                "prompt": self.prompt(record),
+                "raw_prediction": raw,
+                **score_answer(raw, record["answer"], self.parser, record["question"], self.stop_strings),
+            }
+            for record, raw in zip(records, raw_predictions)
+        ]
 
     def evaluate(self, model: Model, step: int) -> dict[str, Any]:
         """eval_loss on the validation corpus and every QA metric, as one flat dict for the loggers."""
@@ -137,22 +135,15 @@ class QAEvaluator:
                 print(f"prompt of the first {name} question: {self.prompt(records[0])!r}", flush=True)
             self.prompt_shown = True
         for name, records in self.qa_sets.items():
-            raw = model.generate(
-                [self.prompt(r) for r in records],
-                self.max_new_tokens,
-                self.batch_size,
-                self.stop_strings,
-                sampling=self.sampling,
-            )
+            prompts = [self.prompt(r) for r in records]
+            raw = model.generate(prompts, self.max_new_tokens, self.batch_size, self.stop_strings, self.sampling)
             details = self.last_details[name] = self.score(records, raw)
             if is_main_process():
                 write_jsonl_atomic(self.run.details_path(name, step), details)
             metrics |= summarize(details, self.support_thresholds, qa_set=name)
         if self.save_details and is_main_process():
-            write_jsonl_atomic(
-                self.save_details,
-                [{"qa_set": name, **d} for name, details in self.last_details.items() for d in details],
-            )
+            all_details = [{"qa_set": name, **d} for name, details in self.last_details.items() for d in details]
+            write_jsonl_atomic(self.save_details, all_details)
         return metrics
 
     def loss_metrics(self, model: Model, rows: Any) -> dict[str, float]:
@@ -169,11 +160,8 @@ class QAEvaluator:
             return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
         width = max([18, *(len(name) + 2 for name in self.qa_sets)])
-        loss = (
-            "not measured"
-            if metrics["eval_loss"] is None
-            else f"{metrics['eval_loss']:.4f} on {metrics['eval_loss_data']}"
-        )
+        eval_loss = metrics["eval_loss"]
+        loss = "not measured" if eval_loss is None else f"{eval_loss:.4f} on {metrics['eval_loss_data']}"
         lines = [
             f"step {metrics['step']}  eval_loss {loss}",
             f"{'set':<{width}}{'n':>6}"

@@ -260,9 +260,6 @@ def read_judged(path: Path, records: Sequence[dict[str, Any]]) -> dict[int, dict
 
 
 # -- the run's settings -------------------------------------------------------------------------------
-DETAILS_NAME = re.compile(r"(?P<qa_set>.+)_step_\d+")  # RunDir.details_path's <set>_step_<NNNNNN>
-
-
 def _started_in(run: RunDir) -> Path | None:
     """The dir the run started in (Hydra's .hydra/hydra.yaml, else None), which its config's paths resolve against."""
     try:
@@ -278,10 +275,9 @@ def _configured_qa(run: RunDir, config: dict[str, Any], input_path: Path) -> tup
 
     from cbe.eval.evaluator import qa_paths
 
-    match = DETAILS_NAME.fullmatch(input_path.stem)
-    if not match:
+    qa_set = RunDir.details_set(input_path)
+    if qa_set is None:
         return None, f"{input_path.name} is not named <set>_step_<N>.jsonl, so its QA set is not known"
-    qa_set = match["qa_set"]
     try:
         retention = (config.get("continual") or {}).get("retention_qa_path")
         paths = qa_paths(OmegaConf.create(config["data"]), (config.get("eval") or {}).get("qa_data"), retention)

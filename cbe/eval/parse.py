@@ -21,24 +21,16 @@ def marker_at_word_start(markers: Sequence[str]) -> re.Pattern[str]:
     return re.compile("|".join(rf"(?<!\S){re.escape(m)}" for m in markers if m) or r"(?!)")  # none: no match
 
 
-def cut_at_marker(text: str, markers: Sequence[str] = DEFAULT_MARKERS) -> str:
-    """The text before the first marker that starts a word (all of it where none does)."""
-    match = marker_at_word_start(markers).search(text)
-    return text[: match.start()] if match else text
-
-
 def parse_answer(raw: str, markers: Sequence[str] = DEFAULT_MARKERS) -> str:
     """Cut at a re-emitted question (a marker starting a word), keep the first non-empty line, strip one period."""
-    text = cut_at_marker(raw, markers)
+    match = marker_at_word_start(markers).search(raw)
+    text = raw[: match.start()] if match else raw
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return line[:-1].rstrip() if line.endswith(".") else line
 
 
 # One parser per task, chosen by eval.parser, given a raw answer and the template's question markers. The tracks share
 # the answer convention; finegrained_geminon also scores "types of" questions type by type (score_answer).
-PARSERS: dict[str, Callable[[str, Sequence[str]], str]] = {
-    "default": parse_answer,
-    "news": parse_answer,
-    "geminon": parse_answer,
-    "finegrained_geminon": parse_answer,
-}
+PARSERS: dict[str, Callable[[str, Sequence[str]], str]] = dict.fromkeys(
+    ("default", "news", "geminon", "finegrained_geminon"), parse_answer
+)

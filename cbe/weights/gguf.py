@@ -5,8 +5,7 @@ package. transformers can read a GGUF, but every load re-parses and dequantizes 
 comes back flagged as quantized, so Trainer will not train it and `save_pretrained` will not save it. So we dequantize
 once, rebuild a plain model from the config without its `quantization_config`, and save a float32 safetensors
 checkpoint that reloads in seconds and trains like any other. Its weights are the Q4_K_M values (exactly, in
-float32), not the original bf16 release. Building it needs torch for now (imported only then); reading it does not.
-"""
+float32), not the original bf16 release. Building it needs torch for now (imported only then); reading it does not."""
 
 from pathlib import Path
 

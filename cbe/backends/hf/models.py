@@ -10,24 +10,16 @@ from transformers import AutoModelForCausalLM
 
 from cbe.backends.base import Settings
 from cbe.backends.hf.attention import attention_implementation
-from cbe.config import ModelConfig
-from cbe.weights import reader
 from cbe.weights.gguf import materialize_gemma3_270m
 from cbe.weights.init import init_model
-from cbe.weights.reader import from_pretrained, hub_id
+from cbe.weights.reader import from_pretrained, hub_id, load_tokenizer
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    """The weights' dtype for training.precision: `auto` is bf16 where a GPU runs it and fp32 on the CPU; `bf16` is
-    pure bf16 anywhere (the benchmark's), `fp32` fp32 anywhere."""
+    """The weights' dtype for training.precision: `auto` is bf16 where a GPU runs it, else fp32; the others hold."""
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def load_tokenizer(model: ModelConfig, checkpoint_dir: Path | None = None):
-    """The tokenizer named by model.tokenizer, or the model's own."""
-    return reader.load_tokenizer(model.tokenizer or checkpoint_dir or hub_id(model.name))
 
 
 def load_model_and_tokenizer(settings: Settings, attn_implementation: str = "sdpa"):
@@ -52,21 +44,20 @@ def load_checkpoint(settings: Settings, checkpoint: str, attn_implementation: st
         ), tokenizer
     dtype = compute_dtype(settings.training.precision)
     model = from_pretrained(AutoModelForCausalLM, str(path), dtype=dtype, attn_implementation=attn_implementation)
-    return model, load_tokenizer(settings.model, path)
+    return model, load_tokenizer(settings.model.tokenizer or path)
 
 
 def load_base_model(settings: Settings, attn: str = "sdpa"):
-    """The base model (not yet adapted) and its tokenizer, by model.source."""
+    """The base model (not yet adapted) and its tokenizer (model.tokenizer, or the model's own), by model.source."""
     dtype = compute_dtype(settings.training.precision)
+    path = hub_id(settings.model.name)
     if settings.model.source == "init":
-        tokenizer = load_tokenizer(settings.model)
+        tokenizer = load_tokenizer(settings.model.tokenizer or path)
         return init_model(settings.model.architecture, tokenizer, settings.training.seed, attn).to(dtype), tokenizer
     if settings.model.source == "gguf":
         path = str(materialize_gemma3_270m(Path(settings.cache_dir).expanduser() / "models"))
-    else:
-        path = hub_id(settings.model.name)
     model = from_pretrained(AutoModelForCausalLM, path, dtype=dtype, attn_implementation=attn)
-    return model, load_tokenizer(settings.model, Path(path) if settings.model.source == "gguf" else None)
+    return model, load_tokenizer(settings.model.tokenizer or path)
 
 
 def apply_adapter(model, settings: Settings):

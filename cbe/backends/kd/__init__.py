@@ -7,10 +7,9 @@ import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # kauldron imports TensorFlow; keep its start-up noise out
-# TensorFlow announces its oneDNN kernels (after absl's "All log messages before absl::InitializeLog" line) at every
-# load of its native library, even at TF_CPP_MIN_LOG_LEVEL=2; the filter below reaches only our own import, not a load
-# elsewhere or in a child process. We compute nothing with TensorFlow (kauldron imports it; our data pipeline is numpy
-# and grain; a KD run's losses stay the same to the last digit), so switching them off changes nothing we use.
+# TensorFlow announces its oneDNN kernels whenever its native library loads, even at TF_CPP_MIN_LOG_LEVEL=2, and the
+# filter below reaches only our own import, not a load elsewhere or in a child process. Switching them off is safe: we
+# compute nothing with TensorFlow (our data is numpy and grain; a KD run's losses stay the same to the last digit).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # XLA's CPU backend (jax 0.8) can reuse weights it cached from an earlier call when a donated train state
 # hands the same buffers back with new values: training then silently diverges from HF (measured: loss after

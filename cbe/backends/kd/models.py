@@ -2,8 +2,7 @@
 
 The HF checkpoint (hub, the offline 270M GGUF, or the tiny model's seeded random init) is the one source of truth
 for both backends: its config becomes gemma's TransformerConfig and its weights, read without torch (cbe.weights),
-are converted by cbe.backends.kd.convert. `backend.trainer.gemma_params` loads an official gemma checkpoint instead.
-"""
+are converted by cbe.backends.kd.convert. `backend.trainer.gemma_params` loads an official gemma checkpoint instead."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ _QUERY_SCALE = gm.nn.config.QueryPreAttentionNormalisation
 
 
 def param_dtype(precision: str) -> jnp.dtype:
-    """The weights' dtype for training.precision (as the HF backend): `auto` is bf16 on accelerators and fp32 on
-    the CPU; `bf16` and `fp32` hold anywhere."""
+    """The weights' dtype for training.precision, as the HF backend's: `auto` is fp32 on the CPU, bf16 elsewhere."""
     if precision == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return jnp.bfloat16 if precision == "bf16" else jnp.float32
@@ -75,15 +73,12 @@ def block_causal_mask(positions: jax.Array) -> jax.Array:
     """[B, L, L] bool: a token sees earlier tokens of its own document (documents start where positions reset)."""
     document = jnp.cumsum(positions == 0, axis=-1)
     same = document[:, :, None] == document[:, None, :]
-    length = positions.shape[-1]
-    return same & jnp.tril(jnp.ones((length, length), dtype=bool))
+    return same & jnp.tri(positions.shape[-1], dtype=bool)
 
 
 class PackedGemma3(gm.nn.Transformer):
-    """gemma's Transformer over packed rows: the attention mask is built on device from the position ids.
-
-    (Without an explicit mask gemma would treat token id 0 as padding and let documents see each other.)
-    """
+    """gemma's Transformer over packed rows: the attention mask is built on device from the position ids (without
+    one gemma would treat token id 0 as padding and let documents see each other)."""
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, **kwargs):
         if attention_mask is None and positions is not None:
@@ -92,11 +87,7 @@ class PackedGemma3(gm.nn.Transformer):
 
 
 def build_model(
-    config: gm.nn.config.TransformerConfig,
-    precision: str,
-    lora_rank: int = 0,
-    adapter_dtype: str = "bf16",
-    **keys: str,
+    config: gm.nn.config.TransformerConfig, precision: str, lora_rank: int = 0, adapter_dtype: str = "bf16", **keys: str
 ):
     """The model Kauldron trains: keys name the batch fields it reads (tokens=..., positions=...). LoRA's weights
     are bf16 where the model's are and adapter.dtype says so, fp32 otherwise."""
@@ -127,5 +118,4 @@ def load_gemma_params(path: str) -> dict[str, Any]:
     """An official gemma checkpoint (orbax), e.g. from Kaggle, instead of the converted HF weights."""
     if not Path(path).exists():
         raise UserError(f"backend.trainer.gemma_params={path}: no such checkpoint")
-    params = gm.ckpts.load_params(path)
-    return jax.tree.map(np.asarray, params)
+    return jax.tree.map(np.asarray, gm.ckpts.load_params(path))
