@@ -29,7 +29,7 @@ def backends(tmp_path_factory):
 
 
 def raw_answers(backend, evaluator) -> dict[str, list[str]]:
-    evaluator.evaluate(backend, 0, None)
+    evaluator.evaluate(backend, 0)
     return {name: [d["raw_prediction"] for d in details] for name, details in evaluator.last_details.items()}
 
 
