@@ -285,8 +285,7 @@ class StageRecorder:
             self._keep(keys.RETENTION, step, details[keys.RETENTION])
 
     def on_stage_end(self, after: int, step: int, metrics: dict, details: dict[str, list[dict]]) -> None:
-        """After stage `after` (0: the base model): R[after][j] of every stage j, to metrics/stage_matrix.jsonl."""
-        self.on_eval(step, metrics, details)
+        """After stage `after` (0: the base model; on_eval has seen it): R[after][j] to metrics/stage_matrix.jsonl."""
         rows = {line["step"] for line in self.lines} | {step}  # retention scores between rows are not needed
         self.scores = {k: v for k, v in self.scores.items() if k[0] != keys.RETENTION or k[1] in rows}
         for j, name in enumerate(self.names, 1):
