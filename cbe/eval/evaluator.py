@@ -15,7 +15,7 @@ from cbe.data.jsonl import load_qa, strata_fields
 from cbe.data.packing import PackedRows, corpus_rows
 from cbe.eval import keys
 from cbe.eval.metrics import MATCHES, eval_loss_metrics, score_answer, summarize
-from cbe.eval.parse import question_markers as stop_strings
+from cbe.eval.parse import question_markers
 from cbe.run import RunDir, is_main_process, write_jsonl_atomic
 
 
@@ -85,7 +85,7 @@ class QAEvaluator:
         self.run, self.data = run, data
         self.sampling = Sampling(float(temperature), int(top_k), float(top_p), int(seed))  # temperature 0: greedy
         self.prompt_template = unescape(prompt_template)
-        self.stop_strings = stop_strings(self.prompt_template)
+        self.stop_strings = question_markers(self.prompt_template)
         self.prefix = few_shot_prefix(prompt_prefix_file)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.parser = parser

@@ -15,8 +15,8 @@ from cbe.backends.sampling import GREEDY, Sampling
 from cbe.config import EvalConfig, validate
 from cbe.data.jsonl import load_qa
 from cbe.data.packing import document_rows
-from cbe.eval.evaluator import QAEvaluator, stop_strings, unescape
-from cbe.eval.parse import DEFAULT_MARKERS
+from cbe.eval.evaluator import QAEvaluator, unescape
+from cbe.eval.parse import DEFAULT_MARKERS, question_markers
 from cbe.run import RunDir, read_jsonl
 from tests.conftest import ROOT
 from tests.test_config import compose_config
@@ -283,11 +283,11 @@ def test_every_extra_qa_set_is_asked_scored_reported_and_written(tmp_path):
 )
 def test_the_stop_strings_are_the_templates_question_marker(template, stops):
     """A model that goes on to ask itself the next question writes the template's marker: the answer ends there."""
-    assert stop_strings(unescape(template)) == stops
+    assert question_markers(unescape(template)) == stops
 
 
 def test_the_parsers_default_markers_are_those_of_the_default_template():
-    assert stop_strings(EvalConfig().prompt_template) == list(DEFAULT_MARKERS) == ["Q:"]
+    assert question_markers(EvalConfig().prompt_template) == list(DEFAULT_MARKERS) == ["Q:"]
 
 
 @pytest.mark.parametrize(

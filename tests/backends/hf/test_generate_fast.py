@@ -22,7 +22,7 @@ from cbe.backends.base import NewlineStop, answer_ended
 from cbe.backends.hf.generate import NewlineStopCriteria, decode_answers, shared_prefix_length
 from cbe.backends.hf.generate import draw as torch_draw
 from cbe.backends.sampling import GREEDY, Sampling, draw
-from cbe.eval.evaluator import stop_strings
+from cbe.eval.parse import question_markers
 from cbe.loop import build
 from cbe.run import RunDir
 from cbe.weights.gguf import materialize_gemma3_270m
@@ -41,7 +41,7 @@ NEWS_PREFIX = (
 )
 # Besides the template's "Q:", strings the tiny model writes: "vel", and "lligZ" across two tokens, inside words
 # ("Krelligvel"), where they end no answer; and "abo" at the start of " about", where it ends one inside a token.
-STOPS = [*stop_strings(TEMPLATE), "vel", "lligZ", "abo"]
+STOPS = [*question_markers(TEMPLATE), "vel", "lligZ", "abo"]
 NEW_TOKENS = 16
 
 
@@ -169,7 +169,7 @@ def test_answers_equal_model_generate_on_gemma3_270m(cache_dir):
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     prompts = [NEWS_PREFIX + TEMPLATE.format(question=q) for q in sample_questions()[:7]]  # batches of 4 and 3
-    stops = stop_strings(TEMPLATE)
+    stops = question_markers(TEMPLATE)
     expected, _ = reference(model, tokenizer, prompts, batch_size=4, stops=stops)
     assert sum(text.endswith("\n") for text in expected) >= 4
     assert ours(model, tokenizer, prompts, batch_size=4, stops=stops) == expected
