@@ -14,8 +14,8 @@ import hydra
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
 
-from cbe.checkpoints import eval_dir_override, inherit_run_overrides
-from cbe.config import register_configs, validate
+from cbe.checkpoints import inherit_run_overrides
+from cbe.config import eval_dir_override, register_configs, validate
 from cbe.errors import exit_on_user_error, run_and_report_user_errors
 from cbe.logging import Loggers
 from cbe.loop import Loop, build

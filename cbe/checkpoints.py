@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from cbe.errors import UserError
-from cbe.paths import PROJECT_ROOT, resolve_path
+from cbe.paths import resolve_path
 from cbe.run import RunDir
 from cbe.specs import SPECS, backend_of_checkpoint
 
@@ -116,23 +116,3 @@ def eval_run_dir(cfg: Any) -> str:
         setup = f"{model_label(cfg.model.name)}-{cfg.adapter.name}-{cfg.backend.name}"
         run = RunDir(Path(cfg.output_root, cfg.logging.project_name, cfg.task.name, setup))
     return str(run.evaluations / label / evaluation_name(cfg))
-
-
-def eval_dir_override(argv: list[str]) -> list[str]:
-    """The argv pre-pass's `hydra.run.dir=...` of a single `mode=eval` (its eval_run_dir), named here from the
-    composed config, before Hydra composes it for the run: composing imports no evaluator. Nothing for a training
-    run, a multirun (its sweep dir) or a run dir given on the command line."""
-    overrides = [a for a in argv if not a.startswith("-")]
-    if "mode=eval" not in overrides or len(overrides) < len(argv) or any("hydra.run.dir=" in o for o in overrides):
-        return []
-    from hydra import compose, initialize_config_dir
-
-    from cbe.config import register_configs  # (cbe.config imports this module)
-
-    register_configs()
-    try:
-        with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base=None):
-            where = eval_run_dir(compose("config", overrides=overrides))
-    except Exception:  # a mistake in the command line: the run's own composition reports it in one line
-        return []
-    return ["hydra.run.dir='" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"]

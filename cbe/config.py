@@ -12,14 +12,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
-from cbe.checkpoints import check_checkpoint
+from cbe.checkpoints import check_checkpoint, eval_run_dir
 from cbe.errors import UserError
 from cbe.eval.parse import PARSERS
-from cbe.paths import resolve_path
+from cbe.paths import PROJECT_ROOT, resolve_path
+from cbe.plan import stages_of
 from cbe.specs import SPECS
 
 
@@ -305,7 +307,7 @@ def _check_steps(cfg: DictConfig) -> None:
             raise UserError(
                 f"data.stages[{i}].steps must be positive, got {stage.steps} (null: continual.steps_per_stage)"
             )
-    total = sum(s.steps or cfg.continual.steps_per_stage for s in stages)
+    total = stages_of(cfg)[-1].last_step  # the plan's own count (cbe.plan)
     if steps is not None and steps != total:
         raise UserError(
             f"training.num_train_steps={steps} differs from the {total} steps of data.stages; leave it null (a staged "
@@ -353,3 +355,19 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     if cfg.model.tokenizer:  # a dir (cbe/assets/tiny_tokenizer, the user's) or a hub id, left as typed
         found.model.tokenizer = resolve_path(cfg.model.tokenizer)
     return found
+
+
+def eval_dir_override(argv: list[str]) -> list[str]:
+    """The argv pre-pass's `hydra.run.dir=...` of a single `mode=eval` (its eval_run_dir), named here from the
+    composed config, before Hydra composes it for the run: composing imports no evaluator. Nothing for a training
+    run, a multirun (its sweep dir) or a run dir given on the command line."""
+    overrides = [a for a in argv if not a.startswith("-")]
+    if "mode=eval" not in overrides or len(overrides) < len(argv) or any("hydra.run.dir=" in o for o in overrides):
+        return []
+    register_configs()
+    try:
+        with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base=None):
+            where = eval_run_dir(compose("config", overrides=overrides))
+    except Exception:  # a mistake in the command line: the run's own composition reports it in one line
+        return []
+    return ["hydra.run.dir='" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cbe.checkpoints import check_checkpoint, eval_dir_override, evaluation_name, inherit_run_overrides, written_by
-from cbe.config import validate
+from cbe.checkpoints import check_checkpoint, evaluation_name, inherit_run_overrides, written_by
+from cbe.config import eval_dir_override, validate
 from cbe.errors import UserError
 from tests.conftest import ROOT
 from tests.test_config import compose_config
