@@ -1,5 +1,6 @@
 # make demo: install, then the main job on the bundled sample track with the tiny model (CPU, ~2 min).
 # make test: install, then ruff and the whole test suite; make test-slurm: the SLURM tests on a single-node cluster it starts.
+# make test-jax-env: the JAX environment (Python 3.12, no torch) in .venv-jax, then the KD backend's tests in it.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,10 +9,15 @@ PY := $(VENV)/bin/python
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 WHEELS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 
+# The JAX environment's Python 3.12: python3.12 on PATH, else pyenv's (its shim answers only where 3.12 is selected).
+JAX_PYTHON ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12; do \
+	$$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+JAX_VENV := .venv-jax
+
 TRACK ?=
 DATA_DIR ?= data
 
-.PHONY: install demo demo-continual test test-slurm download format stages lock clean
+.PHONY: install install-jax demo demo-continual test test-slurm test-jax-env download format stages lock clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +27,18 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps $(WHEELS) -r requirements/lock.txt
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
+	touch $@
+
+# The KD backend alone on the current JAX stack (requirements/lock-jax.txt), with the CPU jax; the GPU and TPU
+# builds are environment-jax-gpu.yml and environment-jax-tpu.yml.
+install-jax: $(JAX_VENV)/.installed
+
+$(JAX_VENV)/.installed: pyproject.toml requirements/lock-jax.txt
+	@test -n "$(JAX_PYTHON)" || { echo "make install-jax: no Python 3.12 found; set JAX_PYTHON=/path/to/python3.12" >&2; exit 2; }
+	test -x $(JAX_VENV)/bin/python || $(JAX_PYTHON) -m venv $(JAX_VENV)
+	$(JAX_VENV)/bin/python -m pip install -q --disable-pip-version-check uv==0.13.9
+	$(JAX_VENV)/bin/uv pip install -q --python $(JAX_VENV)/bin/python --no-deps -r requirements/lock-jax.txt
+	$(JAX_VENV)/bin/uv pip install -q --python $(JAX_VENV)/bin/python --no-deps -e .
 	touch $@
 
 demo: install
@@ -37,6 +55,10 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q --durations=20
+
+# The tests marked kd: the KD backend on its own, without torch (the parity tests need both and run in make test).
+test-jax-env: install-jax
+	$(JAX_VENV)/bin/python -m pytest -q -m "kd and not slurm" --durations=10
 
 # Installs Debian's slurmctld/slurmd/munge if missing (needs root or sudo), starts them, runs the tests, stops them.
 test-slurm: install
@@ -65,6 +87,8 @@ lock:
 	$(VENV)/bin/uv pip compile pyproject.toml --extra hf --extra kd --extra wandb --extra judge --extra slurm --extra dev \
 		--overrides requirements/overrides.txt --python-version 3.11 $(WHEELS) --no-annotate --no-header \
 		-o requirements/lock.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra kd --extra wandb --extra judge --extra slurm --extra dev \
+		--overrides requirements/overrides.txt --python-version 3.12 --no-annotate --no-header -o requirements/lock-jax.txt
 
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) $(JAX_VENV) outputs multirun

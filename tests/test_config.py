@@ -27,7 +27,7 @@ def compose_config(*overrides: str):
 def test_groups_hold_the_options_researchers_use():
     assert GROUPS == {
         "task": ["geminon", "news", "news_weekly", "sample", "sample_stages"],
-        "model": ["gemma3_12b", "gemma3_1b", "gemma3_270m", "gemma3_4b", "tiny"],
+        "model": ["gemma3_12b", "gemma3_1b", "gemma3_270m", "gemma3_4b", "tiny", "tiny_gemma2"],
         "adapter": ["full", "lora128"],
         "backend": ["hf", "kd"],
         "logging": ["none", "tensorboard", "tensorboard_wandb", "wandb"],

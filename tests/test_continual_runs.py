@@ -31,7 +31,7 @@ def valqa_matrix(run: Path) -> list[list[float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["hf", "kd"])
+@pytest.mark.parametrize("backend", ["hf", pytest.param("kd", marks=pytest.mark.kd)])
 def test_sample_stages_learns_each_stage_and_forgets_the_earlier_ones(backend, tmp_path, cache_dir):
     run = tmp_path / "straight"
     overrides = ["task=sample_stages", f"backend={backend}", "logging=none", f"data.cache_dir={cache_dir}"]

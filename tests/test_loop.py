@@ -72,7 +72,7 @@ def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-@pytest.mark.parametrize("backend", ["hf", "kd"])
+@pytest.mark.parametrize("backend", ["hf", pytest.param("kd", marks=pytest.mark.kd)])
 def test_a_run_killed_at_random_moments_and_rerun_writes_each_eval_once(backend, tmp_path, cache_dir):
     run_args = [f"backend={backend}", *SOAK]
     started = time.time()

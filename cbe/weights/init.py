@@ -1,59 +1,63 @@
-"""The tiny model's weights (model.source=init): HF's seeded random init of a Gemma 3 architecture, drawn by
-torch. The HF backend builds it in memory; the KD backend reads it from a checkpoint saved once."""
+"""The tiny model's weights (model.source=init): a Gemma architecture drawn at random from training.seed.
 
-import hashlib
-import importlib.util
-import json
-from pathlib import Path
+They are drawn as HF initializes these models (every matrix normal(0, initializer_range), the pad token's embedding
+row 0, every RMSNorm weight 0, i.e. a scale of 1), but with numpy's generator, so that both backends start from the
+same weights, with or without torch, on any device. `model.architecture` holds the HF config's fields; its
+`model_type` (default gemma3_text) picks the family."""
 
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig  # its configs need no torch
 
 from cbe.errors import UserError
-from cbe.weights.reader import build_once, load_tokenizer
+
+FAMILIES = ("gemma3_text", "gemma2")  # the HF layouts tensor_shapes knows
 
 
-def init_device() -> str:
-    """Where the init is drawn: where it will train (initializing billions of parameters on a CPU takes minutes);
-    the draws differ by device, so a KD run reads the init of the device an HF run would draw it on."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def init_model(architecture: dict, tokenizer, seed: int, attn_implementation: str = "sdpa"):
-    """A Gemma3ForCausalLM of `architecture` (Gemma3TextConfig's fields) in fp32, drawn from `seed` (init_device)."""
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, set_seed
-
-    set_seed(seed)
-    config = Gemma3TextConfig(
-        **_plain(architecture),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attn_implementation=attn_implementation,
-    )
-    with torch.device(init_device()):
-        return Gemma3ForCausalLM(config)
-
-
-def init_checkpoint(architecture: dict, tokenizer_name: str, seed: int, cache_dir: str | Path) -> Path:
-    """init_model's weights as an HF checkpoint dir (with the tokenizer) in cache_dir/models, built once."""
-    if importlib.util.find_spec("torch") is None:
+def init_config(architecture, tokenizer):
+    """The HF config of `architecture` (Gemma3TextConfig's or Gemma2Config's fields) with the tokenizer's ids."""
+    fields = OmegaConf.to_container(architecture) if isinstance(architecture, DictConfig) else dict(architecture)
+    model_type = fields.pop("model_type", "gemma3_text")
+    if model_type not in FAMILIES:
         raise UserError(
-            "model.source=init draws the HF backend's seeded init, which needs torch; install it or point "
-            "model.name at a saved checkpoint"
+            f"model.architecture.model_type={model_type}: model.source=init draws only {', '.join(FAMILIES)}; "
+            "point model.name at a checkpoint for other models"
         )
-    key = json.dumps([_plain(architecture), seed, str(tokenizer_name), init_device()], sort_keys=True).encode()
-
-    def build(out: Path) -> None:
-        tokenizer = load_tokenizer(tokenizer_name)
-        init_model(architecture, tokenizer, seed).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-
-    final = Path(cache_dir).expanduser() / "models" / f"init-{hashlib.sha256(key).hexdigest()[:12]}"
-    return build_once(final, ("config.json", "model.safetensors"), build)
+    ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("pad", "bos", "eos")}
+    return AutoConfig.for_model(model_type, **fields, **ids)
 
 
-def _plain(architecture) -> dict:  # model.architecture of a DictConfig or of the typed config
-    return OmegaConf.to_container(architecture) if isinstance(architecture, DictConfig) else dict(architecture)
+def tensor_shapes(config) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of the config's Gemma*ForCausalLM, in a fixed order; the LM head is tied."""
+    D, F, H = config.hidden_size, config.intermediate_size, config.head_dim
+    N, K = config.num_attention_heads, config.num_key_value_heads
+    yield "model.embed_tokens.weight", (config.vocab_size, D)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        yield from [(p + "self_attn.q_proj.weight", (N * H, D)), (p + "self_attn.k_proj.weight", (K * H, D))]
+        yield from [(p + "self_attn.v_proj.weight", (K * H, D)), (p + "self_attn.o_proj.weight", (D, N * H))]
+        if config.model_type == "gemma3_text":  # Gemma 3 normalizes queries and keys
+            yield from [(p + "self_attn.q_norm.weight", (H,)), (p + "self_attn.k_norm.weight", (H,))]
+        yield from [(p + "mlp.gate_proj.weight", (F, D)), (p + "mlp.up_proj.weight", (F, D))]
+        yield p + "mlp.down_proj.weight", (D, F)
+        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+            yield p + f"{norm}_layernorm.weight", (D,)
+    yield "model.norm.weight", (D,)
+
+
+def init_state(config, seed: int) -> dict[str, Any]:
+    """The state dict (float32 numpy) of `config`'s model, drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in tensor_shapes(config):
+        if name.endswith("norm.weight"):
+            state[name] = np.zeros(shape, np.float32)
+        else:
+            state[name] = rng.standard_normal(shape, np.float32) * np.float32(config.initializer_range)
+    if config.pad_token_id is not None:
+        state["model.embed_tokens.weight"][config.pad_token_id] = 0
+    return state

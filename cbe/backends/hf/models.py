@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from cbe.backends.base import Settings
 from cbe.backends.hf.attention import attention_implementation
 from cbe.weights.gguf import materialize_gemma3_270m
-from cbe.weights.init import init_model
+from cbe.weights.init import init_config, init_state
 from cbe.weights.reader import from_pretrained, hub_id, load_tokenizer
 
 
@@ -53,11 +53,24 @@ def load_base_model(settings: Settings, attn: str = "sdpa"):
     path = hub_id(settings.model.name)
     if settings.model.source == "init":
         tokenizer = load_tokenizer(settings.model.tokenizer or path)
-        return init_model(settings.model.architecture, tokenizer, settings.training.seed, attn).to(dtype), tokenizer
+        model = init_model(init_config(settings.model.architecture, tokenizer), settings.training.seed, attn)
+        return model.to(dtype), tokenizer
     if settings.model.source == "gguf":
         path = str(materialize_gemma3_270m(Path(settings.cache_dir).expanduser() / "models"))
     model = from_pretrained(AutoModelForCausalLM, path, dtype=dtype, attn_implementation=attn)
     return model, load_tokenizer(settings.model.tokenizer or path)
+
+
+def init_model(config, seed: int, attn: str = "sdpa"):
+    """config's model in fp32 with cbe.weights.init's draw (the KD backend draws the same). It is built where it
+    will train: HF's own init, overwritten here, takes minutes for billions of parameters on a CPU."""
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    state = {name: torch.from_numpy(tensor) for name, tensor in init_state(config, seed).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the LM head is tied to the embedding
+        raise RuntimeError(f"init_state does not fit {type(model).__name__}: {missing=} {unexpected=}")
+    return model
 
 
 def apply_adapter(model, settings: Settings):

@@ -1,4 +1,4 @@
-"""HF Gemma 3 weights <-> gemma (JAX) params, so both backends start from one checkpoint.
+"""HF Gemma 3 and Gemma 2 weights <-> gemma (JAX) params, so both backends start from one checkpoint.
 
 Both libraries compute the same functions: RMSNorm as x * (1 + w) (the same stored w), rotate-half RoPE, tanh
 GELU, the embedding tied to the output layer. Only layouts differ. With N query heads, K KV heads, head size H,
@@ -8,10 +8,12 @@ width D and MLP width F:
     q_proj [N*H, D]                         attn/q_einsum/w [N, D, H]
     k_proj, v_proj [K*H, D]                 attn/kv_einsum/w [2, K, D, H]   (k, v stacked)
     o_proj [D, N*H]                         attn/attn_vec_einsum/w [N, H, D]
-    gate_proj, up_proj [F, D]               mlp/gating_einsum [2, F, D]     (gate, up stacked)
+    gate_proj, up_proj [F, D]               mlp/gating_einsum [2, F, D]     (gate, up stacked; [2, D, F] where
+                                                                             transpose_gating_einsum is off)
     down_proj [D, F]                        mlp/linear [F, D]
+    q_norm, k_norm [H] (Gemma 3)            attn/_query_norm, _key_norm
 
-Works on numpy arrays, so this module needs neither torch nor jax.
+Works on numpy arrays and reads only the gemma config's fields, so this module needs neither torch nor jax.
 """
 
 from __future__ import annotations
@@ -40,12 +42,10 @@ def text_weights(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def hf_to_gemma(
-    state_dict: Mapping[str, np.ndarray], num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int
-) -> dict[str, Any]:
-    """gemma's param tree from a Gemma 3 state dict (numpy arrays)."""
+def hf_to_gemma(state_dict: Mapping[str, np.ndarray], config) -> dict[str, Any]:
+    """gemma's param tree for `config` (gemma's TransformerConfig) from a Gemma 3 or 2 state dict (numpy arrays)."""
     sd = text_weights(state_dict)
-    N, K, H = num_heads, num_kv_heads, head_dim
+    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
 
     def heads(name: str, n: int) -> np.ndarray:  # [n*H, D] -> [n, D, H]
         w = sd[name]
@@ -55,21 +55,24 @@ def hf_to_gemma(
         "embedder": {"input_embedding": sd["model.embed_tokens.weight"]},
         "final_norm": {"scale": sd["model.norm.weight"]},
     }
-    for i in range(num_layers):
+    for i in range(len(config.attention_types)):
         p = f"model.layers.{i}."
         o = sd[p + "self_attn.o_proj.weight"]
-        layer = {
-            "attn": {
-                "q_einsum": {"w": heads(p + "self_attn.q_proj.weight", N)},
-                "kv_einsum": {
-                    "w": np.stack([heads(p + "self_attn.k_proj.weight", K), heads(p + "self_attn.v_proj.weight", K)])
-                },
-                "attn_vec_einsum": {"w": o.T.reshape(N, H, o.shape[0])},
-                "_query_norm": {"scale": sd[p + "self_attn.q_norm.weight"]},
-                "_key_norm": {"scale": sd[p + "self_attn.k_norm.weight"]},
+        gating = np.stack([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+        attn = {
+            "q_einsum": {"w": heads(p + "self_attn.q_proj.weight", N)},
+            "kv_einsum": {
+                "w": np.stack([heads(p + "self_attn.k_proj.weight", K), heads(p + "self_attn.v_proj.weight", K)])
             },
+            "attn_vec_einsum": {"w": o.T.reshape(N, H, o.shape[0])},
+        }
+        if config.use_qk_norm:
+            attn |= {"_query_norm": {"scale": sd[p + "self_attn.q_norm.weight"]}}
+            attn |= {"_key_norm": {"scale": sd[p + "self_attn.k_norm.weight"]}}
+        layer = {
+            "attn": attn,
             "mlp": {
-                "gating_einsum": np.stack([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
+                "gating_einsum": gating if config.transpose_gating_einsum else gating.transpose(0, 2, 1),
                 "linear": sd[p + "mlp.down_proj.weight"].T,
             },
         }
@@ -79,17 +82,14 @@ def hf_to_gemma(
     return params
 
 
-def gemma_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A Gemma3ForCausalLM state dict from gemma params (the inverse of hf_to_gemma)."""
+def gemma_to_hf(params: Mapping[str, Any], config) -> dict[str, np.ndarray]:
+    """A Gemma*ForCausalLM state dict from gemma params of `config` (the inverse of hf_to_gemma)."""
     sd = {
         "model.embed_tokens.weight": np.asarray(params["embedder"]["input_embedding"]),
         "model.norm.weight": np.asarray(params["final_norm"]["scale"]),
     }
-    for name, layer in params.items():
-        match = re.fullmatch(r"layer_(\d+)", name)
-        if not match:
-            continue
-        p = f"model.layers.{match[1]}."
+    for i in range(len(config.attention_types)):
+        layer, p = params[f"layer_{i}"], f"model.layers.{i}."
         attn, mlp = layer["attn"], layer["mlp"]
 
         def rows(w) -> np.ndarray:  # [n, D, H] -> [n*H, D]
@@ -99,17 +99,19 @@ def gemma_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         kv = np.asarray(attn["kv_einsum"]["w"])
         o = np.asarray(attn["attn_vec_einsum"]["w"])
         gating = np.asarray(mlp["gating_einsum"])
+        gating = gating if config.transpose_gating_einsum else gating.transpose(0, 2, 1)
         sd |= {
             p + "self_attn.q_proj.weight": rows(attn["q_einsum"]["w"]),
             p + "self_attn.k_proj.weight": rows(kv[0]),
             p + "self_attn.v_proj.weight": rows(kv[1]),
             p + "self_attn.o_proj.weight": o.reshape(-1, o.shape[-1]).T,
-            p + "self_attn.q_norm.weight": np.asarray(attn["_query_norm"]["scale"]),
-            p + "self_attn.k_norm.weight": np.asarray(attn["_key_norm"]["scale"]),
             p + "mlp.gate_proj.weight": gating[0],
             p + "mlp.up_proj.weight": gating[1],
             p + "mlp.down_proj.weight": np.asarray(mlp["linear"]).T,
         }
+        if config.use_qk_norm:
+            sd[p + "self_attn.q_norm.weight"] = np.asarray(attn["_query_norm"]["scale"])
+            sd[p + "self_attn.k_norm.weight"] = np.asarray(attn["_key_norm"]["scale"])
         for hf_name, gemma_name in _NORMS.items():
             sd[p + hf_name + ".weight"] = np.asarray(layer[gemma_name]["scale"])
     return sd

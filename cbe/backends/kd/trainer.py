@@ -1,4 +1,4 @@
-"""The Kauldron backend: gemma's Gemma 3 transformer stepped by a `kd.train.Trainer`'s train step.
+"""The Kauldron backend: a JAX model (cbe.backends.kd.models: Gemma 3 and 2) stepped by a `kd.train.Trainer`.
 
 The Trainer is built in Python for its train step (jit, donated state, FSDP sharding over every visible device)
 and its checkpointer (orbax, `checkpoints/ckpt_<step>`); cbe.loop hands this backend each optimizer step's rows and
@@ -30,8 +30,9 @@ from flax import traverse_util
 from kauldron import kd
 
 from cbe.backends.base import NewlineStop, Settings, answer_ended
+from cbe.backends.kd.compat import InitTransform, batch_sharding
 from cbe.backends.kd.generate import decode_ids
-from cbe.backends.kd.models import build_model, gemma_config, load_gemma_params, load_hf_weights
+from cbe.backends.kd.models import build_model, load_gemma_params, load_hf_weights
 from cbe.backends.sampling import GREEDY, Sampling
 from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
@@ -62,7 +63,7 @@ def next_token_batch(rows: PackedRows, index: np.ndarray, parts: int) -> dict[st
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
-class _Weights(kd.ckpts.AbstractPartialLoader):
+class _Weights(InitTransform):
     """Puts the converted weights into the freshly initialized state. LoRA keeps gemma's initialization, which is
     the benchmark's: B = 0 and A uniform in +-sqrt(6 / fan_in) (the HF backend draws the same, init_lora_a)."""
 
@@ -102,11 +103,13 @@ class KDTrainer:
                 f"training.per_device_batch_size x devices = {t.per_device_batch_size} x {self.devices}"
             )
         self.accumulation = t.effective_batch_size // self.rows_per_micro_step
-        hf_config, params, self.tokenizer = load_hf_weights(settings.model, t.seed, settings.cache_dir)
-        self.weights = load_gemma_params(gemma_params) if gemma_params else params
-        self.model_config = gemma_config(hf_config)
+        self.base = load_hf_weights(settings.model, t.seed, settings.cache_dir)
+        self.tokenizer = self.base.tokenizer
+        self.weights = load_gemma_params(gemma_params) if gemma_params else self.base.params
         fields = {"tokens": "batch.input_ids", "positions": "batch.position_ids"}  # what the model reads of a batch
-        self.model = build_model(self.model_config, t.precision, adapter.rank, adapter.dtype, **fields)
+        self.model = build_model(
+            self.base.factory, self.base.config, t.precision, adapter.rank, adapter.dtype, **fields
+        )
         self.fsdp = _FSDP(min_size_to_shard_mb=fsdp_min_size_mb)
         self.params = None  # set by start() or load()
         self._loss_sums = jax.jit(self._loss_sums_of_batch)
@@ -187,7 +190,7 @@ class KDTrainer:
 
     def load(self, checkpoint: str) -> None:
         if checkpoint == "base":
-            self.model = build_model(self.model_config, self.settings.training.precision)
+            self.model = build_model(self.base.factory, self.base.config, self.settings.training.precision)
             self.params = jax.tree.map(jnp.asarray, self.weights)
             return
         path = Path(checkpoint).resolve()  # a ckpt_<step> dir: validate checked who wrote it
@@ -215,7 +218,7 @@ class KDTrainer:
                 # Kauldron divides each micro-batch's loss by its values and MultiSteps averages the micro-batches:
                 # this weight makes the step's loss the mean over its trained tokens.
                 micro["loss_mask"] *= np.float32(self.accumulation * micro["loss_mask"].size / trained)
-                micro = kd.sharding.device_put(micro, self.trainer.sharding.ds)
+                micro = kd.sharding.device_put(micro, batch_sharding(self.trainer))
                 self.state, aux = self.trainer.trainstep.step(
                     self.state, micro, return_losses=True, return_metrics=True
                 )
@@ -248,7 +251,7 @@ class KDTrainer:
 
     @functools.cached_property
     def newline_stop(self) -> NewlineStop:
-        return NewlineStop.of(self.tokenizer, self.params["embedder"]["input_embedding"].shape[0])
+        return NewlineStop.of(self.tokenizer, self.base.hf.vocab_size)
 
     def _cut(self, ids: list[int], stop_strings: Sequence[str]) -> str:
         """The text up to the token that ends the answer: the decode loop stops at newlines and EOS, this adds the

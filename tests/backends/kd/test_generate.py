@@ -14,6 +14,8 @@ from cbe.backends.kd.generate import decode_ids
 from cbe.backends.kd.generate import draw as jax_draw
 from cbe.backends.sampling import Sampling, draw
 
+pytestmark = pytest.mark.kd
+
 # Token ids of a five-word vocabulary: 0 pad, 1 EOS, 2 "\n", 3 " Paris", 4 " Rome".
 STOP = NewlineStop(
     newline=np.array([False, False, True, False, False]),

@@ -12,10 +12,12 @@ import pytest
 from flax import traverse_util
 from hydra import compose, initialize_config_dir
 
-from cbe.backends.kd.models import build_model, gemma_config, load_hf_weights
+from cbe.backends.kd.models import build_model, load_hf_weights
 from cbe.backends.kd.trainer import _Weights
 from cbe.config import register_configs
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.kd
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,9 @@ def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero(cache_dir):
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=["backend=kd", "adapter=lora128"])
-    hf, converted, _ = load_hf_weights(cfg.model, cfg.training.seed, str(cache_dir))
-    model = build_model(gemma_config(hf), cfg.training.precision, cfg.adapter.rank, tokens="batch.input_ids")
+    base = load_hf_weights(cfg.model, cfg.training.seed, str(cache_dir))
+    converted = base.params
+    model = build_model(base.factory, base.config, cfg.training.precision, cfg.adapter.rank, tokens="batch.input_ids")
     initialized = model.init(jax.random.key(cfg.training.seed), jnp.zeros((1, 8), jnp.int32))["params"]
     loaded = _Weights(converted).transform(State(params=initialized)).params  # the base weights go in; LoRA stays
     by_fan_in: dict[int, list[np.ndarray]] = {}

@@ -7,47 +7,34 @@ import sys
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from cbe.backends.hf.models import load_base_model
 from cbe.backends.kd.convert import hf_to_gemma
-from cbe.weights.init import init_checkpoint
+from cbe.backends.kd.models import GemmaFactory
+from cbe.loop import settings_of
 from cbe.weights.reader import read_checkpoint
 from tests.conftest import ROOT
+from tests.hide_torch import HIDE_TORCH
+from tests.test_config import compose_config
 
-# Run before anything else is imported. torch is hidden from the path finder, as if it were not installed:
-# `import torch` fails and transformers' availability check (importlib.util.find_spec) finds none. (A finder
-# that raised ImportError would break that check instead.)
+# A saved checkpoint read by the KD backend where torch is hidden (tests/hide_torch.py).
 CHILD = """
-import importlib.machinery, sys
-
-class NoTorch(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        return None if name.split(".")[0] == "torch" else super().find_spec(name, path, target)
-
-sys.meta_path = [NoTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-try:
-    import torch
-    raise SystemExit("torch imported")
-except ImportError:
-    pass
-
 from types import SimpleNamespace
 import numpy as np
 from cbe.backends.kd.models import load_hf_weights
 
 model = SimpleNamespace(name=sys.argv[1], source="hub", tokenizer=None, architecture={})
-hf, params, tokenizer = load_hf_weights(model, 0, sys.argv[2])
+loaded = load_hf_weights(model, 0, sys.argv[2])
 assert not [m for m in sys.modules if m.split(".")[0] == "torch"]
-assert hf.num_hidden_layers == 4 and tokenizer.pad_token_id is not None
+assert loaded.hf.num_hidden_layers == 4 and loaded.tokenizer.pad_token_id is not None
 
 def flat(tree, prefix=""):
     for key, value in tree.items():
         yield from flat(value, f"{prefix}{key}/") if isinstance(value, dict) else [(prefix + key, value)]
 
-np.savez(sys.argv[3], **dict(flat(params)))
+np.savez(sys.argv[3], **dict(flat(loaded.params)))
 """
 
 
@@ -59,21 +46,27 @@ def flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_kd_reads_a_saved_checkpoint_without_torch_exactly_as_torch_loads_it(tmp_path):
-    architecture = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml").model.architecture)
-    path = init_checkpoint(architecture, str(ROOT / "cbe" / "assets" / "tiny_tokenizer"), 0, tmp_path)
+def test_kd_reads_a_saved_checkpoint_without_torch_exactly_as_torch_loads_it(tmp_path, cache_dir):
+    """The HF backend's tiny model, saved by save_pretrained, norms made nonzero so that every tensor counts."""
+    model, tokenizer = load_base_model(settings_of(compose_config(f"data.cache_dir={cache_dir}")))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "norm" in name:
+                weight.uniform_(-0.5, 0.5)
+    path = tmp_path / "saved"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     out = tmp_path / "params.npz"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(tmp_path), str(out)],
+        [sys.executable, "-c", HIDE_TORCH + CHILD, str(path), str(tmp_path), str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
-    c = model.config
-    expected = flat(hf_to_gemma(state, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    state = {name: t.detach().numpy() for name, t in reloaded.state_dict().items()}
+    expected = flat(hf_to_gemma(state, GemmaFactory().config(reloaded.config)))
     with np.load(out) as got:
         assert sorted(got.files) == sorted(expected)
         for name, value in expected.items():
