@@ -82,13 +82,17 @@ format: install
 stages: install
 	$(VENV)/bin/cbe make-stages --track $(TRACK) $(if $(BY),--by $(BY)) $(if $(STAGES),--stages $(STAGES)) --data-dir $(DATA_DIR)
 
-# Re-resolve the lock after changing pyproject.toml's dependencies (pins stay near the verified set).
+# Re-resolve the locks after changing pyproject.toml's dependencies (pins stay near the verified set): the combined
+# Python 3.11 environment's, and the JAX environments' (Python 3.12; CPU for make test-jax-env, CUDA, TPU).
+JAX_LOCK = $(VENV)/bin/uv pip compile pyproject.toml --extra wandb --extra judge --extra slurm --extra dev \
+	--overrides requirements/overrides.txt --python-version 3.12 --no-annotate --no-header
 lock:
 	$(VENV)/bin/uv pip compile pyproject.toml --extra hf --extra kd --extra wandb --extra judge --extra slurm --extra dev \
 		--overrides requirements/overrides.txt --python-version 3.11 $(WHEELS) --no-annotate --no-header \
 		-o requirements/lock.txt
-	$(VENV)/bin/uv pip compile pyproject.toml --extra kd --extra wandb --extra judge --extra slurm --extra dev \
-		--overrides requirements/overrides.txt --python-version 3.12 --no-annotate --no-header -o requirements/lock-jax.txt
+	$(JAX_LOCK) --extra kd -o requirements/lock-jax.txt
+	$(JAX_LOCK) --extra kd-gpu --python-platform x86_64-manylinux_2_28 -o requirements/lock-jax-gpu.txt
+	$(JAX_LOCK) --extra kd-tpu --python-platform x86_64-manylinux_2_31 -o requirements/lock-jax-tpu.txt
 
 clean:
 	rm -rf $(VENV) $(JAX_VENV) outputs multirun

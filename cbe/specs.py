@@ -31,6 +31,14 @@ class KDOptions:
     fsdp_min_size_mb: float = MISSING
 
 
+def hf_problems(config: Any, world_size: int) -> list[str]:
+    if config.model.architecture.get("model_type") == "gemma2":
+        # Gemma 2 soft-caps its attention logits, which sdpa (the HF backend's attention in decoding) cannot.
+        return ["model.architecture.model_type=gemma2 runs on backend=kd only: sdpa, the HF backend's attention, "
+                "has no soft-capping"]  # fmt: skip
+    return []
+
+
 def kd_problems(config: Any, world_size: int) -> list[str]:
     problems = []
     if world_size > 1:
@@ -68,6 +76,7 @@ SPECS = {
         "hf",
         HFOptions,
         "checkpoint-{step}",  # HF Trainer's layout
+        problems=hf_problems,
         # A PEFT adapter dir is LoRA's, a model dir a full fine-tune's.
         adapter_of=lambda checkpoint: "lora128" if (checkpoint / "adapter_config.json").is_file() else "full",
         # str options: `true` on the command line becomes "True"

@@ -1,7 +1,9 @@
-"""Shared fixtures: the repo root, a shared token/model cache, and running main.py as a user does."""
+"""Shared fixtures: the repo root, a shared token/model cache, and running main.py as a user does; and which tests
+the JAX environment collects."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +12,31 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tests marked kd test the KD backend on its own; make test-jax-env runs them in the JAX environment, which has
+# no torch. They live in these modules, which import no torch; the other modules do, so there they are not collected.
+KD_MODULES = {
+    "tests/backends/kd/test_kd_backend.py",
+    "tests/backends/kd/test_generate.py",
+    "tests/backends/kd/test_gguf_without_torch.py",
+    "tests/backends/kd/test_lora_init.py",
+    "tests/test_loop.py",
+    "tests/test_continual_runs.py",
+}
+WITHOUT_TORCH = importlib.util.find_spec("torch") is None
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    if WITHOUT_TORCH and collection_path.is_file() and collection_path.name.startswith("test_"):
+        return str(collection_path.relative_to(ROOT)) not in KD_MODULES
+    return None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A kd test outside KD_MODULES would silently not run in the JAX environment: refuse it."""
+    stray = {str(item.path.relative_to(ROOT)) for item in items if item.get_closest_marker("kd")} - KD_MODULES
+    if stray:
+        raise pytest.UsageError(f"tests marked kd outside conftest.KD_MODULES: {', '.join(sorted(stray))}")
 
 
 @pytest.fixture(scope="session")

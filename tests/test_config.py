@@ -36,7 +36,7 @@ def test_groups_hold_the_options_researchers_use():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
 def test_every_option_composes_and_validates(group, option, monkeypatch):
-    cfg = compose_config(f"{group}={option}")
+    cfg = compose_config(f"{group}={option}", *(["backend=kd"] if option == "tiny_gemma2" else []))  # KD's only
     # The downloaded tracks are not here; their files are checked in the test below.
     monkeypatch.setattr(Path, "is_file", lambda self: True)
     validate(cfg)
@@ -236,6 +236,12 @@ def test_kd_under_several_processes_is_refused_before_anything_loads():
     ):
         validate(compose_config("backend=kd", "training.per_device_batch_size=4"), world_size=2)
     validate(compose_config("backend=hf", "training.per_device_batch_size=4"), world_size=2)
+
+
+def test_gemma2_is_refused_by_the_hf_backend_and_taken_by_kd():
+    with pytest.raises(UserError, match=r"^model.architecture.model_type=gemma2 runs on backend=kd only"):
+        validate(compose_config("backend=hf", "model=tiny_gemma2"))
+    validate(compose_config("backend=kd", "model=tiny_gemma2"))
 
 
 BAD_OVERRIDES = [

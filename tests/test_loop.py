@@ -20,8 +20,8 @@ from cbe.errors import UserError
 from cbe.loop import next_event
 from cbe.plan import batch_plan, schedule, stages_of
 from cbe.run import RunDir, read_jsonl
-from tests.backends.hf.test_trainer import assert_same_metrics, raw_predictions
 from tests.conftest import ROOT, main_command, run_main_under
+from tests.results import assert_same_metrics, raw_predictions
 from tests.test_config import compose_config
 
 # 24 steps of 2 rows (the sample track at 64 tokens a row is 35 rows), so a wrong resume position changes the numbers.

