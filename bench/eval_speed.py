@@ -15,7 +15,8 @@ One line per way (questions/s), ours also saying how many answers equal HF's on 
 (on a GPU its answers must equal the graph's, every one); last `speedup: <ours at the last --batch-size / HF>`.
 A way that fails prints `<name>: failed: <error>` and the run exits 1 after measuring the others.
 
-HF-only. Ours goes through the public wiring (cbe.loop.build, the backend's load and generate), plus the HF
+HF only: bench/kd_parity.py times the KD backend's generate beside ours, on the same prompts and weights.
+Ours goes through the public wiring (cbe.loop.build, the backend's load and generate), plus the HF
 backend's own generate option cuda_graph for the eager line. hf_generate is an upstream-style baseline: uses the HF
 backend's internals (its model, device, newline-stop table, sdpa switch and HF-generate stopping criterion) because
 it runs plain HF `model.generate` on the same weights with the same stops.

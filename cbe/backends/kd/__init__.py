@@ -1,6 +1,7 @@
 """The Kauldron (JAX) backend. Importing it sets up the process for JAX before jax is imported."""
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -43,5 +44,9 @@ def _without_native_banners():
             sys.stderr.flush()
 
 
-with _without_native_banners():
-    import tensorflow  # noqa: F401  (kauldron imports it; here its banners are filtered once per process)
+# kauldron imports TensorFlow (at module level: its data iterators, setup and typing modules, and clu's TF summary
+# writer), so where TensorFlow is installed it is imported here first, its banners filtered once per process. Where it
+# is not (the lent GPU image, where bench/gpu_check.sh puts bench/tf_stub's placeholder on the path), none are printed.
+if importlib.util.find_spec("tensorflow") is not None:
+    with _without_native_banners():
+        import tensorflow  # noqa: F401
