@@ -1,6 +1,7 @@
 # make demo: install, then the main job on the bundled sample track with the tiny model (CPU, ~2 min).
-# make test: install, then ruff and the whole test suite; make test-slurm: the SLURM tests on a single-node cluster it starts.
-# make test-jax-env: the JAX environment (Python 3.12, no torch) in .venv-jax, then the KD backend's tests in it.
+# make test: install, then ruff and the test suite but the KD backend's own tests (marked kd), which make test-jax-env runs
+# in the JAX environment (Python 3.12, no torch, .venv-jax); make test-slurm: the SLURM tests on a single-node cluster
+# it starts. .ci/run runs all three.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -54,9 +55,10 @@ demo-continual: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -m "not slurm and not kd" --durations=20
 
-# The tests marked kd: the KD backend on its own, without torch (the parity tests need both and run in make test).
+# The tests marked kd: the KD backend on its own, without torch, in the environment KD runs in (the HF<->KD parity tests,
+# which train, evaluate, save and load KD on the 3.11 stack, need both backends and run in make test).
 test-jax-env: install-jax
 	$(JAX_VENV)/bin/python -m pytest -q -m "kd and not slurm" --durations=10
 

@@ -12,6 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # kauldron imports TensorFlo
 # filter below reaches only our own import, not a load elsewhere or in a child process. Switching them off is safe: we
 # compute nothing with TensorFlow (our data is numpy and grain; a KD run's losses stay the same to the last digit).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# The KD backend needs no torch: transformers' advice, in the JAX environment, that it found none is noise here.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # XLA's CPU backend (jax 0.8) can reuse weights it cached from an earlier call when a donated train state
 # hands the same buffers back with new values: training then silently diverges from HF (measured: loss after
 # one step 6.595 instead of 6.616). Turning its XNNPACK path off fixes it; GPUs and TPUs are unaffected.

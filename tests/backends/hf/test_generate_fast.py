@@ -10,11 +10,13 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma3ForCausalLM,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
+    set_seed,
 )
 
 import cbe.backends.hf.trainer as hf_trainer
@@ -47,9 +49,12 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    """The random tiny model, its newline and EOS embeddings (tied to the LM head) enlarged so that some answers
-    end at a newline or at EOS."""
-    model, tokenizer = tiny_model()
+    """The tiny model as transformers draws it from seed 42 (torch's generator; cbe draws its own with numpy): the
+    random model these tests' stop strings and questions were picked for, its newline and EOS embeddings (tied to
+    the LM head) enlarged so that some answers end at a newline or at EOS."""
+    cbe_drawn, tokenizer = tiny_model()
+    set_seed(42)
+    model = Gemma3ForCausalLM(cbe_drawn.config).eval()
     with torch.no_grad():
         embeddings = model.get_input_embeddings().weight
         embeddings[tokenizer.convert_tokens_to_ids("Ċ")] *= 1.6  # "\n"
