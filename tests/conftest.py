@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tests marked kd test the KD backend on its own; make test-jax-env runs them in the JAX environment, which has
-# no torch (make test leaves them to it). They live in these modules, which import no torch; the other modules do, so there they are not collected.
+# no torch (make test leaves them to it). They live in these modules, which import no torch; the other modules do,
+# so there they are not collected.
 KD_MODULES = {
     "tests/backends/kd/test_kd_backend.py",
     "tests/backends/kd/test_generate.py",
