@@ -5,6 +5,7 @@ The test starts a second cluster.sh beside the one the SLURM tests run on, and c
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,15 @@ def processes_of(conf: str) -> dict[int, str]:
     return found
 
 
+def step_running(conf: str) -> dict[int, str]:
+    """processes_of(conf) once the job step's `sleep` runs: squeue lists a step before slurmstepd has started its
+    task, and on a loaded machine that can take a while (waits up to 5 minutes for that state)."""
+    deadline = time.monotonic() + 300
+    while "sleep" not in (running := processes_of(conf)).values() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return running
+
+
 def test_a_job_step_still_running_ends_with_its_cluster():
     assert "SLURM_CONF" in os.environ, "run these tests through `make test-slurm` (tests/slurm/cluster.sh)"
     with subprocess.Popen(
@@ -44,7 +54,7 @@ def test_a_job_step_still_running_ends_with_its_cluster():
         text=True,
     ) as cluster:
         conf = cluster.stdout.readline().strip()
-        running = processes_of(conf) if conf else {}
+        running = step_running(conf) if conf else {}
         cluster.stdin.close()  # the command ends, and cluster.sh with it
         cluster.wait(timeout=60)
     assert cluster.returncode == 0 and conf.endswith("slurm.conf")
