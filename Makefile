@@ -1,6 +1,6 @@
 # make demo: install, then the main job on the bundled sample track with the tiny model (CPU, ~2 min).
 # make test: install, then ruff and the test suite but the KD backend's own tests (marked kd), which make test-jax-env runs
-# in the JAX environment (Python 3.12, no torch, .venv-jax); make test-slurm: the SLURM tests on a single-node cluster
+# in the JAX environment (Python 3.12, no torch, .venv-jax); make test-slurm: the SLURM tests on a two-node cluster
 # it starts. .ci/run runs all three.
 PYTHON ?= python3.11
 VENV := .venv

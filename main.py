@@ -20,7 +20,8 @@ from cbe.errors import exit_on_user_error, run_and_report_user_errors
 from cbe.logging import Loggers
 from cbe.loop import Loop, build
 from cbe.plan import stages_of
-from cbe.run import RunDir, adopt_slurm_ranks, is_main_process, world_size
+from cbe.ranks import adopt_slurm_ranks, is_main_process, world_size
+from cbe.run import RunDir
 from cbe.specs import SPECS
 
 register_configs()

@@ -6,7 +6,8 @@ HF-only by nature: it prints the README's memory table from the HF backend's own
     .venv/bin/python bench/memory_table.py [--card-gb 40]
 
 Prints a markdown table: the recipe's per-device batch, what `backend.trainer.gradient_checkpointing=auto` picks on
-that card, and the estimated peak per GPU (or why the run is refused). Estimates, not measurements: a GPU
+that card, and the estimated peak per GPU (or why the run is refused); then the 12B full recipes sharded with
+`backend.trainer.parallel=fsdp` over 8 x 40 GB and 4 x 80 GB. Estimates, not measurements: a GPU
 run prints its own plan at the start of train.log, and its measured peak comes from bench/train_throughput.py.
 """
 
@@ -40,17 +41,29 @@ def main() -> None:
             for model in ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b"):
                 for adapter in ("full", "lora128"):
                     cfg = compose("config", overrides=[f"task={task}", f"model={model}", f"adapter={adapter}"])
-                    plan = memory.plan_run(settings_of(cfg), card)
-                    peak = plan.estimate
-                    cell = (
-                        f"refused: {peak.static_bytes / memory.GB:.0f} GB of weights and optimizer state"
-                        if peak.static_exceeds(card)
-                        else f"{peak.total_bytes / memory.GB:.1f} GB"
-                    )
-                    print(
-                        f"| {task} | {model} | {adapter} | {cfg.training.per_device_batch_size} | "
-                        f"{'on' if plan.gradient_checkpointing else 'off'} | {cell} |"
-                    )
+                    print(row(memory, [task, model, adapter], settings_of(cfg), card, 1))
+        print()
+        print("| task | model | adapter | GPUs (FSDP) | per-device batch | checkpointing (auto) | estimated peak |")
+        print("|---|---|---|---|---|---|---|")
+        for task in ("news", "geminon"):
+            cfg = compose("config", overrides=[f"task={task}", "model=gemma3_12b", "adapter=full"])
+            for gpus, card_gb in ((8, 40), (4, 80)):
+                print(row(memory, [task, "gemma3_12b", "full"], settings_of(cfg), card_gb * memory.GB, gpus))
+
+
+def row(memory, recipe: list[str], settings, card: float, shards: int) -> str:
+    """One recipe's line: per-device batch, auto's checkpointing, the estimated peak per GPU or the refusal."""
+    plan = memory.plan_run(settings, card, shards=shards)
+    peak = plan.estimate
+    cell = (
+        f"refused: {peak.static_bytes / memory.GB:.0f} GB of weights and optimizer state"
+        if peak.static_exceeds(card)
+        else f"{peak.total_bytes / memory.GB:.1f} GB"
+    )
+    gpus = [f"{shards} x {card / memory.GB:.0f} GB"] if shards > 1 else []
+    cells = [*recipe, *gpus]
+    cells += [settings.training.per_device_batch_size, "on" if plan.gradient_checkpointing else "off", cell]
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from cbe.errors import UserError
 from cbe.eval import keys
 from cbe.eval.details import load_details
 from cbe.eval.metrics import METRICS
-from cbe.run import RunDir, is_main_process, read_jsonl, write_atomic, write_jsonl_atomic
+from cbe.ranks import is_main_process
+from cbe.run import RunDir, read_jsonl, write_atomic, write_jsonl_atomic
 
 DetailsOf = Callable[[str, int], list[dict[str, Any]]]  # (QA set, step) -> the details of that evaluation
 NUMBERS = {"acc": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT"}  # key -> its name in reports

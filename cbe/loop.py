@@ -28,7 +28,8 @@ from cbe.data.packing import PackedRows, corpus_rows, epochs_seen, repetition_re
 from cbe.eval.evaluator import QAEvaluator
 from cbe.logging import Loggers
 from cbe.plan import batch_plan, schedule, stages_of
-from cbe.run import RunDir, is_main_process, step_of
+from cbe.ranks import is_main_process
+from cbe.run import RunDir, step_of
 
 
 def settings_of(cfg: DictConfig) -> Settings:

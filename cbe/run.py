@@ -28,28 +28,8 @@ import yaml
 
 from cbe.errors import UserError
 from cbe.paths import same_path
+from cbe.ranks import is_main_process
 from cbe.specs import SPECS, backend_of_checkpoint
-
-
-def is_main_process() -> bool:
-    """True on the process that writes: rank 0 under torchrun, SLURM or alone."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
-
-
-def adopt_slurm_ranks() -> None:
-    """In a multi-task SLURM job launched by submitit, set torch.distributed's variables as torchrun would."""
-    env = os.environ
-    if env.get("SUBMITIT_EXECUTOR") == "slurm" and int(env.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in env:
-        from submitit.helpers import TorchDistributedEnvironment
-
-        # Every task sees all of the node's GPUs and picks its own by LOCAL_RANK.
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-
-
-def world_size() -> int:
-    """Number of data-parallel processes in this job."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -20,6 +20,7 @@ class HFOptions:
     attn_implementation: str = MISSING
     torch_compile: str = MISSING
     gradient_checkpointing: str = MISSING
+    parallel: str = MISSING
 
 
 @dataclass
@@ -40,18 +41,11 @@ def hf_problems(config: Any, world_size: int) -> list[str]:
 
 
 def kd_problems(config: Any, world_size: int) -> list[str]:
-    problems = []
-    if world_size > 1:
-        problems.append(
-            f"backend=kd runs as one process that drives all of its host's devices, not {world_size} processes; "
-            "start it with plain `python main.py` (SLURM: hydra.launcher.tasks_per_node=1, nodes=1); multi-host JAX "
-            "is not supported yet"
-        )
     arch = config.model.architecture
     if arch and arch.get("num_key_value_heads") == arch.get("num_attention_heads"):
         # gemma would fuse q, k and v into one qkv_einsum, a layout the real models do not have.
-        problems.append("model.architecture: num_key_value_heads must be fewer than num_attention_heads for backend=kd")
-    return problems
+        return ["model.architecture: num_key_value_heads must be fewer than num_attention_heads for backend=kd"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -84,10 +78,17 @@ SPECS = {
             "attn_implementation": ("auto", "varlen", "sdpa", "eager", "flex_attention"),
             "torch_compile": ("auto", "True", "False"),
             "gradient_checkpointing": ("auto", "True", "False"),
+            "parallel": ("ddp", "fsdp"),
         },
         process_setup="cbe.backends.hf.trainer.setup_processes",
     ),
-    "kd": BackendSpec("kd", KDOptions, "ckpt_{step}", problems=kd_problems),  # orbax's layout under Kauldron
+    "kd": BackendSpec(
+        "kd",
+        KDOptions,
+        "ckpt_{step}",  # orbax's layout under Kauldron
+        problems=kd_problems,
+        process_setup="cbe.backends.kd.processes.setup_processes",  # jax.distributed, where the run has several
+    ),
 }
 
 

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # so there they are not collected.
 KD_MODULES = {
     "tests/backends/kd/test_kd_backend.py",
+    "tests/backends/kd/test_kd_processes.py",
     "tests/backends/kd/test_generate.py",
     "tests/backends/kd/test_gguf_without_torch.py",
     "tests/backends/kd/test_lora_init.py",

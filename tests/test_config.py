@@ -228,14 +228,10 @@ def test_validate_leaves_the_config_as_composed_and_a_staged_run_derives_its_ste
         validate(compose_config("task=sample_stages", "continual.steps_per_stage=5", "training.num_train_steps=160"))
 
 
-def test_kd_under_several_processes_is_refused_before_anything_loads():
-    with pytest.raises(
-        UserError,
-        match=r"^backend=kd runs as one process that drives all of its host's devices, "
-        r"not 2 processes",
-    ):
-        validate(compose_config("backend=kd", "training.per_device_batch_size=4"), world_size=2)
-    validate(compose_config("backend=hf", "training.per_device_batch_size=4"), world_size=2)
+def test_kd_and_hf_take_several_processes():
+    """Both backends run as several processes (KD's: tests/backends/kd/test_kd_processes.py)."""
+    for backend in ("kd", "hf"):
+        validate(compose_config(f"backend={backend}", "training.per_device_batch_size=4"), world_size=2)
 
 
 def test_gemma2_is_refused_by_the_hf_backend_and_taken_by_kd():

@@ -16,7 +16,8 @@ from cbe.data.packing import PackedRows, corpus_rows
 from cbe.eval import keys
 from cbe.eval.metrics import MATCHES, eval_loss_metrics, score_answer, summarize
 from cbe.eval.parse import question_markers
-from cbe.run import RunDir, is_main_process, write_jsonl_atomic
+from cbe.ranks import is_main_process
+from cbe.run import RunDir, write_jsonl_atomic
 
 
 class Model(Protocol):

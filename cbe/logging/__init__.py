@@ -17,7 +17,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from cbe.eval import keys
-from cbe.run import RunDir, is_main_process, write_atomic
+from cbe.ranks import is_main_process
+from cbe.run import RunDir, write_atomic
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:

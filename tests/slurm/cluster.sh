@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, for `make test-slurm`:
+# A real two-node SLURM cluster on this machine, for `make test-slurm`:
 #   tests/slurm/cluster.sh COMMAND...   installs Debian's slurmctld, slurmd and munge if missing, starts
-#                                       munged, slurmctld and slurmd (no systemd) with their config and state
-#                                       in a temp dir, runs COMMAND with SLURM_CONF set, then stops them and
-#                                       every process of the cluster's jobs.
+#                                       munged, slurmctld and one slurmd per node (no systemd) with their config
+#                                       and state in a temp dir, runs COMMAND with SLURM_CONF set, then stops
+#                                       them and every process of the cluster's jobs.
+# The two nodes are two slurmd daemons on this machine (slurmd -N NAME; Debian builds SLURM with
+# --enable-multiple-slurmd), each on its own port and each with all of this machine's CPUs; partition debug holds
+# both. They are named by loopback addresses, 127.0.0.1 and 127.0.0.2: a job's ranks meet at its first node's
+# name (cbe.ranks), which must resolve, as node names do on a real cluster.
 set -euo pipefail
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
@@ -60,11 +64,12 @@ for _ in $(seq 50); do [ -S "$dir/munge/munge.socket" ] && break; sleep 0.1; don
 pids+=("$(cat "$dir/munge/munged.pid")")
 
 memory_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 3 / 4))
-# Two ports nothing listens on yet (SLURM's own 6817 and 6818 when free), so that this cluster can run beside
-# another one: the cleanup test starts one inside `make test-slurm`'s.
+# Three ports nothing listens on yet (slurmctld's and each node's slurmd's, from SLURM's own 6817 and 6818 when
+# free), so that this cluster can run beside another one: the cleanup test starts one inside `make test-slurm`'s.
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port=6817
-while listening "$port" || listening $((port + 1)); do port=$((port + 2)); done
+while listening "$port" || listening $((port + 1)) || listening $((port + 2)); do port=$((port + 3)); done
+nodes=(127.0.0.1 127.0.0.2)
 cat >"$dir/slurm.conf" <<EOF
 ClusterName=cbe-test
 SlurmctldHost=$host(127.0.0.1)
@@ -75,11 +80,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$dir/munge/munge.socket
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/slurmctld.log
-SlurmdLogFile=$dir/slurmd.log
+SlurmdLogFile=$dir/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -93,19 +98,24 @@ ReturnToService=2
 KillWait=5
 MinJobAge=600
 InactiveLimit=0
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$memory_mb State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+NodeName=127.0.0.1 NodeAddr=127.0.0.1 Port=$((port + 1)) CPUs=$(nproc) RealMemory=$memory_mb State=UNKNOWN
+NodeName=127.0.0.2 NodeAddr=127.0.0.2 Port=$((port + 2)) CPUs=$(nproc) RealMemory=$memory_mb State=UNKNOWN
+PartitionName=debug Nodes=127.0.0.[1-2] Default=YES MaxTime=INFINITE State=UP
 EOF
 
 slurmctld -i -f "$SLURM_CONF"
 for _ in $(seq 50); do [ -s "$dir/slurmctld.pid" ] && break; sleep 0.1; done
 pids+=("$(cat "$dir/slurmctld.pid")")
-slurmd -f "$SLURM_CONF"
-for _ in $(seq 50); do [ -s "$dir/slurmd.pid" ] && break; sleep 0.1; done
-pids+=("$(cat "$dir/slurmd.pid")")
+for node in "${nodes[@]}"; do
+    mkdir -p "$dir/spool/$node"
+    slurmd -f "$SLURM_CONF" -N "$node"
+    for _ in $(seq 50); do [ -s "$dir/slurmd-$node.pid" ] && break; sleep 0.1; done
+    pids+=("$(cat "$dir/slurmd-$node.pid")")
+done
 
-for _ in $(seq 100); do sinfo -h -N -o %t 2>/dev/null | grep -qx idle && break; sleep 0.2; done
-if ! sinfo -h -N -o %t | grep -qx idle; then
+all_idle() { [ "$(sinfo -h -N -o %t 2>/dev/null | grep -cx idle)" = "${#nodes[@]}" ]; }
+for _ in $(seq 100); do all_idle && break; sleep 0.2; done
+if ! all_idle; then
     echo "SLURM did not come up; its logs:" >&2
     tail -n 20 "$dir"/*.log >&2
     exit 1

@@ -42,7 +42,7 @@ from transformers import StoppingCriteria, StopStringCriteria
 from cbe.backends.base import NewlineStop
 from cbe.backends.sampling import GREEDY, UNITS, Sampling
 from cbe.eval.parse import marker_at_word_start
-from cbe.run import is_main_process
+from cbe.ranks import is_main_process
 
 PAD_POSITION = 1 << 30  # after every real position: causality hides padding from real tokens
 CHECK_EVERY = 8  # decode steps between the host's looks at which answers have ended

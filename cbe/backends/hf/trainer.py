@@ -7,7 +7,7 @@ with use_cache=False transformers then builds a block-diagonal causal mask, so d
 (under varlen attention no mask at all: the documents' boundaries, cbe.backends.hf.attention). The loss is TRL's
 fused LM head (logits in tiles, never the whole vocabulary at once), summed over the step's trained tokens and
 divided by their count on every rank, so a step's gradient is the same however its rows are split into micro-batches
-and processes (DDP averages over processes).
+and processes (DDP and FSDP average over processes).
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from trl.trainer.utils import add_fused_lm_head
 
 from cbe.backends.base import NewlineStop, Settings
@@ -33,17 +39,19 @@ from cbe.backends.hf.models import compute_dtype, load_checkpoint, load_model_an
 from cbe.backends.sampling import GREEDY, Sampling
 from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
-from cbe.run import RunDir, atomic_dir, is_main_process, world_size
+from cbe.ranks import is_main_process, world_size
+from cbe.run import RunDir, atomic_dir
 from cbe.specs import SPECS
 
 # PEFT still reads transformers' deprecated alias on every LoRA model; the warning is its to act on, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
-def plan_memory(settings: Settings, card: float | None, setting: str) -> bool:
-    """Whether to checkpoint activations on a GPU of `card` bytes (None: the CPU), decided and said before the
-    model loads (cbe.backends.hf.memory); refuses a run whose weights and optimizer state alone exceed the GPU."""
-    plan = memory.plan_run(settings, card, setting)
+def plan_memory(settings: Settings, card: float | None, setting: str, shards: int) -> bool:
+    """Whether to checkpoint activations on a GPU of `card` bytes (None: the CPU), the model sharded over `shards`
+    GPUs (FSDP; else 1), decided and said before the model loads (cbe.backends.hf.memory); refuses a run whose
+    weights and optimizer state alone exceed the GPU."""
+    plan = memory.plan_run(settings, card, setting, shards)
     where = f"on this {card / memory.GB:.0f} GB GPU" if card else "on the CPU"
     line = f"memory: gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'} {where}"
     if plan.estimate is None:
@@ -53,8 +61,8 @@ def plan_memory(settings: Settings, card: float | None, setting: str) -> bool:
         raise UserError(
             f"{settings.model.name} {settings.adapter.name}: its weights and optimizer state alone take "
             f"{plan.estimate.static_bytes / memory.GB:.0f} GB (estimated), more than this "
-            f"{card / memory.GB:.0f} GB GPU; use adapter=lora128, or backend=kd over several GPUs (FSDP "
-            "shards them), or a larger GPU"
+            f"{card / memory.GB:.0f} GB GPU{f' with FSDP over {shards}' if shards > 1 else ''}; use adapter=lora128, "
+            "or backend.trainer.parallel=fsdp over more GPUs (torchrun or SLURM tasks), or a larger GPU"
         )
     print(f"{line}; {plan.estimate.describe()}", flush=True)
     if not plan.fits:
@@ -80,24 +88,50 @@ def compile_enabled(setting: str) -> bool:
     return torch.cuda.is_available() if setting == "auto" else setting == "True"
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> None:
     """Compile every decoder layer in place. Layer by layer rather than the whole model: the layers share one
     compiled program per attention type, so compiling takes seconds rather than minutes; TRL's fused loss head
     (Triton) stays outside; parameter names, hence checkpoints, are unchanged."""
-    for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
+    for layer in decoder_layers(model):
         layer.compile()
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2 (torch's fully_shard) over every process of the job: each decoder layer is a unit, all-gathered for its
+    forward and backward and freed after; the root unit (embedding, the LM head tied to it, final norm) stays
+    gathered through a step. A module on the CPU moves to this process's GPU shard by shard."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
 
 
 @contextlib.contextmanager
 def evaluating(model: torch.nn.Module):
     """The model in eval mode with its compiled layers run eagerly (evaluation's shapes vary: compiling them would
-    cost more than it saves), then back in the mode it was in."""
+    cost more than it saves), then back in the mode it was in. A sharded model is all-gathered whole for the while
+    and kept so through every forward: each rank answers its own share of the questions, a different number of
+    forward passes, so evaluation can hold no collective."""
+    from torch.distributed.fsdp import FSDPModule
+
     was_training = model.training
     model.eval()
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
     try:
         with torch.compiler.set_stance("force_eager"):
             yield
     finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # fully_shard's defaults
         model.train(was_training)
 
 
@@ -132,7 +166,8 @@ def add_loss_head(model: torch.nn.Module) -> None:
 class HFTrainer:
     """One run's model with transformers/PEFT: training steps, checkpoints, generation and loss (cbe.backends.base).
     Options (backend.trainer): attn_implementation (cbe.backends.hf.attention), torch_compile (auto|true|false:
-    `compile_enabled`) and gradient_checkpointing (auto|true|false: `plan_memory`)."""
+    `compile_enabled`), gradient_checkpointing (auto|true|false: `plan_memory`) and parallel (ddp|fsdp: how several
+    processes share the work: each holds the whole model (DDP), or 1/N of it (FSDP2, `shard`))."""
 
     spec = SPECS["hf"]  # its options, checkpoint names and rules (cbe.specs)
 
@@ -143,30 +178,38 @@ class HFTrainer:
         attn_implementation: str = "sdpa",
         torch_compile: str = "auto",
         gradient_checkpointing: str = "auto",
+        parallel: str = "ddp",
     ):
         self.settings, self.run = settings, run
         self.attn_implementation, self.torch_compile = attn_implementation, torch_compile
         self.gradient_checkpointing = gradient_checkpointing
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.sharded = parallel == "fsdp" and self.world > 1
 
     # -- state -------------------------------------------------------------------------------------
     def start(self, checkpoint: Path | None) -> None:
         card = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-        checkpointing = plan_memory(self.settings, card, self.gradient_checkpointing)
+        checkpointing = plan_memory(self.settings, card, self.gradient_checkpointing, self.world if self.sharded else 1)
         self.model, self.tokenizer = load_model_and_tokenizer(self.settings, self.attn_implementation)
         add_loss_head(self.model)  # before compiling the layers
-        self.model.to(self.device)
+        if not self.sharded:  # a sharded model reaches the GPU shard by shard
+            self.model.to(self.device)
         if checkpoint is not None:
             load_weights(self.model, checkpoint)
         if checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if compile_enabled(self.torch_compile):
             compile_decoder_layers(self.model)
+        if self.sharded:
+            shard(self.model)
         self.reset_optimizer()
         if checkpoint is not None:
-            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.device))
-        self.stepped = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+            # Every rank maps the one file (mmap: the node's page cache holds it once) and keeps its own shard.
+            saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", mmap=True, weights_only=True)
+            set_optimizer_state_dict(self.model, self.optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        ddp = self.world > 1 and not self.sharded
+        self.stepped = torch.nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
 
     def reset_optimizer(self) -> None:
         """A fresh AdamW over the trained parameters (no decay on norms), fused on a GPU."""
@@ -187,13 +230,18 @@ class HFTrainer:
 
     def save(self, step: int) -> Path:
         """checkpoints/checkpoint-<step>: the model (or adapter) as `from_pretrained` reads it, its tokenizer and
-        the optimizer state, written whole or not at all."""
+        the optimizer state keyed by parameter name, written whole or not at all. A sharded model and its optimizer
+        state are gathered whole onto rank 0's CPU first (every rank takes part), so the checkpoint is the same
+        under DDP and FSDP, and any number of processes resumes it."""
         path = self.run.checkpoint_dir(step, self.spec.name)
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.model, options=whole) if self.sharded else None  # None: its own
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=whole)
         if is_main_process():
             with atomic_dir(path) as tmp:
-                self.model.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, state_dict=model_state)
                 self.tokenizer.save_pretrained(tmp)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(optimizer_state, tmp / "optimizer.pt")
         if self.world > 1:
             dist.barrier()
         return path
@@ -212,11 +260,10 @@ class HFTrainer:
             mine = batch[self.rank * share : (self.rank + 1) * share]
             micro = [mine[m : m + t.per_device_batch_size] for m in range(0, len(mine), t.per_device_batch_size)]
             for m, index in enumerate(micro):
-                sync = m == len(micro) - 1 or self.world == 1
-                with contextlib.nullcontext() if sync else self.stepped.no_sync(), self.autocast():
+                with self.gradient_sync(m == len(micro) - 1), self.autocast():
                     inputs = self.tensors(rows, index)
                     out = self.stepped(**inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=trained_tokens)
-                    (out.loss * self.world).backward()  # DDP averages over ranks; the loss is already a share of all
+                    (out.loss * self.world).backward()  # DDP and FSDP average over ranks; the loss is a share of all
                 losses[i] += out.loss.detach()
                 top1[i] += out.is_top1[out.label_mask].sum().detach() / trained_tokens
             if o.max_grad_norm:
@@ -229,6 +276,21 @@ class HFTrainer:
             dist.all_reduce(losses)
             dist.all_reduce(top1)
         return [{"loss": loss, "mean_token_accuracy": acc} for loss, acc in zip(losses.tolist(), top1.tolist())]
+
+    @contextlib.contextmanager
+    def gradient_sync(self, last_micro_batch: bool):
+        """Gradients are reduced over ranks once a step, after its last micro-batch (the others accumulate)."""
+        if last_micro_batch or self.world == 1:
+            yield
+        elif self.sharded:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            with self.stepped.no_sync():
+                yield
 
     def tensors(self, rows: PackedRows, index: np.ndarray) -> dict[str, torch.Tensor]:
         """The model inputs of some rows, on this rank's device; under varlen attention also their documents'
@@ -278,7 +340,8 @@ class HFTrainer:
                 newline_stop=self.newline_stop,
                 sampling=sampling,
                 question_ids=range(len(prompts))[self.rank :: self.world],
-                cuda_graph=cuda_graph,
+                # FSDP's forward hooks stay on the gathered model: a CUDA graph would capture their stream syncs.
+                cuda_graph=False if self.sharded else cuda_graph,
             )
         if self.world == 1:
             return mine

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbe.backends.base import NewlineStop
+from cbe.backends.kd.processes import to_host
 from cbe.backends.sampling import GREEDY, UNITS, Sampling
 
 
@@ -42,7 +43,7 @@ def decode_ids(
 ) -> list[list[int]]:
     """Continuation token ids of every prompt (prompt excluded), greedy or sampled, each cut where its answer
     ended; prompt i draws with the uniforms of question i."""
-    tables = tuple(jnp.asarray(a) for a in (stop.newline, stop.ends_alone, stop.blank))
+    tables = (stop.newline, stop.ends_alone, stop.blank)  # numpy, as the batches: jit replicates them on every device
     draws = dataclasses.replace(sampling, seed=0)  # what the compiled loop needs: the seed is in the uniforms
     generate = functools.partial(
         _generate_batch, model, params, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sampling=draws
@@ -63,7 +64,7 @@ def decode_ids(
                 tokens[r, length - len(prompts[i]) :] = prompts[i]
             lengths[r] = len(prompts[i])
             batch_uniforms[r] = uniforms[i]
-        out = np.asarray(generate(tokens, lengths, tables, batch_uniforms))
+        out = to_host(generate(tokens, lengths, tables, batch_uniforms))
         for r, i in enumerate(rows):
             ids = out[r].tolist()
             results[i] = ids[: stop.end(ids, eos_id)]

@@ -1,9 +1,10 @@
 """The Kauldron backend: a JAX model (cbe.backends.kd.models: Gemma 3 and 2) stepped by a `kd.train.Trainer`.
 
-The Trainer is built in Python for its train step (jit, donated state, FSDP sharding over every visible device)
-and its checkpointer (orbax, `checkpoints/ckpt_<step>`); cbe.loop hands this backend each optimizer step's rows and
-learning rate. One optimizer step is `accumulation` micro-batches (`optax.MultiSteps`); the learning rate is a
-hyperparameter in the optimizer state (`optax.inject_hyperparams`), set before each step.
+The Trainer is built in Python for its train step (jit, donated state, FSDP sharding over every device, of every
+process where the run has several: cbe.backends.kd.processes) and its checkpointer (orbax, `checkpoints/ckpt_<step>`);
+cbe.loop hands this backend each optimizer step's rows and learning rate, the same on every process, and each process
+puts its own devices' rows of them. One optimizer step is `accumulation` micro-batches (`optax.MultiSteps`); the
+learning rate is a hyperparameter in the optimizer state (`optax.inject_hyperparams`), set before each step.
 
 Packed rows go to the devices as they are; one document per row (the benchmark's layout), each device's documents
 of a micro-batch go end to end in one row (cbe.data.packing.back_to_back), its length rounded up to a multiple of
@@ -33,6 +34,7 @@ from cbe.backends.base import NewlineStop, Settings, answer_ended
 from cbe.backends.kd.compat import InitTransform, batch_sharding
 from cbe.backends.kd.generate import decode_ids
 from cbe.backends.kd.models import build_model, load_gemma_params, load_hf_weights
+from cbe.backends.kd.processes import global_array, local_rows, to_host
 from cbe.backends.sampling import GREEDY, Sampling
 from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
@@ -74,7 +76,7 @@ class _Weights(InitTransform):
         flat = traverse_util.flatten_dict(state.params)
         for key, value in self.params.items():
             old = flat[key]
-            flat[key] = jax.device_put(np.ascontiguousarray(value, old.dtype), old.sharding)
+            flat[key] = global_array(np.ascontiguousarray(value, old.dtype), old.sharding)
         return state.replace(params=traverse_util.unflatten_dict(flat))
 
 
@@ -134,7 +136,7 @@ class KDTrainer:
     def _set_learning_rate(self, lr: float) -> None:
         def put(path, leaf):
             if jax.tree_util.keystr(path).endswith("['learning_rate']"):
-                return jax.device_put(jnp.asarray(lr, leaf.dtype), leaf.sharding)
+                return global_array(np.asarray(lr, leaf.dtype), leaf.sharding)
             return leaf
 
         self.state = self.state.replace(opt_state=jax.tree_util.tree_map_with_path(put, self.state.opt_state))
@@ -191,7 +193,8 @@ class KDTrainer:
     def load(self, checkpoint: str) -> None:
         if checkpoint == "base":
             self.model = build_model(self.base.factory, self.base.config, self.settings.training.precision)
-            self.params = jax.tree.map(jnp.asarray, self.weights)
+            # The whole model on every device, of every process: generation replicates its batches too.
+            self.params = jax.tree.map(lambda w: global_array(np.asarray(w), kd.sharding.REPLICATED), self.weights)
             return
         path = Path(checkpoint).resolve()  # a ckpt_<step> dir: validate checked who wrote it
         trainer = self._kd_trainer(workdir=path.parent.parent)
@@ -208,6 +211,7 @@ class KDTrainer:
     def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[dict[str, float]]:
         """One optimizer step per row of `batches`, each `accumulation` micro-batches of the train step."""
         parts = self.devices if rows.one_document_per_row else self.rows_per_micro_step  # rows of a micro-batch
+        sharding = batch_sharding(self.trainer)  # a micro-batch's rows split over the devices
         steps = []
         for batch, lr in zip(batches, learning_rates):
             self._set_learning_rate(lr)
@@ -218,7 +222,7 @@ class KDTrainer:
                 # Kauldron divides each micro-batch's loss by its values and MultiSteps averages the micro-batches:
                 # this weight makes the step's loss the mean over its trained tokens.
                 micro["loss_mask"] *= np.float32(self.accumulation * micro["loss_mask"].size / trained)
-                micro = kd.sharding.device_put(micro, batch_sharding(self.trainer))
+                micro = kd.sharding.device_put(local_rows(micro, sharding), sharding)  # from each process its rows
                 self.state, aux = self.trainer.trainstep.step(
                     self.state, micro, return_losses=True, return_metrics=True
                 )
@@ -264,7 +268,8 @@ class KDTrainer:
 
     def loss_sums(self, rows: PackedRows, batches: list[np.ndarray]) -> np.ndarray:
         """Per batch: summed next-token loss, trained tokens, top-1 tokens. A short last batch of packed rows is
-        filled with untrained copies of its first row: one batch shape, one compiled program."""
+        filled with untrained copies of its first row: one batch shape, one compiled program. The batches stay numpy:
+        jit replicates them on every device, of every process."""
         sums = []
         for index in batches:
             if rows.one_document_per_row:
@@ -272,7 +277,7 @@ class KDTrainer:
             else:
                 batch = next_token_batch(rows, np.resize(index, len(batches[0])), len(batches[0]))
                 batch["loss_mask"][len(index) :] = 0
-            sums.append(np.array(self._loss_sums(self.params, batch), dtype=np.float64))
+            sums.append(np.array([to_host(x) for x in self._loss_sums(self.params, batch)], dtype=np.float64))
         return np.array(sums).reshape(len(batches), 3)
 
     def _loss_sums_of_batch(self, params, batch):

@@ -58,3 +58,24 @@ def test_every_default_recipe_fits_a_40gb_card_or_is_refused(task, model, adapte
         assert plan.estimate.static_bytes > CARD_40GB
     else:
         assert plan.fits, plan.estimate.describe()
+
+
+@pytest.mark.parametrize("gpus,card_gb", [(8, 40), (4, 80)])
+@pytest.mark.parametrize("task", ["news", "geminon"])
+def test_12b_full_fits_a_set_of_gpus_under_fsdp_and_is_refused_on_one(task, gpus, card_gb):
+    from cbe.backends.hf.trainer import plan_memory
+    from cbe.errors import UserError
+
+    settings, card = settings_of(compose_recipe(f"task={task}", "model=gemma3_12b", "adapter=full")), card_gb * 1e9
+    with pytest.raises(UserError, match="parallel=fsdp"):
+        plan_memory(settings, card, "auto", shards=1)
+    plan_memory(settings, card, "auto", shards=gpus)  # accepted
+    peak = memory.plan_run(settings, card, shards=gpus).estimate
+    # Each GPU holds 1/N of the 94 GB of bf16 weights, gradients and AdamW moments, plus what FSDP gathers: two
+    # decoder layers (0.22B parameters each) and the embedding (262144 x 3840), all bf16: about 3 GB.
+    assert peak.static_bytes / 1e9 == pytest.approx(94.2 / gpus + 2.9, rel=0.03)
+    # Evaluation gathers the whole model (23.5 GB) beside the shards of the weights and moments (gradients freed).
+    assert peak.evaluation_bytes / 1e9 == pytest.approx(23.5 + 70.6 / gpus, rel=0.03)
+    assert peak.total_bytes <= memory.HEADROOM * card
+    with pytest.raises(UserError, match="with FSDP over 2"):  # two 40 GB cards cannot hold it either
+        plan_memory(settings, 40e9, "auto", shards=2)

@@ -1,5 +1,5 @@
 """The HF backend end to end on the tiny model: the run layout and its cadence, the learning rates it logs, the rows
-each step trains on, resume after a kill, LoRA, torchrun, the CPU speed settings, the demo itself."""
+each step trains on, resume after a kill, LoRA, the CPU speed settings, the demo itself (torchrun: test_torchrun.py)."""
 
 import json
 import os
@@ -16,7 +16,7 @@ from cbe.data.packing import corpus_rows, training_order
 from cbe.plan import lr_multiplier
 from cbe.plot import read_tensorboard_scalars
 from tests.conftest import ROOT, loop_in_process
-from tests.results import assert_same_metrics, eval_results, raw_predictions
+from tests.results import assert_same_metrics, eval_results
 
 # 5 steps, evaluated and saved every 2: the last step is off the cadence and still gets its evaluation and
 # checkpoint, and its 3 saves under max_checkpoints=2 prune the oldest. The schedule: 2 steps of warmup (40%), then
@@ -323,114 +323,6 @@ def test_zero_steps_evaluates_the_start_only(run_main, tmp_path):
     run = tmp_path / "outputs" / "cbe" / "zero"
     assert [m["step"] for m in eval_results(run)] == [0]
     assert not (run / "checkpoints").exists()
-
-
-# main.py under torchrun, with each rank's share of the work counted, one line per call in counts.rank<N>: the
-# prompts the HF backend's decoder gets, the validation rows its eval-loss forward passes get (inputs built without
-# gradient), and the W&B runs it starts.
-COUNTING_MAIN = """
-import os, runpy, sys
-
-import torch
-import wandb
-
-import cbe.backends.hf.trainer as hf_trainer
-
-counts = open(os.path.join(os.path.dirname(__file__), "counts.rank" + os.environ["RANK"]), "a", buffering=1)
-answers, tensors, wandb_init = hf_trainer.decode_answers, hf_trainer.HFTrainer.tensors, wandb.init
-
-
-def counted_answers(model, tokenizer, prompts, **kwargs):
-    counts.write(f"prompts {len(prompts)}\\n")
-    return answers(model, tokenizer, prompts, **kwargs)
-
-
-def counted_tensors(self, rows, index):
-    if not torch.is_grad_enabled():
-        counts.write(f"val_rows {len(index)}\\n")
-    return tensors(self, rows, index)
-
-
-def counted_wandb_init(*args, **kwargs):
-    counts.write("wandb_runs 1\\n")
-    return wandb_init(*args, **kwargs)
-
-
-hf_trainer.decode_answers = counted_answers
-hf_trainer.HFTrainer.tensors = counted_tensors
-wandb.init = counted_wandb_init
-sys.argv[0] = os.path.join(os.getcwd(), "main.py")
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def rank_counts(folder: Path, rank: int) -> dict[str, int]:
-    totals = {"prompts": 0, "val_rows": 0, "wandb_runs": 0}
-    for line in (folder / f"counts.rank{rank}").read_text().splitlines():
-        what, n = line.split()
-        totals[what] += int(n)
-    return totals
-
-
-def test_torchrun_trains_like_one_process_with_the_same_effective_batch(run_main, tmp_path, cache_dir):
-    """Two ranks (gloo) with 4 rows each per step against one process accumulating 2 x 4: the same metrics and
-    the same step-0 answers; the ranks share one run dir, only rank 0 writes (and logs to W&B), and each rank
-    answers half of the questions and measures half of the validation rows."""
-    run = [
-        "training.num_train_steps=6",
-        "training.eval_every=3",
-        "training.save_every=3",
-        "eval.max_questions=12",
-        "data.sequence_length=64",  # 29 training rows, 8 a step; 4 validation rows...
-        "eval.loss_batch_size=1",  # ...2 for each rank
-        "training.effective_batch_size=8",
-        "training.per_device_batch_size=4",
-        "optimizer.weight_decay=0.1",
-    ]
-    run_main(*run, "logging=none", "logging.project_name=single")
-    counting_main = tmp_path / "counting_main.py"
-    counting_main.write_text(COUNTING_MAIN)
-    env = {
-        **os.environ,
-        "CBE_CACHE_DIR": str(cache_dir),
-        "OMP_NUM_THREADS": "1",
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-    }
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(counting_main),
-            f"output_root={tmp_path / 'outputs'}",
-            *run,
-            "logging=tensorboard_wandb",
-            "logging.project_name=ddp",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["ddp", "single"]  # one run dir per run
-    single, ddp = (tmp_path / "outputs" / project / "sample" / "tiny-full-hf" for project in ("single", "ddp"))
-    assert [m["step"] for m in eval_results(ddp)] == [0, 3, 6]  # rank 0 alone appends
-    for a, b in zip(eval_results(ddp), eval_results(single), strict=True):
-        assert_same_metrics(a, b)
-    for qa_set in ("valqa", "testqa"):  # the gathered answers, in question order: distinct noise at step 0
-        answers = raw_predictions(ddp, qa_set, 0)
-        assert answers == raw_predictions(single, qa_set, 0) and len(answers) == 12 and len(set(answers)) > 6
-    # 3 evaluations of 12 + 12 questions and 4 validation rows: each rank did half; rank 0 alone logged to W&B.
-    assert rank_counts(tmp_path, 0) == {"prompts": 36, "val_rows": 6, "wandb_runs": 1}
-    assert rank_counts(tmp_path, 1) == {"prompts": 36, "val_rows": 6, "wandb_runs": 0}
-    assert (ddp / "logs" / "train.log").read_text().count("eval | step 6") == 1
-    assert sorted(p.name for p in (ddp / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
-    assert len(list((ddp / "logs" / "wandb").glob("offline-run-*"))) == 1
 
 
 @pytest.mark.slow
