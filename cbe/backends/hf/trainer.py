@@ -47,7 +47,7 @@ from cbe.specs import SPECS
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
-def plan_memory(settings: Settings, card: float | None, setting: str, shards: int) -> bool:
+def plan_memory(settings: Settings, card: float | None, setting: str, shards: int = 1) -> bool:
     """Whether to checkpoint activations on a GPU of `card` bytes (None: the CPU), the model sharded over `shards`
     GPUs (FSDP; else 1), decided and said before the model loads (cbe.backends.hf.memory); refuses a run whose
     weights and optimizer state alone exceed the GPU."""

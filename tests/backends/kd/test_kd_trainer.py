@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 import torch
+import yaml
 from flax import traverse_util
 from gemma import gm
 from peft.tuners.lora import LoraLayer
@@ -260,8 +261,15 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path, cache_dir):
     hf.train()
     hf.loggers.close()
     arch = hf.cfg.model.architecture
-    run_main("backend=kd", *LORA, f"backend.trainer.gemma_params={tmp_path / 'start'}", "logging.run_name=kd")
+    # KD in this process too (a new one would import TensorFlow and kauldron again); its run dir where main.py's is,
+    # for mode=eval below.
     run = tmp_path / "outputs" / "cbe" / "kd"
+    kd_args = ["backend=kd", *LORA, f"backend.trainer.gemma_params={tmp_path / 'start'}", f"data.cache_dir={cache_dir}"]
+    kd = loop_in_process(run, *kd_args)
+    kd.train()
+    kd.loggers.close()
+    (run / ".hydra").mkdir()  # Hydra's record of the command line, as main.py's run would have it
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(kd_args))
     kd_losses, hf_losses = train_losses(run), train_losses(tmp_path / "hf")
     assert len(kd_losses) == len(hf_losses) == 5
     assert kd_losses == pytest.approx(hf_losses, rel=1e-3)
@@ -282,18 +290,22 @@ def test_lora_first_steps_agree_with_hf(run_main, tmp_path, cache_dir):
     assert predictions(evaluated, "valqa", 5) == predictions(run, "valqa", 5)
 
 
-def test_zero_steps_gives_the_same_start_in_both_backends_on_gemma3_270m(run_main, tmp_path):
+def test_zero_steps_gives_the_same_start_in_both_backends_on_gemma3_270m(tmp_path, cache_dir):
     """The real 270M model, converted from its HF checkpoint: the same step-0 eval loss and greedy answers."""
-    runs = run_both(
-        run_main,
-        tmp_path,
-        "model=gemma3_270m",
-        "training.num_train_steps=0",
-        "eval.max_questions=12",
-        "eval.max_new_tokens=8",
-        "eval.batch_size=24",
-        "logging=none",
-    )
+    runs = {backend: tmp_path / backend for backend in ("hf", "kd")}
+    for backend, run in runs.items():  # in this process: a new one would import both frameworks again
+        loop = loop_in_process(
+            run,
+            f"backend={backend}",
+            "model=gemma3_270m",
+            "training.num_train_steps=0",
+            "eval.max_questions=12",
+            "eval.max_new_tokens=8",
+            "eval.batch_size=24",
+            "logging=none",
+            f"data.cache_dir={cache_dir}",
+        )
+        loop.train()
     kd, hf = eval_results(runs["kd"]), eval_results(runs["hf"])
     assert kd[0]["eval_loss"] == pytest.approx(hf[0]["eval_loss"], rel=1e-3)
     for qa_set in ("valqa", "testqa"):
