@@ -23,8 +23,9 @@ from cbe.ranks import Rendezvous, rendezvous
 def coordinator(r: Rendezvous) -> str:
     """Where process 0's JAX coordinator listens: the launcher's address and port, but the port after it under
     torchrun, whose agent already serves its own store on MASTER_PORT."""
-    port = r.port + 1 if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else r.port
-    return f"{r.address}:{port}"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return f"{r.address}:{r.port + 1}"
+    return r.coordinator
 
 
 def setup_processes() -> None:
