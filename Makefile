@@ -46,10 +46,11 @@ demo: install
 	rm -rf outputs/cbe/demo
 	$(PY) main.py logging.run_name=demo
 
-# Continual learning: the sample track in 3 stages; prints the accuracy matrix and its summary at the end.
+# Continual learning: the sample track in 3 stages; prints the accuracy matrix and its summary at the end, with the
+# bundled lm-eval task's scores after every stage (general ability).
 demo-continual: install
 	rm -rf outputs/cbe/demo-continual
-	$(PY) main.py task=sample_stages logging.run_name=demo-continual
+	$(PY) main.py task=sample_stages logging.run_name=demo-continual 'continual.lm_eval_tasks=[cbe_general_mc]'
 
 # ruff first (seconds): lint and format are part of the tests.
 test: install

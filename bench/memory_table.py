@@ -27,8 +27,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from cbe.backends.hf import memory
-    from cbe.config import register_configs
-    from cbe.loop import settings_of
+    from cbe.config import register_configs, settings_of
 
     register_configs()
     card = args.card_gb * memory.GB

@@ -359,6 +359,106 @@ def _plot_parser(commands) -> None:
     p.set_defaults(run=plot)
 
 
+def export(args: argparse.Namespace) -> None:
+    """Write a checkpoint as an HF model dir; upload it with --push-to-hub."""
+    from cbe.export import export_checkpoint
+
+    options = _options(args, "merge_lora", "dtype", "overrides", "overwrite")
+    out = export_checkpoint(args.checkpoint, args.out, **options)
+    print(f"wrote {out}")
+    if args.push_to_hub:
+        from cbe.publish import push_folder
+
+        print(f"uploaded to {push_folder(out, args.push_to_hub, private=args.private)}")
+
+
+def _export_parser(commands) -> None:
+    p = commands.add_parser(
+        "export",
+        help="write any checkpoint (HF or KD, full or LoRA) as a standard HF model dir: config, safetensors, "
+        "tokenizer; a LoRA one as a PEFT adapter dir, or merged with --merge-lora",
+    )
+    p.add_argument("checkpoint", help="a checkpoints/<name> dir, <run>/checkpoints/latest, or base (the base model)")
+    p.add_argument("--out", required=True, help="the dir to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--merge-lora", action="store_true", help="fold a LoRA adapter into the weights: a whole model")
+    p.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default="fp32", help="the weights' dtype (default: %(default)s)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the dir to this hub model repo (HF_TOKEN's)")
+    p.add_argument("--private", action="store_true", help="create the hub repo private")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides as main.py takes them, after the run's own (for base: model=gemma3_1b, ...)",
+    )
+    p.set_defaults(run=export)
+
+
+def lm_eval(args: argparse.Namespace) -> None:
+    """Score a checkpoint with lm-evaluation-harness; print the scores and where they went."""
+    from cbe.lm_eval import RESULTS, evaluate_checkpoint, format_scores
+
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    for option in ("limit", "batch_size"):
+        if isinstance(getattr(args, option), int) and getattr(args, option) < 1:
+            raise UserError(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
+    options = _options(args, "limit", "num_fewshot", "include_path", "batch_size", "device", "dtype", "overrides")
+    out = evaluate_checkpoint(args.checkpoint, tasks, **options)
+    print(format_scores(json.loads((out / RESULTS).read_text())))
+    print(f"results: {out / RESULTS}")
+
+
+def _batch_size(text: str) -> int | str:
+    if text != "auto" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"an int or auto, not {text!r}")
+    return text if text == "auto" else int(text)
+
+
+def _lm_eval_parser(commands) -> None:
+    p = commands.add_parser(
+        "lm-eval",
+        help="score a checkpoint with lm-evaluation-harness (exported as an HF model, LoRA merged); results go to "
+        "<run>/eval/<checkpoint>/lm-eval-<hash>/results.json, one dir per set of settings",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoints/<name> dir, <run>/checkpoints/latest, or base (the base model of the overrides)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides as main.py takes them, after the run's own (for base: model=gemma3_1b, ...); "
+        "they follow CHECKPOINT directly",
+    )
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated lm-eval task, group or tag names: the bundled cbe_general_mc (offline), lm-eval's "
+        "own (arc_easy, hellaswag, ...: their data comes from the hub) or those of --include-path",
+    )
+    p.add_argument("--limit", type=int, metavar="N", help="score only the first N questions of each task")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="examples before each question (default: the task's)")
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a dir of your own lm-eval task YAMLs (repeatable); their relative data_files resolve against the "
+        "current dir, as lm-eval resolves them",
+    )
+    p.add_argument(
+        "--batch-size", type=_batch_size, default=8, metavar="B", help="an int or auto (default: %(default)s)"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda where there is one, else cpu)")
+    p.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default="fp32", help="the exported weights' dtype (default: %(default)s)"
+    )
+    p.set_defaults(run=lm_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `cbe` parser: one subcommand per tool, added by the functions above in `cbe --help`'s order."""
     parser = argparse.ArgumentParser(prog="cbe", description="Data and result tools for cbe runs.")
@@ -367,12 +467,20 @@ def build_parser() -> argparse.ArgumentParser:
     _result_parsers(commands)
     _judge_parser(commands)
     _plot_parser(commands)
+    _export_parser(commands)
+    _lm_eval_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run one `cbe` subcommand; a user mistake exits with one line, not a traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Config overrides (key=value) may follow the options, where argparse alone would not take them.
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         args.run(args)
     except UserError as e:

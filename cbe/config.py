@@ -134,6 +134,10 @@ class ContinualConfig:
     reset_optimizer: bool = False  # a fresh optimizer state at the start of every stage after the first
     replay_fraction: float = 0.0  # in stage k > 1, this fraction of every batch's rows comes from earlier stages
     retention_qa_path: Optional[str] = None  # a general-knowledge QA set evaluated at every eval (cbe retention-set)
+    # lm-evaluation-harness tasks scored after every stage (and on the base model): general ability beside the stages'
+    # own, e.g. [cbe_general_mc] (bundled) or [arc_easy, hellaswag]; lm_eval_limit: at most this many items per task
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: Optional[int] = None
 
 
 @dataclass
@@ -172,6 +176,29 @@ class Config:
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What a backend is built from: the run's typed sections, never the whole config (cbe.loop.build)."""
+
+    model: ModelConfig
+    adapter: AdapterConfig
+    optimizer: OptimizerConfig
+    training: TrainingConfig  # batch sizes, seed, precision
+    total_steps: int  # the run's optimizer steps (a staged run's: its stages' sum)
+    sequence_length: int
+    cache_dir: str  # tokenized corpora, converted models
+
+
+def settings_of(cfg: DictConfig) -> Settings:
+    """The sections of a (validated) config that a backend is built from."""
+    return Settings(
+        **{k: OmegaConf.to_object(cfg[k]) for k in ("model", "adapter", "optimizer", "training")},
+        total_steps=stages_of(cfg)[-1].last_step,
+        sequence_length=cfg.data.sequence_length,
+        cache_dir=cfg.data.cache_dir,
+    )
+
+
 def register_configs() -> None:
     """Make the schema the base that conf/config.yaml composes onto."""
     ConfigStore.instance().store(name="cbe_schema", node=Config)
@@ -198,6 +225,7 @@ POSITIVE = (
     "data.sequence_length",
     "eval.max_new_tokens",
     "eval.batch_size",
+    "continual.lm_eval_limit",
     "eval.loss_batch_size",
     "optimizer.lr",
     "optimizer.max_grad_norm",  # null turns clipping off
@@ -284,6 +312,11 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
         )
     if "{question}" not in cfg.eval.prompt_template:
         raise UserError(f"eval.prompt_template={cfg.eval.prompt_template!r} must contain {{question}}")
+    if cfg.continual.lm_eval_tasks and world_size > 1:
+        raise UserError(
+            "continual.lm_eval_tasks scores the model in one process, and this run has several; leave it out and "
+            "score the stages' checkpoints after the run with `cbe lm-eval CHECKPOINT --tasks ...`"
+        )
 
 
 def _check_steps(cfg: DictConfig) -> None:
@@ -293,6 +326,11 @@ def _check_steps(cfg: DictConfig) -> None:
     if not stages:
         if steps is None or steps < 0:
             raise UserError(f"training.num_train_steps must be 0 (evaluate the start only) or more, got {steps}")
+        if cfg.continual.lm_eval_tasks:
+            raise UserError(
+                "continual.lm_eval_tasks scores the model after each of data.stages, and this task has none; score "
+                "a checkpoint with `cbe lm-eval CHECKPOINT --tasks ...`"
+            )
         return
     if cfg.continual.steps_per_stage <= 0:
         raise UserError(f"continual.steps_per_stage must be positive, got {cfg.continual.steps_per_stage}")
@@ -357,6 +395,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     return found
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config main.py composes for these overrides, outside a Hydra app (cbe export, eval_dir_override)."""
+    register_configs()
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base=None):
+        return compose("config", overrides=overrides)
+
+
 def eval_dir_override(argv: list[str]) -> list[str]:
     """The argv pre-pass's `hydra.run.dir=...` of a single `mode=eval` (its eval_run_dir), named here from the
     composed config, before Hydra composes it for the run: composing imports no evaluator. Nothing for a training
@@ -364,10 +409,8 @@ def eval_dir_override(argv: list[str]) -> list[str]:
     overrides = [a for a in argv if not a.startswith("-")]
     if "mode=eval" not in overrides or len(overrides) < len(argv) or any("hydra.run.dir=" in o for o in overrides):
         return []
-    register_configs()
     try:
-        with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base=None):
-            where = eval_run_dir(compose("config", overrides=overrides))
+        where = eval_run_dir(compose_config(overrides))
     except Exception:  # a mistake in the command line: the run's own composition reports it in one line
         return []
     return ["hydra.run.dir='" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"]

@@ -74,6 +74,7 @@ def stage_ends(run: str | Path) -> list[int]:
 
 def stage_matrices(lines: list[dict[str, Any]]) -> dict[str, StageMatrix]:
     """Every matrix of the lines of metrics/stage_matrix.jsonl, keyed `<set>_<metric>`; a later line wins a cell."""
+    lines = [line for line in lines if "eval_stage" in line]  # not lm-eval's (summarize_lm_eval)
     stages = max((line["eval_stage"] for line in lines), default=0)
     matrices: dict[str, StageMatrix] = {}
     for line in lines:
@@ -188,6 +189,21 @@ def summarize_retention(
     return entries
 
 
+def summarize_lm_eval(lines: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
+    """`lm_eval/<task>/<metric>` entries of continual.lm_eval_tasks' lines: the score of the base model and after each
+    stage (rows as the matrices'), lm-eval's standard errors, and the change from the base model to the last row."""
+    entries: dict[str, Any] = {}
+    for line in (line for line in lines if "lm_eval_task" in line):
+        key = f"lm_eval/{line['lm_eval_task']}/{line['metric']}"
+        empty = {"value": [None] * len(steps), "stderr": [None] * len(steps), "n": line.get("n"), "steps": steps}
+        entry = entries.setdefault(key, empty)
+        entry["value"][line["after_stage"]], entry["stderr"][line["after_stage"]] = line["value"], line["stderr"]
+    for entry in entries.values():
+        first, last = entry["value"][0], entry["value"][-1]
+        entry["change"] = None if first is None or last is None else last - first
+    return entries
+
+
 def summarize_stages(
     lines: list[dict[str, Any]], names: list[str], details_of: DetailsOf, results: dict[int, dict], where: Path
 ) -> tuple[dict[str, Any], list[str]]:
@@ -207,7 +223,7 @@ def summarize_stages(
             scores[matrix.set] = scores_of_set(details_of, names, matrix, notes)
         summary[key] = summarize_matrix(matrix, scores[matrix.set].get(matrix.metric))
     steps = next(iter(matrices.values())).steps
-    return summary | summarize_retention(results, details_of, steps, notes), notes
+    return summary | summarize_retention(results, details_of, steps, notes) | summarize_lm_eval(lines, steps), notes
 
 
 def continual_summary(run_dir: str | Path) -> tuple[dict[str, Any], list[str]]:
@@ -239,6 +255,10 @@ def describe_summary(summary: dict[str, Any], stages: list[str]) -> str:
     """The summary as text: a line of numbers per entry, and the valqa matrices as tables."""
     lines = []
     for key, entry in summary.items():
+        if key.startswith("lm_eval/"):
+            scores = " ".join(_text(v) for v in entry["value"])
+            lines.append(f"{key}: after stages 0..{len(entry['value']) - 1}: {scores}; change {_text(entry['change'])}")
+            continue
         qa_set, _ = keys.split(key, METRICS)
         if qa_set == keys.RETENTION:
             g = " ".join(_text(v) for v in entry["g"])
@@ -285,8 +305,11 @@ class StageRecorder:
         if keys.RETENTION in details:
             self._keep(keys.RETENTION, step, details[keys.RETENTION])
 
-    def on_stage_end(self, after: int, step: int, metrics: dict, details: dict[str, list[dict]]) -> None:
-        """After stage `after` (0: the base model; on_eval has seen it): R[after][j] to metrics/stage_matrix.jsonl."""
+    def on_stage_end(
+        self, after: int, step: int, metrics: dict, details: dict[str, list[dict]], general: list[dict] = ()
+    ) -> None:
+        """After stage `after` (0: the base model; on_eval has seen it): R[after][j], and the lm-eval scores
+        `general` (cbe.lm_eval.score_rows), to metrics/stage_matrix.jsonl."""
         rows = {line["step"] for line in self.lines} | {step}  # retention scores between rows are not needed
         self.scores = {k: v for k, v in self.scores.items() if k[0] != keys.RETENTION or k[1] in rows}
         for j, name in enumerate(self.names, 1):
@@ -297,6 +320,7 @@ class StageRecorder:
                 n = metrics[keys.metric_key(qa_set, "n")]
                 values = {m: metrics[keys.metric_key(qa_set, m)] for m in METRICS}
                 self.lines += [cell | {"metric": m, "value": v, "n": n, "step": step} for m, v in values.items()]
+        self.lines += [{"after_stage": after, **score, "step": step} for score in general]
         if is_main_process():
             write_jsonl_atomic(self.run.stage_matrix, self.lines)
 

@@ -4,6 +4,9 @@ import functools
 import re
 import sys
 
+# How a user gives the hub their token: the hint of every hub refusal (downloads, uploads).
+LOG_IN = "log in with `hf auth login` (or set HF_TOKEN)"
+
 
 class UserError(Exception):
     """A mistake the user can fix: bad config, missing file, malformed data, no access."""

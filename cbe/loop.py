@@ -13,16 +13,17 @@ keeps that true: a kill between an evaluation and its checkpoint only repeats wo
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from cbe.backends.base import Backend, Settings
-from cbe.config import backend_options
+from cbe.backends.base import Backend
+from cbe.config import backend_options, settings_of
 from cbe.continual import StageRecorder
 from cbe.data.packing import PackedRows, corpus_rows, epochs_seen, repetition_report
 from cbe.eval.evaluator import QAEvaluator
@@ -30,16 +31,6 @@ from cbe.logging import Loggers
 from cbe.plan import batch_plan, schedule, stages_of
 from cbe.ranks import is_main_process
 from cbe.run import RunDir, step_of
-
-
-def settings_of(cfg: DictConfig) -> Settings:
-    """The sections of a (validated) config that a backend is built from."""
-    return Settings(
-        **{k: OmegaConf.to_object(cfg[k]) for k in ("model", "adapter", "optimizer", "training")},
-        total_steps=stages_of(cfg)[-1].last_step,
-        sequence_length=cfg.data.sequence_length,
-        cache_dir=cfg.data.cache_dir,
-    )
 
 
 def build(cfg: DictConfig, run: RunDir) -> tuple[Backend, QAEvaluator]:
@@ -88,8 +79,23 @@ class Loop:
         return metrics
 
     def evaluate_stage_end(self, after: int, step: int) -> None:
-        """Evaluate after stage `after` (0: the base model): every stage's QA sets, a row of the accuracy matrix."""
-        self.emit("on_stage_end", after, step, self.evaluate(step, after), self.evaluator.last_details)
+        """Evaluate after stage `after` (0: the base model): every stage's QA sets, a row of the accuracy matrix, and
+        continual.lm_eval_tasks' general-ability scores."""
+        metrics, details = self.evaluate(step, after), self.evaluator.last_details
+        self.emit("on_stage_end", after, step, metrics, details, self.general_ability())
+
+    def general_ability(self) -> list[dict[str, Any]]:
+        """lm-eval's scores of the model as it is now, on continual.lm_eval_tasks (none where it names none): the
+        model exported (LoRA merged, fp32) into a temporary dir beside the run, which lm-eval's hf model reads."""
+        tasks = list(self.cfg.continual.lm_eval_tasks)
+        if not tasks:
+            return []
+        from cbe.lm_eval import evaluate_model_dir, score_rows
+
+        with tempfile.TemporaryDirectory(dir=self.run.root, prefix=".lm-eval-model-") as model_dir:
+            self.backend.export(Path(model_dir), merge_lora=True, dtype="fp32")
+            results = evaluate_model_dir(model_dir, tasks, self.cfg.continual.lm_eval_limit)
+        return score_rows(results)
 
     def train(self) -> None:
         cfg, t, run = self.cfg, self.cfg.training, self.run

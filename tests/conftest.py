@@ -129,3 +129,29 @@ def tiny_wandb_run(tmp_path_factory, cache_dir) -> Path:
         timeout=300,
     )
     return output_root / "cbe-test" / "sample" / "tiny"
+
+
+HUB_TOKEN = "hf_standin_write_token"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The stand-in, that wants HUB_TOKEN for writes; huggingface_hub in this process pointed at it with HF_TOKEN."""
+    from huggingface_hub import constants
+
+    from tests.hub_standin import HubStandIn
+
+    with HubStandIn({}, token=HUB_TOKEN) as hub:
+        # huggingface_hub reads HF_ENDPOINT (and the rest) once, at import: point this process's copy at the stand-in.
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))  # no `hf auth login` token
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        # LFS, huggingface_hub's protocol without hf_xet; the Xet test turns Xet back on.
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "xet"))  # hf_xet's chunk and shard caches
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+        yield hub

@@ -10,8 +10,8 @@ import torch
 from transformers import TrainingArguments, get_cosine_schedule_with_warmup
 
 from cbe.backends.hf.models import load_base_model
+from cbe.config import settings_of
 from cbe.data.packing import training_order
-from cbe.loop import settings_of
 from tests.conftest import loop_in_process
 
 LENGTH = 48  # tokens per example; the tiny tokenizer is byte-level, so the long documents below are cut

@@ -10,22 +10,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from cbe.backends.sampling import GREEDY, Sampling
-from cbe.config import AdapterConfig, ModelConfig, OptimizerConfig, TrainingConfig
 from cbe.data.packing import PackedRows
 from cbe.eval.parse import marker_at_word_start
-
-
-@dataclass(frozen=True, kw_only=True)
-class Settings:
-    """What a backend is built from: the run's typed sections, never the whole config (cbe.loop.build)."""
-
-    model: ModelConfig
-    adapter: AdapterConfig
-    optimizer: OptimizerConfig
-    training: TrainingConfig  # batch sizes, seed, precision
-    total_steps: int  # the run's optimizer steps (a staged run's: its stages' sum)
-    sequence_length: int
-    cache_dir: str  # tokenized corpora, converted models
 
 
 class Backend(Protocol):
@@ -52,6 +38,11 @@ class Backend(Protocol):
 
     def load(self, checkpoint: str) -> None:
         """mode=eval: the model of a checkpoint dir, or the base model for `base`."""
+
+    def export(self, out: Path, merge_lora: bool, dtype: str) -> None:
+        """Write the model it holds (trained, or loaded) into the empty dir `out` as an HF model dir (config,
+        safetensors in `dtype`, bf16 or fp32, tokenizer); a LoRA-adapted one as a PEFT adapter dir for the base model's
+        name, or folded into the weights when `merge_lora` (cbe export)."""
 
     def generate(
         self,

@@ -21,11 +21,10 @@ from urllib.parse import urlsplit
 import yaml
 
 from cbe.data.jsonl import CORPUS_FIELDS, QA_FIELDS, iter_jsonl
-from cbe.errors import UserError
+from cbe.errors import LOG_IN, UserError
 
 RECIPE = Path(__file__).resolve().parents[2] / "data" / "download.yaml"
 CORPUS_NAMES = ("train", "val")  # every other local name is a QA set
-LOG_IN = "log in with `hf auth login` (or set HF_TOKEN)"
 
 
 def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:

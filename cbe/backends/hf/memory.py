@@ -134,7 +134,7 @@ def plan(
 def plan_run(
     settings: Any, card_bytes: float | None, gradient_checkpointing: str = "auto", shards: int = 1
 ) -> MemoryPlan:
-    """`plan` for a run's settings (cbe.backends.base.Settings: its model's shape, adapter rank, per-device batch and
+    """`plan` for a run's settings (cbe.config.Settings: its model's shape, adapter rank, per-device batch and
     sequence length), the HF backend's `backend.trainer.gradient_checkpointing` setting and its FSDP shards."""
     arch, rows = settings.model.architecture, settings.training.per_device_batch_size
     return plan(arch, settings.adapter.rank, rows, settings.sequence_length, gradient_checkpointing, card_bytes, shards)

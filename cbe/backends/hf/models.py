@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from cbe.backends.base import Settings
 from cbe.backends.hf.attention import attention_implementation
+from cbe.config import Settings
 from cbe.weights.gguf import materialize_gemma3_270m
 from cbe.weights.init import init_config, init_state
 from cbe.weights.reader import from_pretrained, hub_id, load_tokenizer
@@ -106,3 +107,43 @@ def init_lora_a(model, seed: int) -> None:
                 bound = math.sqrt(6 / a.in_features)
                 with torch.no_grad():
                     a.weight.copy_(torch.empty(a.weight.shape).uniform_(-bound, bound, generator=generator))
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """A PEFT model's weights under its base model's names, each LoRA's change folded in (in fp32); the model itself
+    stays as it is (a run may go on training it)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    changes = {
+        f"{name}.weight": module.get_delta_weight(module.active_adapters[0])
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    state = {}
+    for key, tensor in base.state_dict().items():
+        if ".lora_" not in key:
+            key = key.replace(".base_layer.", ".")
+            state[key] = (tensor.float() + changes[key].float()).to(tensor.dtype) if key in changes else tensor
+    return state
+
+
+def export_model(model, tokenizer, out: Path, merge_lora: bool, dtype: str, base_model: str) -> None:
+    """The model as an HF dir (`save_pretrained`) in `dtype` (bf16|fp32): the whole model, the LoRA folded into its
+    weights when `merge_lora`, or the LoRA as a PEFT adapter for the base model named `base_model`."""
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    adapted = hasattr(model, "peft_config")
+    if adapted and not merge_lora:
+        model.peft_config["default"].base_model_name_or_path = base_model
+        state = {k: v.to(torch_dtype) if ".lora_" in k else v for k, v in model.state_dict().items()}
+        model.save_pretrained(out, state_dict=state)
+    else:
+        base = model.get_base_model() if adapted else model
+        state = merged_state_dict(model) if adapted else base.state_dict()
+        if base.config.get_text_config().tie_word_embeddings:
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # the embedding is the LM head
+        base.save_pretrained(out, state_dict={k: v.to(torch_dtype).contiguous() for k, v in state.items()})
+        config = copy.deepcopy(base.config)
+        config.dtype = torch_dtype
+        config.save_pretrained(out)
+    tokenizer.save_pretrained(out)

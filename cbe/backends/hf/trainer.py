@@ -31,17 +31,19 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from trl.trainer.utils import add_fused_lm_head
 
-from cbe.backends.base import NewlineStop, Settings
+from cbe.backends.base import NewlineStop
 from cbe.backends.hf import memory
 from cbe.backends.hf.attention import VARLEN, documents_per_row, varlen_inputs
 from cbe.backends.hf.generate import decode_answers
-from cbe.backends.hf.models import compute_dtype, load_checkpoint, load_model_and_tokenizer
+from cbe.backends.hf.models import compute_dtype, export_model, load_checkpoint, load_model_and_tokenizer
 from cbe.backends.sampling import GREEDY, Sampling
+from cbe.config import Settings
 from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
 from cbe.ranks import is_main_process, world_size
 from cbe.run import RunDir, atomic_dir
 from cbe.specs import SPECS
+from cbe.weights.reader import hub_id
 
 # PEFT still reads transformers' deprecated alias on every LoRA model; the warning is its to act on, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -245,6 +247,12 @@ class HFTrainer:
         if self.world > 1:
             dist.barrier()
         return path
+
+    def export(self, out: Path, merge_lora: bool, dtype: str) -> None:
+        """The model as an HF dir (cbe.backends.hf.models.export_model), from one process holding it whole."""
+        if self.sharded:
+            raise UserError("exporting a model sharded over processes is not supported; export its checkpoint")
+        export_model(self.model, self.tokenizer, out, merge_lora, dtype, hub_id(self.settings.model.name))
 
     # -- training ------------------------------------------------------------------------------------
     def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[dict[str, float]]:

@@ -115,3 +115,49 @@ def gemma_to_hf(params: Mapping[str, Any], config) -> dict[str, np.ndarray]:
         for hf_name, gemma_name in _NORMS.items():
             sd[p + hf_name + ".weight"] = np.asarray(layer[gemma_name]["scale"])
     return sd
+
+
+# gemma's LoRA (gm.nn.LoRA) adds x·a·b beside each einsum, unscaled: a holds the einsum's contracted input axes and
+# the rank, b the rank and its output axes. k and v are one einsum in gemma, so they share one a (gate and up share
+# another); in PEFT each becomes its own LoRA of the same rank, with that a. Each entry: the HF module, where its LoRA
+# is in a gemma layer, and (a, b, N, K, H) -> PEFT's A [rank, in] and B [out, rank], so that B @ A is the HF weight's
+# change.
+def _rows(b, n: int, H: int) -> np.ndarray:  # [rank, n, H] -> [n*H, rank], the rows of an HF projection
+    return b.transpose(1, 2, 0).reshape(n * H, -1)
+
+
+_LORA = {
+    "self_attn.q_proj": (("attn", "q_einsum"), lambda a, b, N, K, H: (a.T, _rows(b, N, H))),
+    "self_attn.k_proj": (("attn", "kv_einsum"), lambda a, b, N, K, H: (a.T, _rows(b[:, 0], K, H))),
+    "self_attn.v_proj": (("attn", "kv_einsum"), lambda a, b, N, K, H: (a.T, _rows(b[:, 1], K, H))),
+    "self_attn.o_proj": (("attn", "attn_vec_einsum"), lambda a, b, N, K, H: (a.reshape(N * H, -1).T, b.T)),
+    "mlp.gate_proj": (("mlp", "gating_einsum"), lambda a, b, N, K, H: (a.T, b[:, 0].T)),
+    "mlp.up_proj": (("mlp", "gating_einsum"), lambda a, b, N, K, H: (a.T, b[:, 1].T)),
+    "mlp.down_proj": (("mlp", "linear"), lambda a, b, N, K, H: (a.T, b.T)),
+}
+LORA_MODULES = [name.split(".")[1] for name in _LORA]  # the HF modules a KD LoRA adapts
+
+
+def _lora_of(layer: Mapping[str, Any], part: str, einsum: str) -> dict[str, np.ndarray]:
+    """The {a, b} of one einsum's LoRA: gemma keeps it under the einsum module for attention, beside it for the MLP."""
+    lora = layer[part][einsum]["_LoRAEinsum_0"] if part == "attn" else layer[part][f"_LoRAEinsum_{einsum}"]
+    return {k: np.asarray(v, np.float32) for k, v in lora["lora"].items()}
+
+
+def lora_to_peft(params: Mapping[str, Any], config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every LoRA of gemma params (gm.nn.LoRA's) as PEFT's (A, B), keyed by the HF module (model.layers.<i>.<name>);
+    the adapter's scale is 1 (PEFT: lora_alpha = rank)."""
+    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    adapters = {}
+    for i in range(len(config.attention_types)):
+        for name, ((part, einsum), to_peft) in _LORA.items():
+            lora = _lora_of(params[f"layer_{i}"], part, einsum)
+            adapters[f"model.layers.{i}.{name}"] = to_peft(lora["a"], lora["b"], N, K, H)
+    return adapters
+
+
+def fold_lora(state_dict: dict[str, np.ndarray], adapters: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Fold each adapter's B @ A into its HF weight (fp32), in place."""
+    for module, (A, B) in adapters.items():
+        weight = state_dict[f"{module}.weight"]
+        state_dict[f"{module}.weight"] = (weight.astype(np.float32) + B @ A).astype(weight.dtype)

@@ -30,16 +30,20 @@ import optax
 from flax import traverse_util
 from kauldron import kd
 
-from cbe.backends.base import NewlineStop, Settings, answer_ended
+from cbe.backends.base import NewlineStop, answer_ended
 from cbe.backends.kd.compat import InitTransform, batch_sharding
+from cbe.backends.kd.convert import fold_lora, gemma_to_hf, lora_to_peft
 from cbe.backends.kd.generate import decode_ids
 from cbe.backends.kd.models import build_model, load_gemma_params, load_hf_weights
 from cbe.backends.kd.processes import global_array, local_rows, to_host
 from cbe.backends.sampling import GREEDY, Sampling
+from cbe.config import Settings
 from cbe.data.packing import IGNORE, PackedRows, back_to_back
 from cbe.errors import UserError
 from cbe.run import RunDir, step_of
 from cbe.specs import SPECS
+from cbe.weights.reader import hub_id
+from cbe.weights.writer import write_model, write_peft_adapter
 
 LENGTH_BUCKET = 256  # one document per row: laid-out rows are a multiple of this many tokens
 
@@ -206,6 +210,20 @@ class KDTrainer:
         checkpointer.save(self.state, step=step, force=True)
         checkpointer.wait_until_finished()
         return self.run.checkpoint_dir(step, self.spec.name)
+
+    def export(self, out: Path, merge_lora: bool, dtype: str) -> None:
+        """The model as an HF dir, through the inverse of the HF -> KD conversion: the whole model (the LoRA folded
+        into its weights when `merge_lora`), or the LoRA as a PEFT adapter for the base model's hub name."""
+        params = jax.tree.map(to_host, self.params)
+        adapted = any("lora" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+        adapters = lora_to_peft(params, self.base.config) if adapted else {}
+        if adapters and not merge_lora:
+            write_peft_adapter(out, adapters, hub_id(self.settings.model.name), dtype)
+        else:
+            state = gemma_to_hf(params, self.base.config)
+            fold_lora(state, adapters)
+            write_model(out, state, self.base.hf, dtype)
+        self.tokenizer.save_pretrained(out)
 
     # -- training ------------------------------------------------------------------------------------
     def train_steps(self, rows: PackedRows, batches: np.ndarray, learning_rates: np.ndarray) -> list[dict[str, float]]:

@@ -5,8 +5,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cbe.backends.hf import memory
-from cbe.config import register_configs
-from cbe.loop import settings_of
+from cbe.config import register_configs, settings_of
 from tests.conftest import ROOT
 
 CARD_40GB = 40e9

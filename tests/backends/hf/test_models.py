@@ -84,7 +84,7 @@ def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero():
     from peft.tuners.lora import LoraLayer
 
     from cbe.backends.hf.models import load_model_and_tokenizer
-    from cbe.loop import settings_of
+    from cbe.config import settings_of
 
     model, _ = load_model_and_tokenizer(settings_of(compose("adapter=lora128")))
     by_fan_in: dict[int, list[torch.Tensor]] = {}
@@ -102,7 +102,7 @@ def test_lora_a_is_drawn_as_the_benchmark_draws_it_and_b_is_zero():
 
 def test_the_memory_plan_is_said_before_loading_and_a_run_that_cannot_fit_is_one_line(capsys):
     from cbe.backends.hf.trainer import plan_memory
-    from cbe.loop import settings_of
+    from cbe.config import settings_of
 
     assert plan_memory(settings_of(compose("task=news", "model=gemma3_4b")), card=40e9, setting="auto") is True
     said = capsys.readouterr().out

@@ -5,9 +5,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from cbe.backends.hf.models import load_model_and_tokenizer
-from cbe.config import register_configs
+from cbe.config import register_configs, settings_of
 from cbe.data.packing import pack_documents, tokenize_documents
-from cbe.loop import settings_of
 from tests.conftest import ROOT
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from cbe.backends.hf.models import load_base_model
 from cbe.backends.kd.convert import hf_to_gemma
 from cbe.backends.kd.models import GemmaFactory
-from cbe.loop import settings_of
+from cbe.config import settings_of
 from cbe.weights.reader import read_checkpoint
 from tests.conftest import ROOT
 from tests.hide_torch import HIDE_TORCH
