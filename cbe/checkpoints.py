@@ -108,11 +108,17 @@ def model_label(name: str) -> str:
     return "/".join(parts) or "model"
 
 
-def eval_run_dir(cfg: Any) -> str:
-    """The run dir of a composed `mode=eval` config."""
+def evaluations_dir(cfg: Any) -> Path:
+    """Where the evaluations of a composed `mode=eval` config's checkpoint go, each in a dir of its own (mode=eval's,
+    cbe lm-eval's): <run>/eval/<checkpoint name>, or for base and loose dirs a run dir named by the setup."""
     label = "base" if cfg.checkpoint == "base" else Path(cfg.checkpoint).resolve().name
     run = run_of(cfg.checkpoint)
     if run is None:  # base or a checkpoint outside a run dir
         setup = f"{model_label(cfg.model.name)}-{cfg.adapter.name}-{cfg.backend.name}"
         run = RunDir(Path(cfg.output_root, cfg.logging.project_name, cfg.task.name, setup))
-    return str(run.evaluations / label / evaluation_name(cfg))
+    return run.evaluations / label
+
+
+def eval_run_dir(cfg: Any) -> str:
+    """The run dir of a composed `mode=eval` config."""
+    return str(evaluations_dir(cfg) / evaluation_name(cfg))

@@ -372,26 +372,29 @@ def export(args: argparse.Namespace) -> None:
         print(f"uploaded to {push_folder(out, args.push_to_hub, private=args.private)}")
 
 
+def add_checkpoint_arguments(p: argparse.ArgumentParser, dtype_of: str) -> None:
+    """CHECKPOINT, its config overrides and --dtype, of export and lm-eval (the checkpoint loads as mode=eval does)."""
+    p.add_argument("checkpoint", help="a checkpoints/<name> dir, <run>/checkpoints/latest, or base (the base model)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides as main.py takes them, applied after the run's own (for base: model=gemma3_1b, ...)",
+    )
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32", help=f"{dtype_of} (default: %(default)s)")
+
+
 def _export_parser(commands) -> None:
     p = commands.add_parser(
         "export",
         help="write any checkpoint (HF or KD, full or LoRA) as a standard HF model dir: config, safetensors, "
         "tokenizer; a LoRA one as a PEFT adapter dir, or merged with --merge-lora",
     )
-    p.add_argument("checkpoint", help="a checkpoints/<name> dir, <run>/checkpoints/latest, or base (the base model)")
+    add_checkpoint_arguments(p, "the weights' dtype")
     p.add_argument("--out", required=True, help="the dir to write (refused if it exists, unless --overwrite)")
     p.add_argument("--merge-lora", action="store_true", help="fold a LoRA adapter into the weights: a whole model")
-    p.add_argument(
-        "--dtype", choices=("bf16", "fp32"), default="fp32", help="the weights' dtype (default: %(default)s)"
-    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the dir to this hub model repo (HF_TOKEN's)")
     p.add_argument("--private", action="store_true", help="create the hub repo private")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides as main.py takes them, after the run's own (for base: model=gemma3_1b, ...)",
-    )
     p.set_defaults(run=export)
 
 
@@ -423,16 +426,7 @@ def _lm_eval_parser(commands) -> None:
         help="score a checkpoint with lm-evaluation-harness (exported as an HF model, LoRA merged); results go to "
         "<run>/eval/<checkpoint>/lm-eval-<hash>/results.json, one dir per set of settings",
     )
-    p.add_argument(
-        "checkpoint",
-        help="a checkpoints/<name> dir, <run>/checkpoints/latest, or base (the base model of the overrides)",
-    )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides as main.py takes them, after the run's own (for base: model=gemma3_1b, ...); "
-        "they follow CHECKPOINT directly",
-    )
+    add_checkpoint_arguments(p, "the exported weights' dtype")
     p.add_argument(
         "--tasks",
         required=True,
@@ -453,9 +447,6 @@ def _lm_eval_parser(commands) -> None:
         "--batch-size", type=_batch_size, default=8, metavar="B", help="an int or auto (default: %(default)s)"
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda where there is one, else cpu)")
-    p.add_argument(
-        "--dtype", choices=("bf16", "fp32"), default="fp32", help="the exported weights' dtype (default: %(default)s)"
-    )
     p.set_defaults(run=lm_eval)
 
 

@@ -3,7 +3,7 @@
 The checkpoint is exported as a whole HF model dir (cbe.export, a LoRA adapter merged into the weights) into a
 temporary dir, lm-eval's HF model (`hf`) scores it, and the results land beside mode=eval's evaluations of the same
 checkpoint: <run>/eval/<checkpoint>/lm-eval-<hash>/results.json, with samples_<task>.jsonl (every question, its
-prompt and the model's log-likelihoods) beside it. <run>/eval/<checkpoint> is what cbe.checkpoints.eval_run_dir names
+prompt and the model's log-likelihoods) beside it. <run>/eval/<checkpoint> is what cbe.checkpoints.evaluations_dir names
 for `mode=eval checkpoint=...` (`latest` resolved to its target; `base` and a dir outside a run under
 <output_root>/<project>/<task>/<model>-<adapter>-<backend>/), and <hash> covers what changes the scores (settings_hash),
 so the same settings replace their own results and other settings sit beside them.
@@ -237,7 +237,7 @@ def evaluate_checkpoint(
 ) -> Path:
     """Export `checkpoint` (as cbe export does, LoRA merged), score it on `tasks`, and return the dir it wrote:
     <run>/eval/<checkpoint>/lm-eval-<hash>/ holding results.json and samples_<task>.jsonl."""
-    from cbe.checkpoints import eval_run_dir
+    from cbe.checkpoints import evaluations_dir
     from cbe.export import checkpoint_config, export_checkpoint
     from cbe.run import atomic_dir, write_atomic, write_jsonl_atomic
 
@@ -248,8 +248,7 @@ def evaluate_checkpoint(
     cfg = checkpoint_config(checkpoint, overrides)  # refuses a missing checkpoint, a wrong backend, ... in one line
     manager = task_manager(tasks, include_path)  # refuses an unknown task before the model is exported
     check_task_data(manager, tasks)
-    # eval_run_dir is <run>/eval/<checkpoint>/<mode=eval's QA evaluation>: lm-eval's results go beside that one.
-    out = Path(eval_run_dir(cfg)).parent / f"lm-eval-{settings_hash(manager, tasks, limit, num_fewshot, dtype)}"
+    out = evaluations_dir(cfg) / f"lm-eval-{settings_hash(manager, tasks, limit, num_fewshot, dtype)}"
     out.parent.mkdir(parents=True, exist_ok=True)
     # The export sits beside the results, not in /tmp: a large model's weights need the outputs' disk.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.model-") as tmp:

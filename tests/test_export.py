@@ -4,6 +4,7 @@ transformers (and PEFT) load, computes the logits the backend that trained it co
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from cbe.cli import main as cbe
 from cbe.export import checkpoint_config, export_checkpoint, load_backend
+from cbe.lm_eval import BUNDLED
 from cbe.run import RunDir, read_jsonl
 from tests.conftest import HUB_TOKEN, loop_in_process
 
@@ -61,6 +63,29 @@ def exported_model(out: Path, run: Path):
     return PeftModel.from_pretrained(load_backend(checkpoint_config("base", [*inherited, "backend=hf"])).model, out)
 
 
+def lm_eval_directly(model_dir: Path) -> dict:
+    """lm-eval's own simple_evaluate of the bundled task on an HF dir, from the task's dir (its data_files are
+    relative)."""
+    import os
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    cwd = os.getcwd()
+    os.chdir(BUNDLED)
+    try:
+        return lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": "float32"},
+            tasks=["cbe_general_mc"],
+            task_manager=TaskManager(include_path=str(BUNDLED), include_defaults=False),
+            device="cpu",
+            batch_size=8,
+        )["results"]["cbe_general_mc"]
+    finally:
+        os.chdir(cwd)
+
+
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -81,7 +106,7 @@ def evaluate_export(out: Path, adapter: str, where: Path, cache_dir: Path) -> Ru
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trained", list(KINDS), indirect=True)
-def test_an_export_computes_the_backends_logits_and_evaluates_as_its_run(trained, tmp_path, cache_dir):
+def test_an_export_computes_the_backends_logits_and_evaluates_as_its_run(trained, tmp_path, cache_dir, capsys):
     latest = trained / "checkpoints" / "latest"
     backend = load_backend(checkpoint_config(str(latest)))
     lora = "lora" in trained.parent.name
@@ -109,6 +134,14 @@ def test_an_export_computes_the_backends_logits_and_evaluates_as_its_run(trained
             answers += [r["raw_prediction"] for r in read_jsonl(run.details_path(qa_set, last["step"]))]
             assert [r["raw_prediction"] for r in read_jsonl(evaluation.details_path(qa_set, 0))] == answers[-12:]
         assert len({a for a in answers if a.strip()}) >= 3  # answers that tell models apart
+
+        if merge and "kd" in trained.parent.name:  # cbe lm-eval of a KD checkpoint = lm-eval of its export
+            cbe(["lm-eval", str(latest), "--tasks", "cbe_general_mc"])
+            printed = capsys.readouterr().out.splitlines()[-1].removeprefix("results: ")
+            ours = json.loads(Path(printed).read_text())["results"]["cbe_general_mc"]
+            direct = lm_eval_directly(out)
+            assert 0 < ours["acc,none"] < 1 and ours["acc,none"] == direct["acc,none"]
+            assert ours["acc_norm,none"] == direct["acc_norm,none"]
 
 
 def test_bf16_is_the_weights_rounded_to_nearest_even_and_an_existing_out_needs_overwrite(tmp_path, cache_dir):
