@@ -15,7 +15,12 @@ from tests.conftest import loop_in_process
 
 TASK = "cbe_general_mc"  # the bundled task
 STAGED = ("task=sample_stages", "logging=none", "continual.steps_per_stage=4", "training.eval_every=4")
-STAGED += ("training.save_every=4", "eval.max_questions=4", f"continual.lm_eval_tasks=[{TASK}]")
+STAGED += (
+    "training.save_every=4",
+    "eval.max_questions=4",
+    f"continual.lm_eval_tasks=[{TASK}]",
+    "continual.lm_eval_limit=16",
+)
 
 
 @pytest.mark.slow
@@ -27,13 +32,13 @@ def test_a_staged_run_scores_general_ability_after_every_stage(tmp_path, cache_d
 
     rows = [line for line in read_jsonl(run.stage_matrix) if "lm_eval_task" in line]
     assert {(r["after_stage"], r["metric"]) for r in rows} == {(i, m) for i in range(4) for m in ("acc", "acc_norm")}
-    assert all(r["lm_eval_task"] == TASK and r["n"] == 40 and r["stderr"] > 0 for r in rows)
+    assert all(r["lm_eval_task"] == TASK and r["n"] == 16 and r["stderr"] > 0 for r in rows)
     assert [r["step"] for r in rows if r["metric"] == "acc"] == [0, 4, 8, 12]
 
     # Each row is what lm-eval scores for that model: the base model, and the model after the last stage.
     for after, checkpoint in ((0, "base"), (3, str(run.checkpoints / "latest"))):
         model = export_checkpoint(checkpoint, tmp_path / f"model-{after}", overrides=overrides)
-        direct = {(r["metric"], r["value"]) for r in score_rows(evaluate_model_dir(model, [TASK]))}
+        direct = {(r["metric"], r["value"]) for r in score_rows(evaluate_model_dir(model, [TASK], limit=16))}
         assert {(r["metric"], r["value"]) for r in rows if r["after_stage"] == after} == direct
 
     assert f"lm_eval/{TASK}/acc: after stages 0..3: " in capsys.readouterr().out  # the run's own report
