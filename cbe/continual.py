@@ -15,7 +15,9 @@ With T = 1, BWT, forgetting and FWT average over no stage: they are null, not 0.
 Each number gets a 95% CI from a paired bootstrap over questions (eval_details of each row's step, 1000 resamples,
 fixed seed): a resample draws stage j's questions once and scores every row on that draw, so a change from row to row
 is measured on the same questions. The retention set (continual.retention_qa_path) gives G_i, its accuracy at the
-steps of the matrix's rows, and G_0 − G_T with a CI from the same paired bootstrap.
+steps of the matrix's rows, and G_0 − G_T with a CI from the same paired bootstrap. continual.lm_eval_tasks adds
+lm-evaluation-harness scores at the same rows (lines with `lm_eval_task`), summarized as their change from the base
+model.
 """
 
 from __future__ import annotations
