@@ -212,11 +212,12 @@ def test_a_job_killed_by_its_time_limit_is_requeued_and_resumes(tmp_path, cache_
         "optimizer.lr=3e-3",
         "hydra.launcher.timeout_min=10",
         "hydra.launcher.max_num_timeout=3",
-        "hydra.launcher.cpus_per_task=2",
-        "hydra.launcher.setup=[]",  # one job: both cores
         "task=sample_stages",
         "continual.steps_per_stage=70",
-        "training.effective_batch_size=8",  # slower steps than the demo's 4: still running when SLURM signals
+        # Slower steps than the demo's 4: still running when SLURM signals (slurmctld checks limits every 30 s; the
+        # 200 steps after the first checkpoint take over a minute). On one thread, LAUNCHER's, as the other jobs:
+        # two threads (cpus_per_task=2) beside another busy process took 4 times the CPU (436 s against 103 s).
+        "training.effective_batch_size=8",
         "training.per_device_batch_size=8",
         "training.eval_every=50",
         "training.save_every=10",

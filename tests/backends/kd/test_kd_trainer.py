@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,9 @@ from transformers import AutoConfig
 from cbe.backends.hf.models import load_base_model
 from cbe.backends.kd.convert import gemma_to_hf, text_weights
 from cbe.backends.kd.models import GemmaFactory, load_hf_weights
-from cbe.loop import settings_of
+from cbe.config import settings_of
 from cbe.plot import read_tensorboard_scalars
+from cbe.run import RunDir
 from tests.conftest import loop_in_process
 from tests.logging.test_loggers import GLUED, train_lines
 from tests.results import assert_same_metrics, eval_results
@@ -71,12 +73,25 @@ LORA = [
 ]
 
 
-def run_both(run_main, tmp_path, *overrides: str) -> dict[str, Path]:
-    """The same command with backend=hf and backend=kd; the run dir of each."""
+def run_both(tmp_path, cache_dir, *overrides: str) -> dict[str, Path]:
+    """The same run with backend=hf and backend=kd, each in this process (a new one would import both frameworks
+    again) and wired as main.py wires it, everything it prints copied to its logs/train.log from before the backend
+    is built; the run dir of each."""
     runs = {}
     for backend in ("hf", "kd"):
-        run_main(f"backend={backend}", *overrides, f"logging.run_name={backend}")
-        runs[backend] = tmp_path / "outputs" / "cbe" / backend
+        runs[backend] = run = tmp_path / backend
+        (run / "logs").mkdir(parents=True)
+        stdout, stderr = sys.stdout, sys.stderr
+        RunDir(run).capture_output()
+        try:
+            loop = loop_in_process(run, f"backend={backend}", *overrides, f"data.cache_dir={cache_dir}")
+            try:
+                loop.train()
+            finally:
+                loop.loggers.close()
+        finally:
+            sys.stdout.log.close()
+            sys.stdout, sys.stderr = stdout, stderr
     return runs
 
 
@@ -190,10 +205,10 @@ def test_clipping_is_the_same_in_both_backends(tmp_path, cache_dir):
     assert max(abs(c - u) / u for c, u in zip(clipped["hf"], unclipped)) > 3e-3
 
 
-def test_tiny_kd_run_matches_hf_step_for_step(run_main, tmp_path, tiny_with_norms):
+def test_tiny_kd_run_matches_hf_step_for_step(tmp_path, cache_dir, tiny_with_norms):
     """From one local HF checkpoint: the same losses at every step, the same answers, and at the end the same
     weights, every tensor (the norm scales undecayed in both)."""
-    runs = run_both(run_main, tmp_path, *PARITY, "model.source=hub", f"model.name={tiny_with_norms}")
+    runs = run_both(tmp_path, cache_dir, *PARITY, "model.source=hub", f"model.name={tiny_with_norms}")
     kd, hf = eval_results(runs["kd"]), eval_results(runs["hf"])
 
     # The same layout and the same metric keys as HF; the last step is evaluated and saved although off the
