@@ -64,6 +64,8 @@ for _ in $(seq 50); do [ -S "$dir/munge/munge.socket" ] && break; sleep 0.1; don
 pids+=("$(cat "$dir/munge/munged.pid")")
 
 memory_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 3 / 4))
+# Every CPU of this machine: nproc alone counts OMP_NUM_THREADS (e.g. 1) where the caller sets it.
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 # Three ports nothing listens on yet (slurmctld's and each node's slurmd's, from SLURM's own 6817 and 6818 when
 # free), so that this cluster can run beside another one: the cleanup test starts one inside `make test-slurm`'s.
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -98,8 +100,8 @@ ReturnToService=2
 KillWait=5
 MinJobAge=600
 InactiveLimit=0
-NodeName=127.0.0.1 NodeAddr=127.0.0.1 Port=$((port + 1)) CPUs=$(nproc) RealMemory=$memory_mb State=UNKNOWN
-NodeName=127.0.0.2 NodeAddr=127.0.0.2 Port=$((port + 2)) CPUs=$(nproc) RealMemory=$memory_mb State=UNKNOWN
+NodeName=127.0.0.1 NodeAddr=127.0.0.1 Port=$((port + 1)) CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
+NodeName=127.0.0.2 NodeAddr=127.0.0.2 Port=$((port + 2)) CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
 PartitionName=debug Nodes=127.0.0.[1-2] Default=YES MaxTime=INFINITE State=UP
 EOF
 
