@@ -395,6 +395,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     return found
 
 
+def quoted(value: str) -> str:
+    """A value for a Hydra override, quoted so that any path stays one string."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config main.py composes for these overrides, outside a Hydra app (cbe export, eval_dir_override)."""
     register_configs()
@@ -413,4 +418,4 @@ def eval_dir_override(argv: list[str]) -> list[str]:
         where = eval_run_dir(compose_config(overrides))
     except Exception:  # a mistake in the command line: the run's own composition reports it in one line
         return []
-    return ["hydra.run.dir='" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"]
+    return [f"hydra.run.dir={quoted(where)}"]

@@ -19,16 +19,11 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from cbe.checkpoints import inherit_run_overrides
-from cbe.config import backend_options, compose_config, settings_of, validate
+from cbe.config import backend_options, compose_config, quoted, settings_of, validate
 from cbe.errors import UserError, describe_config_error
 from cbe.run import atomic_dir
 
 DTYPES = ("bf16", "fp32")
-
-
-def quoted(value: str) -> str:
-    """A value for a Hydra override, quoted so that any path stays one string."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def checkpoint_config(checkpoint: str, overrides: Sequence[str] = ()) -> DictConfig:
