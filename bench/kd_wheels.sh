@@ -5,8 +5,8 @@
 # them (pip --no-index --no-deps --target, on PYTHONPATH: the image's own packages stay as they are).
 #
 #     bash bench/kd_wheels.sh          # the KD backend's set, about 8 MiB
-#     bash bench/kd_wheels.sh --hf     # also the HF backend's (trl, transformers, peft, datasets, ...): what the whole
-#                                      # bench/gpu_check.sh needs there, about 27 MiB in all
+#     bash bench/kd_wheels.sh --hf     # also the HF backend's (transformers, peft, torchao, trl, datasets, ...): what
+#                                      # the whole bench/gpu_check.sh needs there, about 31 MiB in all
 #
 # Versions are the lock files' (KD: requirements/lock-jax.txt, HF: requirements/lock.txt), so the image runs what CI
 # tests. The KD set is what a KD run imports beyond the image, measured (sys.modules after `main.py backend=kd` trains,
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 DEST=bench/wheels
 KD=(kauldron gemma grain array-record clu ml-collections immutabledict typeguard lark mediapy ipython traitlets dialog
     portpicker hydra-core omegaconf antlr4-python3-runtime)
-HF=(transformers trl peft datasets dill multiprocess tokenizers)
+HF=(transformers trl peft datasets dill multiprocess tokenizers torchao)
 
 pinned() {  # LOCK NAME...: NAME==VERSION as the lock file pins each
   local lock=$1; shift

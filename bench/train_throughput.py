@@ -12,12 +12,18 @@ Useful tokens are the non-padding ones; MFU counts 6 x base-model parameters per
 (each token's attended span, causal and windowed as the layer is) against 989 TFLOP/s (H100/H200 bf16 dense).
 
     .venv/bin/python bench/train_throughput.py [--model tiny] [--adapter full] [--backend hf] [--batch-size 16]
-        [--upstream-batch-size 16] [--steps 8] [--warmup 3] [--seq 1024] [--variant NAME=KEY=VALUE,KEY=VALUE ...]
+        [--upstream-batch-size 16] [--steps 8] [--warmup 3] [--seq 1024] [--task TASK]
+        [--variant NAME=KEY=VALUE,KEY=VALUE ...]
 
 On a GPU, real architectures are built from conf/model/<model>.yaml's `architecture` with random weights.
-Each --variant is one more measured setup of ours (config overrides; the default is the plain config).
+Each --variant is one more measured setup of ours (config overrides; the default is the plain config). One
+override is the bench's own: `bench.head=trl` trains with TRL's fused LM head (which recomputes its logits in
+backward: the loss head before cbe's fused one, and the baseline of its lever; trl comes with the dev extra).
+--task TASK measures that task's recipe as it runs (its sequence length and per-device batch, rows of one optimizer
+step = one micro-batch), and on a GPU prints the HF memory plan's estimate beside the measured peak.
 One line per mode, then last `ratio_vs_upstream: <useful tok/s of the first variant / upstream style>` (none with
---no-upstream, which measures only the variants).
+--no-upstream, which measures only the variants). A mode's line ends with the torch.compile graphs compiled in
+its warmup and in its timed steps, where it compiled any (fixed shapes: none in the timed steps).
 
 --check-varlen measures nothing: it runs one training forward and backward of the same packed rows and weights
 through sdpa and through varlen attention (cbe/backends/hf/attention.py) and prints both losses, how far the
@@ -94,7 +100,11 @@ def compose_config(args, overrides: list[str], batch_size: int, out: str):
     from cbe.config import register_configs, validate
 
     register_configs()
-    base = [
+    base = []
+    if args.task:  # its recipe's shape; the files only need to exist (the bench trains on its own documents)
+        sample = {"train_path": "train", "val_path": "val", "valqa_path": "valqa", "testqa_path": "testqa"}
+        base += [f"task={args.task}"] + [f"data.{key}=data/sample/{name}.jsonl" for key, name in sample.items()]
+    base += [
         f"model={args.model}",
         f"adapter={args.adapter}",
         f"backend={args.backend}",
@@ -111,7 +121,7 @@ def compose_config(args, overrides: list[str], batch_size: int, out: str):
     if args.model != "tiny":  # random init of the real architecture, with the offline tokenizer
         base += ["model.source=init", "model.tokenizer=cbe/assets/tiny_tokenizer"]
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        return validate(compose("config", overrides=base + overrides))
+        return validate(compose("config", overrides=base + args.recipe_overrides + overrides))
 
 
 class Measurement:
@@ -124,6 +134,7 @@ class Measurement:
         self.padding = 1 - self.useful_tokens / computed
         self.positions, self.useful = rows.position_ids[timed], useful[timed]
         self.seconds = 0.0
+        self.graphs = (0, 0)  # torch.compile graphs compiled in the warmup steps, and in the timed steps (HF)
 
 
 def run_hf(args, cfg, backend, rows: PackedRows, mask: np.ndarray | None, measurement: Measurement, order):
@@ -149,7 +160,9 @@ def run_hf(args, cfg, backend, rows: PackedRows, mask: np.ndarray | None, measur
             backend.optimizer.step()
             backend.optimizer.zero_grad(set_to_none=True)
 
-    measurement.seconds = timed(steps, args, torch.cuda.synchronize if torch.cuda.is_available() else None)
+    measurement.seconds, measurement.graphs = timed(
+        steps, args, torch.cuda.synchronize if torch.cuda.is_available() else None, compiled_graphs
+    )
     peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
 
     gc.collect()
@@ -169,7 +182,7 @@ def run_kd(args, cfg, backend, rows: PackedRows, measurement: Measurement, order
     def steps(first: int, last: int) -> None:
         backend.train_steps(rows, batches[first:last], np.full(last - first, cfg.optimizer.lr))
 
-    measurement.seconds = timed(steps, args, lambda: jax.block_until_ready(backend.state))
+    measurement.seconds, _ = timed(steps, args, lambda: jax.block_until_ready(backend.state))
     base_params = sum(
         x.size
         for path, x in jax.tree_util.tree_leaves_with_path(backend.params)
@@ -179,17 +192,27 @@ def run_kd(args, cfg, backend, rows: PackedRows, measurement: Measurement, order
     return base_params, stats["peak_bytes_in_use"] / 1e9 if stats else None
 
 
-def timed(steps, args, synchronize) -> float:
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (each recompile is one more)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def timed(steps, args, synchronize, graphs=lambda: 0) -> tuple[float, tuple[int, int]]:
     """Seconds of the timed steps, after the warmup steps (compilation), synchronized only at the two clock readings:
-    a sync every step would stall the device queue in a way training does not."""
+    a sync every step would stall the device queue in a way training does not; and the graphs `graphs` counts
+    compiled in the warmup and in the timed steps (fixed shapes: none in the timed steps)."""
+    before = graphs()
     steps(0, args.warmup)
     if synchronize:
         synchronize()
+    warm = graphs()
     start = time.perf_counter()
     steps(args.warmup, args.warmup + args.steps)
     if synchronize:
         synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, (warm - before, graphs() - warm)
 
 
 def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bool) -> float:
@@ -197,10 +220,13 @@ def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bo
     from cbe.loop import build
     from cbe.run import RunDir
 
-    cfg = compose_config(args, overrides, batch_size, tempfile.mkdtemp())
+    head = "bench.head=trl" in overrides  # the bench's own override (see the module's docstring)
+    cfg = compose_config(args, [o for o in overrides if o != "bench.head=trl"], batch_size, tempfile.mkdtemp())
     batch_size = cfg.training.effective_batch_size  # a variant may set its own (per-device = effective)
     backend, _ = build(cfg, RunDir(tempfile.mkdtemp()))
     backend.start(None)
+    if head:
+        use_trl_head(backend.model)
     tok = backend.tokenizer
     vocab = cfg.model.architecture.vocab_size
     specials = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
@@ -230,8 +256,66 @@ def measure(args, name: str, overrides: list[str], batch_size: int, upstream: bo
         config = Gemma3TextConfig(**OmegaConf.to_container(cfg.model.architecture))
         flops = 6.0 * params * m.useful_tokens + attention_flops(m.positions, m.useful, config)
         line += f", MFU {flops / m.seconds / PEAK_FLOPS:.1%}, peak memory {peak:.1f} GB"
+        if args.task:
+            line += f" (the memory plan's estimate: {planned_peak(cfg):.1f} GB)"
+    if any(m.graphs):
+        line += f", compiled graphs: {m.graphs[0]} in warmup, {m.graphs[1]} in timed steps"
     print(line, flush=True)
     return rate
+
+
+def use_trl_head(model) -> None:
+    """Replace the model's loss head with TRL's fused LM head, answering `scored=True` calls as cbe's does (bench
+    baseline: the head cbe trained with before its own, whose backward recomputes every tile of logits)."""
+    import types
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    from cbe.backends.hf.loss_head import Scores
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.forward = types.MethodType(type(base).forward, base)  # the class's own forward, then TRL's patch on it
+    add_fused_lm_head(base, outputs=("log_probs", "is_top1"))
+    trl_forward = base.forward
+
+    def forward(self, *args, scored=False, **kwargs):
+        if not scored:
+            return trl_forward(*args, **kwargs)
+        out = trl_forward(*args, fused_lm_head=True, **kwargs)
+        return Scores(out.loss, out.log_probs[out.label_mask].detach(), out.is_top1[out.label_mask])
+
+    base.forward = types.MethodType(forward, base)
+
+
+def planned_peak(cfg) -> float:
+    """The HF memory plan's estimated peak in GB for this config on this GPU (what a run prints at its start)."""
+    import torch
+
+    from cbe.backends.hf import memory
+    from cbe.config import backend_options, settings_of
+
+    card = torch.cuda.get_device_properties(0).total_memory
+    setting = backend_options(cfg)["gradient_checkpointing"]
+    return memory.plan_run(settings_of(cfg), card, setting).estimate.total_bytes / memory.GB
+
+
+def recipe_shape(args) -> tuple[int, int, list[str]]:
+    """The sequence length and per-device batch that --task's recipe (with --model and --adapter) trains with, and
+    with --card-gb the gradient checkpointing that `auto` picks for it on a card of that size (an override)."""
+    from hydra import compose, initialize_config_dir
+
+    from cbe.backends.hf import memory
+    from cbe.config import register_configs, settings_of
+
+    register_configs()
+    overrides = [f"task={args.task}", f"model={args.model}", f"adapter={args.adapter}"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    checkpointing = []
+    if args.card_gb:
+        plan = memory.plan_run(settings_of(cfg), args.card_gb * memory.GB)
+        checkpointing = [f"backend.trainer.gradient_checkpointing={str(plan.gradient_checkpointing).lower()}"]
+    return cfg.data.sequence_length, cfg.training.per_device_batch_size, checkpointing
 
 
 LOSS_RTOL = 1.6e-2  # torch.testing's relative tolerance for bf16
@@ -240,7 +324,7 @@ GRADIENT_RTOL = 5e-2  # of the gradients' norm: a wrong mask or window moves the
 
 def check_varlen(args) -> bool:
     """The varlen path against sdpa on one micro-batch of packed news-like rows, same weights: the training loss
-    (TRL's fused head, as train_steps computes it) and the attention weights' gradients, by layer kind. The
+    (the configured loss head, as train_steps computes it) and the attention weights' gradients, by layer kind. The
     loss alone would not do: a random-init model predicts near-uniformly, so a wrong mask barely moves it.
     Upstream-style baseline: uses the HF backend's internals (its model, tensors and autocast) because it compares
     the varlen path with transformers' own sdpa on the same weights, gradients included."""
@@ -270,7 +354,7 @@ def check_varlen(args) -> bool:
         model.zero_grad(set_to_none=True)
         with backend.autocast():
             inputs = backend.tensors(rows, index)
-            out = model(**inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=trained)
+            out = model(**inputs, use_cache=False, scored=True, num_items_in_batch=trained)
         out.loss.backward()
         losses[name] = float(out.loss.detach())
         gradients[name] = {kind: [] for kind in set(kinds)}
@@ -314,6 +398,10 @@ def parse_args() -> argparse.Namespace:
         "training.per_device_batch_size=32,training.effective_batch_size=32",
     )
     parser.add_argument("--no-upstream", action="store_true", help="measure only the variants (no ratio)")
+    parser.add_argument("--task", help="measure this task's recipe: its sequence length and per-device batch")
+    parser.add_argument(
+        "--card-gb", type=float, help="with --task: checkpoint as auto would on a card of this many GB (README: 40)"
+    )
     parser.add_argument("--check-varlen", action="store_true", help="check varlen's loss against sdpa's, no timing")
     return parser.parse_args()
 
@@ -332,6 +420,7 @@ def print_setup(args) -> None:
         print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     print(
         f"model {args.model}, adapter {args.adapter}, backend {args.backend}, sequence {args.seq}, "
+        f"{f'the {args.task} recipe ({args.batch_size} rows a step), ' if args.task else ''}"
         f"{args.warmup} warmup + {args.steps} timed steps",
         flush=True,
     )
@@ -339,6 +428,9 @@ def print_setup(args) -> None:
 
 def main() -> None:
     args = parse_args()
+    args.recipe_overrides = []
+    if args.task:
+        args.seq, args.batch_size, args.recipe_overrides = recipe_shape(args)
     print_setup(args)
     if args.check_varlen:
         sys.exit(0 if check_varlen(args) else 1)

@@ -21,6 +21,8 @@ class HFOptions:
     torch_compile: str = MISSING
     gradient_checkpointing: str = MISSING
     parallel: str = MISSING
+    loss_head: str = MISSING
+    fp8: bool = MISSING
 
 
 @dataclass
@@ -76,9 +78,10 @@ SPECS = {
         # str options: `true` on the command line becomes "True"
         choices={
             "attn_implementation": ("auto", "varlen", "sdpa", "eager", "flex_attention"),
-            "torch_compile": ("auto", "True", "False"),
+            "torch_compile": ("auto", "model", "layers", "False"),
             "gradient_checkpointing": ("auto", "True", "False"),
             "parallel": ("ddp", "fsdp"),
+            "loss_head": ("fused", "plain"),
         },
         process_setup="cbe.backends.hf.trainer.setup_processes",
     ),

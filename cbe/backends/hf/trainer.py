@@ -1,13 +1,13 @@
 """The HuggingFace backend: a transformers model (PEFT LoRA where adapted), stepped by our own optimizer loop.
 
-cbe.loop hands it each optimizer step's rows and learning rate: packed rows, or one document per row (the
-benchmark's layout), whose micro-batches are laid end to end with no padding (cbe.data.packing.back_to_back), so a
-step costs what its real tokens cost. Rows carry position ids that restart per document and no attention mask:
-with use_cache=False transformers then builds a block-diagonal causal mask, so documents never see each other
-(under varlen attention no mask at all: the documents' boundaries, cbe.backends.hf.attention). The loss is TRL's
-fused LM head (logits in tiles, never the whole vocabulary at once), summed over the step's trained tokens and
-divided by their count on every rank, so a step's gradient is the same however its rows are split into micro-batches
-and processes (DDP and FSDP average over processes).
+cbe.loop hands it each optimizer step's rows and learning rate: packed rows, or one document per row (the benchmark's
+layout), whose micro-batches are laid end to end with no padding (cbe.data.packing.back_to_back), so a step costs what
+its real tokens cost. Rows carry position ids that restart per document and no attention mask: with use_cache=False
+transformers then builds a block-diagonal causal mask, so documents never see each other (under varlen attention no mask
+at all: the documents' boundaries, cbe.backends.hf.attention). The loss is the fused LM head's
+(cbe.backends.hf.loss_head: never the whole vocabulary's logits at once), summed over the step's trained tokens and
+divided by their count on every rank, so a step's gradient is the same however its rows are split into micro-batches and
+processes (DDP and FSDP average over processes).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from trl.trainer.utils import add_fused_lm_head
 
 from cbe.backends.base import NewlineStop
 from cbe.backends.hf import memory
 from cbe.backends.hf.attention import VARLEN, documents_per_row, varlen_inputs
 from cbe.backends.hf.generate import decode_answers
+from cbe.backends.hf.loss_head import add_loss_head
 from cbe.backends.hf.models import compute_dtype, export_model, load_checkpoint, load_model_and_tokenizer
 from cbe.backends.sampling import GREEDY, Sampling
 from cbe.config import Settings
@@ -85,21 +85,52 @@ def setup_processes() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def compile_enabled(setting: str) -> bool:
-    """torch_compile: `auto` compiles on a GPU only (on a CPU, compiling the tiny model costs more than it saves)."""
-    return torch.cuda.is_available() if setting == "auto" else setting == "True"
+def compile_scope(setting: str, sharded: bool) -> str:
+    """What backend.trainer.torch_compile compiles: `model` (the whole decoder stack, one program), `layers` (each
+    decoder layer: regional compilation) or `False` (nothing). `auto` is `model` on a GPU and nothing on a CPU (where
+    compiling the tiny model costs more than it saves). A model sharded with FSDP compiles its layers: FSDP2's
+    per-layer all-gathers and frees run as hooks between them, which one whole-stack program cannot hold."""
+    scope = ("model" if torch.cuda.is_available() else "False") if setting == "auto" else setting
+    return "layers" if scope == "model" and sharded else scope
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> None:
-    """Compile every decoder layer in place. Layer by layer rather than the whole model: the layers share one
-    compiled program per attention type, so compiling takes seconds rather than minutes; TRL's fused loss head
-    (Triton) stays outside; parameter names, hence checkpoints, are unchanged."""
-    for layer in decoder_layers(model):
-        layer.compile()
+def compile_model(model: torch.nn.Module, scope: str) -> None:
+    """Compile in place (nn.Module.compile: parameter names, hence checkpoints, are unchanged): the decoder stack
+    (embedding, every layer, final norm: the backbone under the LM head) as one program, or each decoder layer
+    (the layers share one program per attention type: seconds to compile rather than minutes). The loss head stays
+    outside (cbe.backends.hf.loss_head: its chunks compile on their own)."""
+    if scope == "model":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.base_model.compile()
+    elif scope == "layers":
+        for layer in decoder_layers(model):
+            layer.compile()
+
+
+def convert_to_fp8(model: torch.nn.Module) -> None:
+    """torchao's float8 training (tensorwise scales): the decoder layers' projections multiply in FP8, their weights
+    staying as they are (checkpoints are unchanged); the embedding, LM head, vision tower and LoRA's adapters (small
+    matmuls, where FP8's casts cost more than they save) keep their dtype. A GPU must have FP8 tensor cores (compute
+    capability 8.9+); the CPU runs the same arithmetic through torch._scaled_mm, slowly: for tests. Compiling fuses its
+    casts."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        raise UserError(
+            f"backend.trainer.fp8=true needs a GPU with FP8 (compute capability 8.9+: L4, H100, H200, B200); this is "
+            f"a {torch.cuda.get_device_name()}: set backend.trainer.fp8=false"
+        )
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def projection(module: torch.nn.Linear, name: str) -> bool:  # FP8 matmuls need sizes divisible by 16
+        in_layers = ".layers." in name and "vision" not in name and "lora_" not in name
+        return in_layers and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(
+        model, config=Float8LinearConfig.from_recipe_name("tensorwise"), module_filter_fn=projection
+    )
 
 
 def shard(model: torch.nn.Module) -> None:
@@ -158,18 +189,12 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         raise UserError(f"{checkpoint} lacks {sorted(missing - tied)[:3]}: it is not a checkpoint of this model")
 
 
-def add_loss_head(model: torch.nn.Module) -> None:
-    """TRL's fused LM head (logits in tiles, never the whole vocabulary at once), which also says whether each
-    label is the model's top-1 token (mean_token_accuracy); on the base model under a PEFT wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    add_fused_lm_head(base, outputs=("log_probs", "is_top1"))
-
-
 class HFTrainer:
     """One run's model with transformers/PEFT: training steps, checkpoints, generation and loss (cbe.backends.base).
-    Options (backend.trainer): attn_implementation (cbe.backends.hf.attention), torch_compile (auto|true|false:
-    `compile_enabled`), gradient_checkpointing (auto|true|false: `plan_memory`) and parallel (ddp|fsdp: how several
-    processes share the work: each holds the whole model (DDP), or 1/N of it (FSDP2, `shard`))."""
+    Options (backend.trainer): attn_implementation (cbe.backends.hf.attention), torch_compile
+    (auto|model|layers|false: `compile_scope`), gradient_checkpointing (auto|true|false: `plan_memory`), parallel
+    (ddp|fsdp: how several processes share the work: each holds the whole model (DDP), or 1/N of it (FSDP2,
+    `shard`)), loss_head (fused|plain: cbe.backends.hf.loss_head) and fp8 (false|true: `convert_to_fp8`)."""
 
     spec = SPECS["hf"]  # its options, checkpoint names and rules (cbe.specs)
 
@@ -181,10 +206,12 @@ class HFTrainer:
         torch_compile: str = "auto",
         gradient_checkpointing: str = "auto",
         parallel: str = "ddp",
+        loss_head: str = "fused",
+        fp8: bool = False,
     ):
         self.settings, self.run = settings, run
         self.attn_implementation, self.torch_compile = attn_implementation, torch_compile
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.loss_head, self.fp8 = gradient_checkpointing, loss_head, fp8
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.sharded = parallel == "fsdp" and self.world > 1
@@ -194,15 +221,16 @@ class HFTrainer:
         card = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         checkpointing = plan_memory(self.settings, card, self.gradient_checkpointing, self.world if self.sharded else 1)
         self.model, self.tokenizer = load_model_and_tokenizer(self.settings, self.attn_implementation)
-        add_loss_head(self.model)  # before compiling the layers
+        add_loss_head(self.model, self.loss_head)
         if not self.sharded:  # a sharded model reaches the GPU shard by shard
             self.model.to(self.device)
         if checkpoint is not None:
             load_weights(self.model, checkpoint)
+        if self.fp8:
+            convert_to_fp8(self.model)
         if checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if compile_enabled(self.torch_compile):
-            compile_decoder_layers(self.model)
+        compile_model(self.model, compile_scope(self.torch_compile, self.sharded))
         if self.sharded:
             shard(self.model)
         self.reset_optimizer()
@@ -227,7 +255,7 @@ class HFTrainer:
 
     def load(self, checkpoint: str) -> None:
         self.model, self.tokenizer = load_checkpoint(self.settings, checkpoint, self.attn_implementation)
-        add_loss_head(self.model)
+        add_loss_head(self.model, self.loss_head)
         self.model.to(self.device)
 
     def save(self, step: int) -> Path:
@@ -270,10 +298,10 @@ class HFTrainer:
             for m, index in enumerate(micro):
                 with self.gradient_sync(m == len(micro) - 1), self.autocast():
                     inputs = self.tensors(rows, index)
-                    out = self.stepped(**inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=trained_tokens)
+                    out = self.stepped(**inputs, use_cache=False, scored=True, num_items_in_batch=trained_tokens)
                     (out.loss * self.world).backward()  # DDP and FSDP average over ranks; the loss is a share of all
                 losses[i] += out.loss.detach()
-                top1[i] += out.is_top1[out.label_mask].sum().detach() / trained_tokens
+                top1[i] += out.is_top1.sum() / trained_tokens
             if o.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.max_grad_norm)
             for group in self.optimizer.param_groups:
@@ -371,9 +399,8 @@ class HFTrainer:
         with evaluating(self.model):
             for i in range(self.rank, len(batches), self.world):
                 with self.autocast():
-                    out = self.model(**self.tensors(rows, batches[i]), use_cache=False, fused_lm_head=True)
-                mask = out.label_mask
-                sums[i] = torch.stack([-out.log_probs[mask].sum(), mask.sum(), out.is_top1[mask].sum()]).double()
+                    out = self.model(**self.tensors(rows, batches[i]), use_cache=False, scored=True)
+                sums[i, 0], sums[i, 1], sums[i, 2] = -out.log_probs.sum(), len(out.log_probs), out.is_top1.sum()
         if self.world > 1:
             dist.all_reduce(sums)
         return sums.cpu().numpy()

@@ -40,22 +40,24 @@ def only_dir(folder: Path) -> Path:
 
 def train_observed(run_dir: Path, cache_dir: Path, *overrides: str):
     """Train in this process; returns the backend and what the model's training forward passes were given, by
-    input (input_ids, position_ids, labels), micro-batches concatenated."""
-    seen = []
+    input (input_ids, position_ids, labels), micro-batches concatenated, and under "loss" each step's training
+    loss as train_steps returned it."""
+    seen, losses = [], []
 
     def record(model, args, kwargs):
         if model.training:  # evaluation's loss and generation run in eval mode
             seen.append({key: kwargs[key].numpy().copy() for key in ("input_ids", "position_ids", "labels")})
 
-    loop = loop_in_process(
-        run_dir,
-        f"data.cache_dir={cache_dir}",
-        "logging=none",
-        *overrides,
-        on_start=lambda b: b.model.register_forward_pre_hook(record, with_kwargs=True),
-    )
+    def observe(backend):
+        backend.model.register_forward_pre_hook(record, with_kwargs=True)
+        train_steps = backend.train_steps
+        backend.train_steps = lambda *args: [losses.append(m["loss"]) or m for m in train_steps(*args)]
+
+    loop = loop_in_process(run_dir, f"data.cache_dir={cache_dir}", "logging=none", *overrides, on_start=observe)
     loop.train()
-    return loop.backend, {key: np.concatenate([batch[key] for batch in seen]) for key in seen[0]}
+    return loop.backend, {key: np.concatenate([batch[key] for batch in seen]) for key in seen[0]} | {
+        "loss": np.array(losses)
+    }
 
 
 def test_tiny_run_writes_the_output_layout(run_main, tmp_path):
@@ -211,30 +213,60 @@ def test_each_step_trains_on_the_rows_of_the_training_order(small_steps_run, cac
     )
     order = training_order(len(rows), s.total_steps * t.effective_batch_size, t.seed)
     assert len(rows) == 8 and sorted(order[:8]) == list(range(8)) and list(order[:8]) != list(range(8))
-    for key, given in seen.items():
-        assert np.array_equal(given, getattr(rows, key)[order]), key
+    for key in seen.keys() - {"loss"}:
+        assert np.array_equal(seen[key], getattr(rows, key)[order]), key
 
 
-def test_gradient_checkpointing_and_compiled_layers_train_alike_on_the_cpu(small_steps_run, tmp_path, cache_dir):
-    """backend.trainer.gradient_checkpointing=true and .torch_compile=true on the tiny model on the CPU: the same rows,
-    the same eval_loss as without them (to float noise)."""
+@pytest.mark.parametrize("scope", ["model", "layers"])
+def test_gradient_checkpointing_and_compilation_train_alike_on_the_cpu(small_steps_run, tmp_path, cache_dir, scope):
+    """backend.trainer.gradient_checkpointing=true and .torch_compile=model (the whole decoder stack) or layers (each
+    decoder layer) on the tiny model on the CPU: the same rows, the same training losses and eval_loss as eager
+    without checkpointing (to float noise)."""
     _, plain_seen, plain = small_steps_run
     backend, seen = train_observed(
         tmp_path,
         cache_dir,
         *SMALL_STEPS,
         "backend.trainer.gradient_checkpointing=true",
-        "backend.trainer.torch_compile=true",
+        f"backend.trainer.torch_compile={scope}",
     )
     assert backend.model.is_activation_checkpointing
-    layers = [m for m in backend.model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    assert len(layers) == 4 and all(layer._compiled_call_impl is not None for layer in layers)  # nn.Module.compile
-    assert all(np.array_equal(seen[key], plain_seen[key]) for key in seen)
+    stack = backend.model.base_model
+    layers = [m for m in stack.modules() if type(m).__name__.endswith("DecoderLayer")]
+    compiled = [stack] if scope == "model" else layers  # nn.Module.compile
+    assert len(layers) == 4 and all(m._compiled_call_impl is not None for m in stack.modules() if m in compiled)
+    assert not any(m._compiled_call_impl is not None for m in stack.modules() if m not in compiled)
+    assert all(np.array_equal(seen[key], plain_seen[key]) for key in seen.keys() - {"loss"})
+    np.testing.assert_allclose(seen["loss"], plain_seen["loss"], rtol=1e-5)
     results = eval_results(tmp_path)
     assert [m["step"] for m in results] == [m["step"] for m in plain] == [0, 3, 6]
     assert plain[-1]["eval_loss"] < plain[0]["eval_loss"] - 0.1  # it trained
     for a, b in zip(results, plain):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5), a["step"]
+
+
+def test_fp8_trains_the_projections_in_float8_near_the_plain_losses_and_checkpoints_alike(
+    small_steps_run, tmp_path, cache_dir
+):
+    """backend.trainer.fp8=true (torchao float8) on the CPU: every decoder projection, and nothing else, computes in
+    FP8; the losses move (FP8 arithmetic ran) but stay near the plain run's; the checkpoint is the same format."""
+    from safetensors.torch import load_file
+    from torchao.float8.float8_linear import Float8Linear
+
+    plain_backend, plain_seen, plain = small_steps_run
+    backend, seen = train_observed(tmp_path, cache_dir, *SMALL_STEPS, "backend.trainer.fp8=true")
+    converted = [name for name, m in backend.model.named_modules() if isinstance(m, Float8Linear)]
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert sorted(name.split(".")[-1] for name in converted) == sorted(list(projections) * 4)
+    assert all(".layers." in name for name in converted)
+    assert not np.array_equal(seen["loss"], plain_seen["loss"])
+    np.testing.assert_allclose(seen["loss"], plain_seen["loss"], rtol=2e-2)
+    for a, b in zip(eval_results(tmp_path), plain):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=2e-2), a["step"]
+    saved, plain_saved = (
+        load_file(b.run.checkpoint_dir(6, "hf") / "model.safetensors") for b in (backend, plain_backend)
+    )
+    assert {k: (v.dtype, v.shape) for k, v in saved.items()} == {k: (v.dtype, v.shape) for k, v in plain_saved.items()}
 
 
 def test_a_cosine_run_logs_the_learning_rate_of_each_step(tiny_wandb_run):
