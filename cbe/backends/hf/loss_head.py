@@ -10,7 +10,9 @@ the model's call run as they do for any forward.
   computes the loss's gradients with respect to its hidden states and to the head's weight, which the backward pass
   only scales by its incoming gradient. The head's matmuls run 3 times (logits, d hidden, d weight), not 4 as in a
   head that recomputes its logits in backward, and one chunk's logits are the most ever held. On a GPU each chunk's
-  softmax arithmetic is one compiled kernel.
+  softmax arithmetic is one compiled kernel. The weight's gradient adds up over the chunks in the weight's dtype
+  (each chunk's matmul accumulates in fp32): in bf16 that rounds once per chunk, as gradient accumulation over
+  micro-batches rounds once per micro-batch, and holds no more memory than the gradient itself.
 - plain: the full logits of every trained token and log_softmax by autograd: the reference the fused head is tested
   against, for small vocabularies.
 """
@@ -26,7 +28,9 @@ from torch.distributed.tensor import DTensor
 
 from cbe.data.packing import IGNORE
 
-CHUNK_LOGITS = 2**28  # logits per fused chunk: 1 GB in fp32 (1,024 tokens at Gemma 3's 262k vocabulary)
+# Logits per fused chunk: 2,048 tokens at Gemma 3's 262k vocabulary, 1 GB of bf16 logits and 1 GB of their gradient.
+# Larger chunks make the weight gradient's matmul longer (tokens are its inner dimension), its sum over chunks shorter.
+CHUNK_LOGITS = 2**29
 
 
 @dataclass
@@ -36,9 +40,10 @@ class Scores:
     is_top1: torch.Tensor  # (trained tokens,) whether the label is the most likely token
 
 
-def softmax_terms(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None):
+def softmax_terms(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None, with_grad: bool):
     """One chunk's (tokens, vocabulary) logits: each label's log-probability, whether it is the top-1 token
-    (ties count), and d(-log p)/d logits = softmax - one_hot, in the logits' dtype (through the soft cap, if any)."""
+    (ties count), and with_grad d(-log p)/d logits = softmax - one_hot, in the logits' dtype (through the soft cap,
+    if any; else None)."""
     z = logits.float()
     if softcap:
         capped = torch.tanh(z / softcap)
@@ -47,6 +52,8 @@ def softmax_terms(logits: torch.Tensor, labels: torch.Tensor, softcap: float | N
     target = z.gather(1, labels[:, None])
     log_probs = (target - lse).squeeze(1)
     is_top1 = target.squeeze(1) >= z.amax(dim=-1)
+    if not with_grad:
+        return log_probs, is_top1, None
     grad = torch.exp(z - lse).scatter_add(1, labels[:, None], torch.full_like(target, -1.0))
     if softcap:
         grad = grad * (1 - capped * capped)
@@ -64,22 +71,23 @@ class FusedHead(torch.autograd.Function):
     computed in forward, chunk by chunk (see the module's docstring). Only the sum carries a gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, chunk_tokens):
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
+    def forward(ctx, hidden, weight, labels, softcap, chunk_tokens, grad_enabled):
+        need_hidden, need_weight = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
+        need_grad = need_hidden or need_weight
         terms = compiled_softmax_terms() if hidden.is_cuda else softmax_terms
         log_probs = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
         is_top1 = torch.empty(len(labels), dtype=torch.bool, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
         for start in range(0, len(labels), chunk_tokens):
             part = slice(start, start + chunk_tokens)
             h = hidden[part]
-            log_probs[part], is_top1[part], grad = terms(h @ weight.T, labels[part], softcap)
+            log_probs[part], is_top1[part], grad = terms(h @ weight.T, labels[part], softcap, need_grad)
             if need_hidden:
                 grad_hidden[part] = grad @ weight
-            if need_weight:
-                grad_weight += grad.T @ h  # summed over chunks in fp32
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+            if need_weight:  # in place, in the weight's dtype (in-place ops are not autocast)
+                grad_weight.addmm_(grad.T.to(weight.dtype), h.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(log_probs, is_top1)
         return -log_probs.sum(), log_probs, is_top1
 
@@ -87,13 +95,14 @@ class FusedHead(torch.autograd.Function):
     def backward(ctx, grad_loss, _log_probs, _is_top1):
         grad_hidden, grad_weight = ctx.saved_tensors
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight)]
-        return *scaled, None, None, None
+        return *scaled, None, None, None, None
 
 
 def fused_scores(hidden, weight, labels, softcap=None, chunk_tokens=None):
     """The fused head on trained tokens' hidden states (T, H): (summed -log p, log-probabilities, is_top1)."""
     chunk_tokens = chunk_tokens or max(1, CHUNK_LOGITS // weight.shape[0])
-    return FusedHead.apply(hidden, weight, labels, softcap, chunk_tokens)
+    # needs_input_grad says True under no_grad too: evaluation's loss would compute every gradient for nothing
+    return FusedHead.apply(hidden, weight, labels, softcap, chunk_tokens, torch.is_grad_enabled())
 
 
 def plain_scores(hidden, weight, labels, softcap=None):

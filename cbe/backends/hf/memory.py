@@ -8,9 +8,8 @@ adds fp32 adapter weights, gradients and moments (16 a LoRA parameter); activati
 a layer plus one layer's activations; plus a fixed allowance for the CUDA context and the allocator.
 The activation term is calibrated on one measurement: Gemma 3 4B, full fine-tune, 8 rows of 1024 tokens,
 no checkpointing, about 59 GB (with TRL's loss head, 2026-11-28). Everything else is an estimate, and says so where
-it is printed. The fused loss head (cbe.backends.hf.loss_head) of a full fine-tune holds the head weight's gradient
-in fp32 at the end of the forward pass (4 bytes a vocabulary x hidden entry, then its bf16 copy): when the previous
-step's gradients, counted in the static part, are already freed, so the sum covers it.
+it is printed. The fused loss head (cbe.backends.hf.loss_head) of a full fine-tune computes the head weight's gradient
+in its forward pass and holds it through the backward: the embedding's gradient, counted in the static part.
 
 Under FSDP (`backend.trainer.parallel=fsdp`, N processes) each device holds 1/N of the weights, gradients and
 optimizer state, plus the weights it all-gathers: two decoder layers' (the one computing and the next, prefetched)

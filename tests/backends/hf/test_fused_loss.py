@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cbe.backends.hf import loss_head
 from cbe.backends.hf.loss_head import add_loss_head, fused_scores, plain_scores
 from cbe.config import settings_of
 from cbe.data.packing import pack_documents, tokenize_documents
@@ -48,11 +49,14 @@ def test_fused_head_equals_the_plain_head_in_loss_scores_and_gradients(chunk_tok
         assert_fp32_close(a, b, name)
 
 
-def test_the_fused_head_scores_without_gradients_where_none_is_needed():
+def test_the_fused_head_scores_without_gradients_where_none_is_needed(monkeypatch):
     h, w, labels = head_inputs()
-    with torch.no_grad():
+    asked = []  # whether each chunk was asked for the softmax's gradient
+    terms = loss_head.softmax_terms
+    monkeypatch.setattr(loss_head, "softmax_terms", lambda *args: asked.append(args[-1]) or terms(*args))
+    with torch.no_grad():  # evaluation's loss
         loss, log_probs, _ = fused_scores(h, w, labels, chunk_tokens=8)
-    assert not loss.requires_grad
+    assert not loss.requires_grad and asked == [False] * 5
     reference = torch.log_softmax(h @ w.T, dim=-1).gather(1, labels[:, None]).squeeze(1)
     torch.testing.assert_close(log_probs, reference.detach(), rtol=1e-5, atol=1e-6)
     w.requires_grad_(False)  # a LoRA run's frozen head: only the hidden states get a gradient
