@@ -131,3 +131,19 @@ def test_a_lora_model_under_peft_gets_the_adapter_gradients_of_the_plain_head():
     for name, p in trained:
         assert p.grad.abs().sum() > 0, name
         assert_fp32_close(p.grad, plain[name].grad, name)
+
+
+def test_the_compiled_softmax_terms_equal_the_eager_ones():
+    """What a GPU runs for each chunk (torch.compile of softmax_terms; here inductor's CPU code): the same log p, top-1
+    flags and gradient as eager, for a full chunk and a shorter last one."""
+    compiled = loss_head.compiled_softmax_terms()
+    g = torch.Generator().manual_seed(1)
+    for tokens in (16, 7):
+        logits, labels = torch.randn(tokens, 101, generator=g) * 3, torch.randint(0, 101, (tokens,), generator=g)
+        labels[:3] = logits[:3].argmax(dim=-1)  # some labels are the top-1 token
+        for softcap in (None, 3.0):
+            eager = loss_head.softmax_terms(logits, labels, softcap, True)
+            fast = compiled(logits, labels, softcap, True)
+            assert torch.equal(fast[1], eager[1]) and eager[1].any()
+            for name, a, b in zip(["log_probs", "d logits"], fast[::2], eager[::2]):
+                assert_fp32_close(a, b, name)
