@@ -41,9 +41,9 @@ class Scores:
 
 
 def softmax_terms(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None, with_grad: bool):
-    """One chunk's (tokens, vocabulary) logits: each label's log-probability, whether it is the top-1 token
-    (ties count), and with_grad d(-log p)/d logits = softmax - one_hot, in the logits' dtype (through the soft cap,
-    if any; else None)."""
+    """From one chunk's (tokens, vocabulary) logits: each label's log-probability, whether it is the top-1 token
+    (ties count), and d(-log p)/d logits = softmax - one_hot (through the soft cap, if any) in the logits' dtype,
+    or None without with_grad."""
     z = logits.float()
     if softcap:
         capped = torch.tanh(z / softcap)
