@@ -272,8 +272,9 @@ def use_trl_head(model) -> None:
     from trl.trainer.utils import add_fused_lm_head
 
     from cbe.backends.hf.loss_head import Scores
+    from cbe.backends.hf.models import unwrapped
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     base.forward = types.MethodType(type(base).forward, base)  # the class's own forward, then TRL's patch on it
     add_fused_lm_head(base, outputs=("log_probs", "is_top1"))
     trl_forward = base.forward

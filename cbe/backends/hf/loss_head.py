@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
+from cbe.backends.hf.models import unwrapped
 from cbe.data.packing import IGNORE
 
 # Logits per fused chunk: 2,048 tokens at Gemma 3's 262k vocabulary, 1 GB of bf16 logits and 1 GB of their gradient.
@@ -121,7 +122,7 @@ HEADS = {"fused": fused_scores, "plain": plain_scores}
 def add_loss_head(model: torch.nn.Module, kind: str = "fused") -> None:
     """Patch `model` (a transformers causal LM, or the base model under its PEFT wrapper) so that
     `model(..., labels=..., scored=True)` returns `Scores` from the `kind` head (see the module's docstring)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     head = HEADS[kind]
     softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
     original = base.forward

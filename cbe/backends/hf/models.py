@@ -109,6 +109,11 @@ def init_lora_a(model, seed: int) -> None:
                     a.weight.copy_(torch.empty(a.weight.shape).uniform_(-bound, bound, generator=generator))
 
 
+def unwrapped(model):
+    """The transformers model itself: under a PEFT wrapper, the base model it adapts (its LoRA layers in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """A PEFT model's weights under its base model's names, each LoRA's change folded in (in fp32); the model itself
     stays as it is (a run may go on training it)."""
@@ -138,7 +143,7 @@ def export_model(model, tokenizer, out: Path, merge_lora: bool, dtype: str, base
         state = {k: v.to(torch_dtype) if ".lora_" in k else v for k, v in model.state_dict().items()}
         model.save_pretrained(out, state_dict=state)
     else:
-        base = model.get_base_model() if adapted else model
+        base = unwrapped(model)
         state = merged_state_dict(model) if adapted else base.state_dict()
         if base.config.get_text_config().tie_word_embeddings:
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # the embedding is the LM head

@@ -35,7 +35,13 @@ from cbe.backends.hf import memory
 from cbe.backends.hf.attention import VARLEN, documents_per_row, varlen_inputs
 from cbe.backends.hf.generate import decode_answers
 from cbe.backends.hf.loss_head import add_loss_head
-from cbe.backends.hf.models import compute_dtype, export_model, load_checkpoint, load_model_and_tokenizer
+from cbe.backends.hf.models import (
+    compute_dtype,
+    export_model,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    unwrapped,
+)
 from cbe.backends.sampling import GREEDY, Sampling
 from cbe.config import Settings
 from cbe.data.packing import IGNORE, PackedRows, back_to_back
@@ -104,8 +110,7 @@ def compile_model(model: torch.nn.Module, scope: str) -> None:
     (the layers share one program per attention type: seconds to compile rather than minutes). The loss head stays
     outside (cbe.backends.hf.loss_head: its chunks compile on their own)."""
     if scope == "model":
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.base_model.compile()
+        unwrapped(model).base_model.compile()
     elif scope == "layers":
         for layer in decoder_layers(model):
             layer.compile()
