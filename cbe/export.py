@@ -26,6 +26,12 @@ from cbe.run import atomic_dir
 DTYPES = ("bf16", "fp32")
 
 
+def check_dtype(dtype: str) -> None:
+    """--dtype names one of DTYPES (cbe export's and cbe lm-eval's), or the command stops in one line."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+
+
 def checkpoint_config(checkpoint: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The validated config `mode=eval checkpoint=<checkpoint>` composes with these overrides."""
     argv = inherit_run_overrides(["mode=eval", f"checkpoint={quoted(str(checkpoint))}", *overrides])
@@ -57,8 +63,7 @@ def export_checkpoint(
     """Write `checkpoint` (a checkpoint dir, `.../checkpoints/latest` or `base`) as an HF dir at `out`, whole or not
     at all; an existing `out` is replaced only with `overwrite`."""
     out = Path(out)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it, or choose another dir")
     backend = load_backend(checkpoint_config(checkpoint, overrides))

@@ -238,11 +238,10 @@ def evaluate_checkpoint(
     """Export `checkpoint` (as cbe export does, LoRA merged), score it on `tasks`, and return the dir it wrote:
     <run>/eval/<checkpoint>/lm-eval-<hash>/ holding results.json and samples_<task>.jsonl."""
     from cbe.checkpoints import evaluations_dir
-    from cbe.export import checkpoint_config, export_checkpoint
+    from cbe.export import check_dtype, checkpoint_config, export_checkpoint
     from cbe.run import atomic_dir, write_atomic, write_jsonl_atomic
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_dtype(dtype)  # before the tasks load and the model exports
     if not tasks:
         raise UserError("--tasks: name at least one lm-eval task, e.g. cbe_general_mc")
     cfg = checkpoint_config(checkpoint, overrides)  # refuses a missing checkpoint, a wrong backend, ... in one line
